@@ -1,0 +1,645 @@
+"""
+nanoDeepSeek model: a small, faithful DeepSeek-V3 in one file.
+
+The DeepSeek-V3 ideas, each in one place below, named as in the paper and the official
+`inference/model.py` (so state-dict keys convert to the released layout by renaming nothing):
+  - RMSNorm ............................ `RMSNorm` (fp32 compute, eps 1e-6)
+  - decoupled RoPE (+ optional YaRN) .... `precompute_rope`, `apply_rope`
+  - Multi-head Latent Attention ......... `MLA` (SDPA training path, absorbed latent-cache decode path)
+  - DeepSeekMoE routing ................. `Gate` (sigmoid affinities, selection-only bias, group-limited top-k)
+  - DeepSeekMoE experts + dispatch ...... `MoE`, `moe_dispatch` (sort -> grouped matmul -> combine)
+  - auxiliary-loss-free balancing ....... `Transformer.update_expert_bias`
+  - sequence-wise balance loss .......... `sequence_balance_loss`
+  - Multi-Token Prediction .............. `MTPModule`, `Transformer.forward`
+"""
+import math
+from dataclasses import dataclass, asdict, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ModelConfig:
+    # Field names follow the official DeepSeek-V3 `ModelArgs`. Defaults: the GPT-2-small-compute model.
+    vocab_size: int = 50304          # GPT-2's 50257 padded to a multiple of 64
+    dim: int = 768
+    n_layers: int = 12
+    n_dense_layers: int = 1          # the first layers use a dense SwiGLU instead of MoE
+    n_heads: int = 12
+    inter_dim: int = 2048            # dense SwiGLU hidden size
+    moe_inter_dim: int = 256         # hidden size of ONE routed (fine-grained) expert
+    # MLA
+    q_lora_rank: int = 0             # 0: queries are projected directly (as in V2-Lite)
+    kv_lora_rank: int = 256          # d_c, the cached latent
+    qk_nope_head_dim: int = 64
+    qk_rope_head_dim: int = 32       # d_h^R, the decoupled RoPE part
+    v_head_dim: int = 64
+    # DeepSeekMoE
+    n_routed_experts: int = 64
+    n_shared_experts: int = 2
+    n_activated_experts: int = 6
+    n_expert_groups: int = 1
+    n_limited_groups: int = 1
+    score_func: str = "sigmoid"      # "sigmoid" (V3) or "softmax" (V2)
+    route_scale: float = 1.0
+    # RoPE / YaRN (YaRN is active only when max_seq_len > original_seq_len)
+    max_seq_len: int = 1024
+    original_seq_len: int = 4096
+    rope_theta: float = 10000.0
+    rope_factor: float = 40.0
+    beta_fast: int = 32
+    beta_slow: int = 1
+    mscale: float = 1.0
+    # training-side
+    n_mtp: int = 1                   # D, number of sequential MTP modules (0 disables)
+    mtp_lambda: float = 0.3          # weight of the MTP loss (train.py may schedule it)
+    balance_alpha: float = 1e-4      # alpha of the complementary sequence-wise balance loss
+    init_std: float = 0.006
+
+    def __post_init__(self):
+        checks = [
+            (self.n_routed_experts % self.n_expert_groups == 0, "n_routed_experts must be divisible by n_expert_groups"),
+            (1 <= self.n_limited_groups <= self.n_expert_groups, "n_limited_groups must be in [1, n_expert_groups]"),
+            (self.n_activated_experts <= self.n_routed_experts, "n_activated_experts must be <= n_routed_experts"),
+            (self.n_expert_groups == 1 or self.n_routed_experts // self.n_expert_groups >= 2,
+             "group-limited routing needs >= 2 experts per group (groups are scored by their top-2)"),
+            (self.n_activated_experts <= self.n_limited_groups * self.n_routed_experts // self.n_expert_groups,
+             "the kept groups hold fewer experts than n_activated_experts"),
+            (self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim must be even (RoPE rotates pairs)"),
+            (self.score_func in ("sigmoid", "softmax"), "score_func must be 'sigmoid' or 'softmax'"),
+            (0 <= self.n_dense_layers <= self.n_layers, "n_dense_layers must be in [0, n_layers]"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"bad ModelConfig: {msg}")
+
+    @property
+    def qk_head_dim(self):
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @classmethod
+    def from_dict(cls, d):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig field(s) {unknown}: checkpoint from another version of model.py?")
+        return cls(**d)
+
+
+# ----------------------------------------------------------------------------------------------
+# Norm and RoPE
+
+class RMSNorm(nn.Module):
+    """RMSNorm with weight init 1, computed in fp32 (as the official fix adecc0e intends)."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x.float(), (x.size(-1),), self.weight.float(), self.eps).type_as(x)
+
+
+def precompute_rope(cfg: ModelConfig):
+    """cos/sin tables (max_seq_len, qk_rope_head_dim/2) for the decoupled RoPE, with YaRN when the model's
+    context exceeds the pre-training context (official `precompute_freqs_cis`). Returns (cos, sin)."""
+    d, base = cfg.qk_rope_head_dim, cfg.rope_theta
+    freqs = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    if cfg.max_seq_len > cfg.original_seq_len:
+        # YaRN: keep high-frequency dims, divide low-frequency dims by rope_factor, ramp in between
+        def correction_dim(num_rot):
+            return d * math.log(cfg.original_seq_len / (num_rot * 2 * math.pi)) / (2 * math.log(base))
+        low = max(math.floor(correction_dim(cfg.beta_fast)), 0)
+        high = min(math.ceil(correction_dim(cfg.beta_slow)), d - 1)
+        ramp = ((torch.arange(d // 2, dtype=torch.float32) - low) / max(high - low, 1e-3)).clamp(0, 1)
+        smooth = 1 - ramp
+        freqs = freqs / cfg.rope_factor * (1 - smooth) + freqs * smooth
+    angles = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float32), freqs)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate x (..., T, heads, d) by position. Interleaved pairs (x[2i], x[2i+1]) are treated as one complex
+    number, the official layout (not NeoX's split halves). cos/sin: (T, d/2). Computed in fp32."""
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+# ----------------------------------------------------------------------------------------------
+# Multi-head Latent Attention
+
+class MLA(nn.Module):
+    """Multi-head Latent Attention (V2 sec. 2.1, V3 sec. 2.1.1).
+
+    Keys/values come from one low-rank latent c^KV = kv_norm(wkv_a(x)[:kv_lora_rank]) (B, T, kv_lora_rank),
+    up-projected per head by wkv_b into k_nope (qk_nope_head_dim) and v (v_head_dim). Position enters only via
+    a decoupled RoPE part: k_pe (qk_rope_head_dim) is ONE head from the block input, shared by all heads, and
+    q_pe is per head. Decoupling is what lets decode "absorb" wkv_b into the query and output, so the cache
+    holds only the latent and k_pe: kv_lora_rank + qk_rope_head_dim numbers per token per layer.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.kv_lora_rank = cfg.n_heads, cfg.kv_lora_rank
+        self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        qk = cfg.qk_head_dim
+        if cfg.q_lora_rank == 0:
+            self.wq = nn.Linear(cfg.dim, cfg.n_heads * qk, bias=False)
+        else:  # low-rank query: q_pe then comes from the normed query latent
+            self.wq_a = nn.Linear(cfg.dim, cfg.q_lora_rank, bias=False)
+            self.q_norm = RMSNorm(cfg.q_lora_rank)
+            self.wq_b = nn.Linear(cfg.q_lora_rank, cfg.n_heads * qk, bias=False)
+        self.wkv_a = nn.Linear(cfg.dim, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)  # [c^KV | k_pe]
+        self.kv_norm = RMSNorm(cfg.kv_lora_rank)  # on the latent only, never on k_pe
+        self.wkv_b = nn.Linear(cfg.kv_lora_rank, cfg.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.v_head_dim, cfg.dim, bias=False)
+        self.softmax_scale = qk ** -0.5
+        if cfg.max_seq_len > cfg.original_seq_len:  # YaRN attention temperature
+            mscale = 0.1 * cfg.mscale * math.log(cfg.rope_factor) + 1.0
+            self.softmax_scale *= mscale * mscale
+
+    def forward(self, x, cos, sin, cache=None, start_pos=0):
+        """x (B, T, dim); cos/sin for positions start_pos..start_pos+T-1. cache=None: training path.
+        cache=(kv_cache (B, L, kv_lora_rank), pe_cache (B, L, qk_rope_head_dim)): absorbed decode path."""
+        B, T, _ = x.shape
+        q = self.wq(x) if hasattr(self, "wq") else self.wq_b(self.q_norm(self.wq_a(x)))
+        q = q.view(B, T, self.n_heads, self.nope + self.rope)
+        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
+        q_pe = apply_rope(q_pe, cos, sin)
+        c, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.rope], dim=-1)
+        c = self.kv_norm(c)
+        k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin)  # (B, T, 1, rope): one head, shared by all heads
+
+        if cache is None:
+            # Training: materialise per-head K/V and use fused causal SDPA.
+            kv = self.wkv_b(c).view(B, T, self.n_heads, self.nope + self.v_dim)
+            k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+            k = torch.cat([k_nope, k_pe.expand(-1, -1, self.n_heads, -1)], dim=-1)
+            q = torch.cat([q_nope, q_pe], dim=-1)
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               is_causal=True, scale=self.softmax_scale)
+            return self.wo(o.transpose(1, 2).flatten(2))
+
+        # Decode: absorb W^UK into the query and W^UV into the output; attend over the cached latent directly.
+        kv_cache, pe_cache = cache
+        end = start_pos + T
+        kv_cache[:B, start_pos:end] = c.to(kv_cache.dtype)
+        pe_cache[:B, start_pos:end] = k_pe.squeeze(2).to(pe_cache.dtype)
+        w = self.wkv_b.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
+        q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w[:, :self.nope])
+        kvc, pec = kv_cache[:B, :end].type_as(q), pe_cache[:B, :end].type_as(q)
+        scores = (torch.einsum("bthc,bsc->bths", q_lat, kvc) +
+                  torch.einsum("bthr,bsr->bths", q_pe, pec)) * self.softmax_scale
+        future = torch.arange(end, device=x.device)[None, :] > torch.arange(start_pos, end, device=x.device)[:, None]
+        scores = scores.masked_fill(future[None, :, None, :], float("-inf"))
+        probs = scores.float().softmax(dim=-1).type_as(q)
+        o_lat = torch.einsum("bths,bsc->bthc", probs, kvc)
+        o = torch.einsum("bthc,hdc->bthd", o_lat, w[:, self.nope:])
+        return self.wo(o.flatten(2))
+
+
+# ----------------------------------------------------------------------------------------------
+# SwiGLU MLPs and DeepSeekMoE
+
+class MLP(nn.Module):
+    """SwiGLU FFN w2(silu(w1 x) * w3 x): the dense layers' FFN and the (fused) shared experts."""
+
+    def __init__(self, dim, inter_dim):
+        super().__init__()
+        self.w1 = nn.Linear(dim, inter_dim, bias=False)  # gate
+        self.w2 = nn.Linear(inter_dim, dim, bias=False)  # down
+        self.w3 = nn.Linear(dim, inter_dim, bias=False)  # up
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Gate(nn.Module):
+    """Router (V3 eq. 13-16). Affinities s = sigmoid(x e_i^T) in fp32. The expert CHOICE uses s + bias
+    (aux-loss-free balancing); the mixing weights use s alone, renormalised over the chosen top-k (sigmoid),
+    times route_scale. Optional group-limited routing keeps the n_limited_groups groups with the largest
+    sum of their top-2 biased scores and masks the rest with -inf.
+
+    bias: fp32 buffer (n_routed_experts,), zero init, never an optimizer parameter.
+    tokens_per_expert: per-step load counter, non-persistent; reset by Transformer.update_expert_bias.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.topk, self.score_func, self.route_scale = cfg.n_activated_experts, cfg.score_func, cfg.route_scale
+        self.n_groups, self.topk_groups = cfg.n_expert_groups, cfg.n_limited_groups
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.dim))
+        self.register_buffer("bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+        self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_routed_experts, dtype=torch.float32),
+                             persistent=False)
+
+    def forward(self, x):
+        """x (N, dim) -> weights (N, topk) fp32, indices (N, topk), scores (N, n_routed_experts) fp32."""
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.weight.float())
+        scores = logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(dim=-1)
+        biased = scores + self.bias  # selection only
+        if self.n_groups > 1:
+            grouped = biased.unflatten(-1, (self.n_groups, -1))             # (N, G, E/G)
+            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)      # (N, G)
+            keep = group_scores.topk(self.topk_groups, dim=-1).indices
+            masked = torch.ones_like(group_scores, dtype=torch.bool).scatter(1, keep, False)
+            biased = grouped.masked_fill(masked.unsqueeze(-1), float("-inf")).flatten(1)
+        indices = biased.topk(self.topk, dim=-1).indices
+        weights = scores.gather(1, indices)
+        if self.score_func == "sigmoid":
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights * self.route_scale, indices, scores
+
+
+class Experts(nn.Module):
+    """The routed experts' SwiGLU weights, stacked: w1/w3 (E, moe_inter_dim, dim), w2 (E, dim, moe_inter_dim)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        E, D, H = cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim
+        self.w1 = nn.Parameter(torch.empty(E, H, D))
+        self.w2 = nn.Parameter(torch.empty(E, D, H))
+        self.w3 = nn.Parameter(torch.empty(E, H, D))
+
+
+def _compute_dtype(x):
+    """bf16 under autocast (grouped_mm is not autocast; its CUDA fast path is bf16 only), else x's dtype."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
+def moe_dispatch(x, weights, indices, experts: Experts):
+    """Vectorised routed-expert FFN: route -> sort token-slots by expert -> grouped matmuls -> combine.
+    x (N, dim), weights/indices (N, K). Static shapes (N*K rows), no host sync, no Python loop over experts."""
+    N, K = indices.shape
+    E = experts.w1.shape[0]
+    flat = indices.flatten()
+    order = flat.argsort(stable=True)                             # slot ids sorted by expert
+    counts = torch.zeros(E, dtype=torch.int32, device=x.device).scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+    offs = counts.cumsum(0, dtype=torch.int32)                    # group end offsets for grouped_mm
+    dt = _compute_dtype(x)
+    xs = x[order // K].to(dt)                                     # (N*K, dim), expert-sorted
+    w1, w2, w3 = (w.to(dt).transpose(-2, -1) for w in (experts.w1, experts.w2, experts.w3))
+    h = F.silu(F.grouped_mm(xs, w1, offs=offs)) * F.grouped_mm(xs, w3, offs=offs)
+    ys = F.grouped_mm(h, w2, offs=offs)                           # (N*K, dim)
+    # Un-sort with a permutation copy (deterministic, no atomics), then mix the K outputs in fp32.
+    ys = torch.zeros_like(ys).index_copy(0, order, ys).view(N, K, -1)
+    out = (ys.float() * weights.unsqueeze(-1)).sum(dim=1)
+    return out.type_as(x), counts
+
+
+def sequence_balance_loss(scores, cfg: ModelConfig, B, T):
+    """Complementary sequence-wise balance loss (V3 eq. 17-20), without alpha:
+    sum_i f_i * P_i per sequence, averaged over the batch.
+    f_i = N_r / (K_r T) * #tokens of the sequence whose top-K_r over the UNBIASED affinities contains i
+          (the paper's eq. 18; a count, so no gradient);
+    P_i = mean over the sequence of s_i / sum_j s_j (affinities normalised over ALL routed experts)."""
+    E, K = cfg.n_routed_experts, cfg.n_activated_experts
+    s = scores.view(B, T, E)
+    with torch.no_grad():
+        top = s.topk(K, dim=-1).indices.view(B, T * K)
+        f = torch.zeros(B, E, device=s.device).scatter_add_(1, top, torch.ones_like(top, dtype=torch.float32))
+        f = f * (E / (K * T))
+    P = (s / s.sum(dim=-1, keepdim=True)).mean(dim=1)
+    return (f * P).sum(dim=-1).mean()
+
+
+class MoE(nn.Module):
+    """DeepSeekMoE (V3 eq. 12): h = sum_shared FFN_s(u) + sum_routed g_i FFN_i(u). n_shared_experts shared
+    experts are fused into one always-on SwiGLU of width n_shared_experts * moe_inter_dim; routed experts are
+    fine-grained SwiGLUs of width moe_inter_dim. No capacity limit, no token dropping."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.gate = Gate(cfg)
+        self.experts = Experts(cfg)
+        self.shared_experts = MLP(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim)
+
+    def forward(self, x):
+        """x (B, T, dim) -> (y (B, T, dim), balance loss scalar without alpha)."""
+        B, T, D = x.shape
+        flat = x.view(-1, D)
+        weights, indices, scores = self.gate(flat)
+        routed, counts = moe_dispatch(flat, weights, indices, self.experts)
+        if self.training:
+            self.gate.tokens_per_expert += counts  # load of this micro-batch, for the bias update
+        balance = sequence_balance_loss(scores, self.cfg, B, T) if self.training else scores.new_zeros(())
+        return (routed + self.shared_experts(flat)).view(B, T, D), balance
+
+
+# ----------------------------------------------------------------------------------------------
+# Block, MTP and the Transformer
+
+class Block(nn.Module):
+    """Pre-norm block: x + attn(attn_norm(x)), then + ffn(ffn_norm(x)); ffn dense for layer_id < n_dense_layers."""
+
+    def __init__(self, layer_id, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm, self.attn = RMSNorm(cfg.dim), MLA(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim)
+        self.ffn = MLP(cfg.dim, cfg.inter_dim) if layer_id < cfg.n_dense_layers else MoE(cfg)
+
+    def forward(self, x, cos, sin, cache=None, start_pos=0):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, start_pos)
+        if isinstance(self.ffn, MoE):
+            h, balance = self.ffn(self.ffn_norm(x))
+        else:
+            h, balance = self.ffn(self.ffn_norm(x)), x.new_zeros((), dtype=torch.float32)
+        return x + h, balance
+
+
+class MTPModule(nn.Module):
+    """Multi-Token Prediction module k (V3 sec. 2.2): h'_i = eh_proj([enorm(Emb(t_{i+k})) ; hnorm(h^{k-1}_i)])
+    (embedding first, as in the released weights), one full Block, then its own final norm before the SHARED
+    head. The embedding and head are the main model's tensors; only these layers are MTP-specific."""
+
+    def __init__(self, layer_id, cfg: ModelConfig):
+        super().__init__()
+        self.enorm, self.hnorm = RMSNorm(cfg.dim), RMSNorm(cfg.dim)
+        self.eh_proj = nn.Linear(2 * cfg.dim, cfg.dim, bias=False)
+        self.block = Block(layer_id, cfg)
+        self.norm = RMSNorm(cfg.dim)
+
+    def forward(self, h_prev, emb, cos, sin, cache=None, start_pos=0):
+        h = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))
+        return self.block(h, cos, sin, cache, start_pos)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(i, cfg) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)  # untied from embed, as in V3
+        self.mtp = nn.ModuleList(MTPModule(cfg.n_layers + k, cfg) for k in range(cfg.n_mtp))
+        cos, sin = precompute_rope(cfg)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_weights()
+
+    def init_weights(self):
+        """Every matrix N(0, init_std) (0.006 in the papers), norms 1, expert bias 0."""
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                nn.init.normal_(p, mean=0.0, std=self.cfg.init_std)
+            else:
+                nn.init.ones_(p)  # only RMSNorm weights are 1-D parameters
+        for gate in self.gates():
+            gate.bias.zero_()
+            gate.tokens_per_expert.zero_()
+
+    def gates(self):
+        return [m for m in self.modules() if isinstance(m, Gate)]
+
+    def _trunk(self, idx, cache=None, start_pos=0):
+        """Main model up to (excluding) the final norm. Returns hidden (B, T, dim), summed balance loss."""
+        T = idx.size(1)
+        if start_pos + T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {start_pos + T} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
+        cos, sin = self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]
+        h = self.embed(idx)
+        balance = h.new_zeros((), dtype=torch.float32)
+        for i, layer in enumerate(self.layers):
+            h, b = layer(h, cos, sin, None if cache is None else cache[i], start_pos)
+            balance = balance + b
+        return h, balance
+
+    def forward(self, idx, targets=None, mtp_lambda=None):
+        """idx (B, T) token ids; targets (B, T) = idx shifted by one (targets[:, i] = t_{i+1}).
+        Returns logits (B, T, vocab) and, with targets, a dict of losses:
+          loss = ce + mtp_lambda * mtp + balance, with
+          ce      main next-token cross-entropy,
+          mtp     mean over depths k of CE_k (depth k at position i predicts t_{i+k+1}),
+          balance balance_alpha * sequence-wise balance loss, summed over MoE layers (MTP blocks included)."""
+        h, balance = self._trunk(idx)
+        logits = self.head(self.norm(h))
+        if targets is None:
+            return logits, None
+        cfg = self.cfg
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        mtp = logits.new_zeros((), dtype=torch.float32)
+        T = idx.size(1)
+        for k, module in enumerate(self.mtp, start=1):
+            # Depth k runs on the shortened window i = 0..T-k-1 (V3 eq. 21-25): its inputs are h^{k-1}_i and
+            # Emb(t_{i+k}) = Emb(idx[:, i+k]); its label is t_{i+k+1} = targets[:, i+k].
+            h, b = module(h[:, :T - k], self.embed(idx[:, k:]), self.rope_cos[:T - k], self.rope_sin[:T - k])
+            logits_k = self.head(module.norm(h))
+            mtp = mtp + F.cross_entropy(logits_k.flatten(0, 1).float(), targets[:, k:].flatten())
+            balance = balance + b
+        if cfg.n_mtp:
+            mtp = mtp / cfg.n_mtp
+        balance = cfg.balance_alpha * balance
+        lam = cfg.mtp_lambda if mtp_lambda is None else mtp_lambda
+        return logits, {"loss": ce + lam * mtp + balance, "ce": ce, "mtp": mtp, "balance": balance}
+
+    # ---- auxiliary-loss-free balancing ----------------------------------------------------------
+
+    @torch.no_grad()
+    def update_expert_bias(self, gamma, all_reduce=None):
+        """After an optimizer step: bias_i += gamma * sign(mean_j(c_j) - c_i), c = tokens routed to each expert
+        over all micro-batches of the step (V3 sec. 2.1.2). all_reduce(tensor) may sum the stacked counts of
+        all MoE layers across DDP ranks first (one collective), so every rank applies the same update.
+        Resets the counts. Returns (max, min) load relative to the mean over all layers, as tensors (no sync)."""
+        gates = self.gates()
+        if not gates:
+            return None, None
+        counts = torch.stack([g.tokens_per_expert for g in gates])   # (n_moe_layers, E)
+        if all_reduce is not None:
+            all_reduce(counts)
+        mean = counts.mean(dim=-1, keepdim=True)
+        delta = gamma * torch.sign(mean - counts)
+        for g, d in zip(gates, delta):
+            g.bias += d
+            g.tokens_per_expert.zero_()
+        load = counts / mean.clamp(min=1)
+        return load.max(), load.min()
+
+    # ---- cached generation (absorbed MLA) -------------------------------------------------------
+
+    def init_cache(self, batch_size, device=None, dtype=None):
+        """One (latent, k_pe) cache per main layer and per MTP block: (B, max_seq_len, kv_lora_rank) and
+        (B, max_seq_len, qk_rope_head_dim) -- the only attention state MLA needs at decode time."""
+        cfg, p = self.cfg, self.head.weight
+        device, dtype = device or p.device, dtype or p.dtype
+        return [(torch.zeros(batch_size, cfg.max_seq_len, cfg.kv_lora_rank, device=device, dtype=dtype),
+                 torch.zeros(batch_size, cfg.max_seq_len, cfg.qk_rope_head_dim, device=device, dtype=dtype))
+                for _ in range(cfg.n_layers + cfg.n_mtp)]
+
+    def cache_bytes_per_token(self, dtype_bytes=2):
+        """(MLA latent cache, equivalent multi-head-attention K/V cache) in bytes per token, main layers."""
+        cfg = self.cfg
+        mla = cfg.n_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * dtype_bytes
+        mha = cfg.n_layers * cfg.n_heads * (cfg.qk_head_dim + cfg.v_head_dim) * dtype_bytes
+        return mla, mha
+
+    def decode(self, idx, cache, start_pos):
+        """Absorbed-MLA forward of tokens idx (B, T) at positions start_pos.. with the cache (prefill: T = prompt,
+        decode: T = 1, speculative verify: T = drafts + 1). Writes the cache at those positions; entries past
+        start_pos + T are ignored, so rolling back is just decoding again from an earlier start_pos.
+        Returns logits (B, T, vocab) and the last layer's hidden state (B, T, dim) for the MTP modules."""
+        h, _ = self._trunk(idx, cache, start_pos)
+        return self.head(self.norm(h)), h
+
+    def mtp_decode(self, k, h_prev, idx, cache, start_pos):
+        """MTP module k (0-based) at positions start_pos..: h_prev (B, T, dim) is h^{k} of those positions
+        (the main hidden for k = 0) and idx (B, T) holds t_{i+k+1} for each position i. Returns the module's
+        logits (predicting t_{i+k+2}) and its hidden state h^{k+1}."""
+        T = idx.size(1)
+        cos, sin = self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]
+        module = self.mtp[k]
+        h, _ = module(h_prev, self.embed(idx), cos, sin, cache[self.cfg.n_layers + k], start_pos)
+        return self.head(module.norm(h)), h
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None):
+        """Yield max_new_tokens next tokens, each a (B,) tensor, decoding with the latent cache.
+        The prompt idx (B, T) is processed in one prefill pass. Leaves weights, bias and counters untouched."""
+        B, T = idx.shape
+        if T + max_new_tokens > self.cfg.max_seq_len:
+            raise ValueError(f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                             f"max_seq_len={self.cfg.max_seq_len}: shorten the prompt or generate fewer tokens")
+        was_training = self.training
+        self.eval()
+        cache = self.init_cache(B, dtype=torch.float32 if idx.device.type == "cpu" else None)
+        logits, _ = self.decode(idx, cache, 0)
+        pos = T
+        try:
+            for i in range(max_new_tokens):
+                nxt = sample_logits(logits[:, -1], temperature, top_k, top_p, generator)
+                yield nxt
+                if i + 1 < max_new_tokens:
+                    logits, _ = self.decode(nxt[:, None], cache, pos)
+                    pos += 1
+        finally:
+            self.train(was_training)
+
+    # ---- reports --------------------------------------------------------------------------------
+
+    def param_report(self):
+        """Parameter counts: total, active per token (input embedding excluded: it is a lookup), per component."""
+        cfg = self.cfg
+        comp = {}
+        for name, p in self.named_parameters():
+            if name.startswith("mtp."):
+                key = "mtp"
+            elif name.startswith("embed."):
+                key = "embed"
+            elif name.startswith("head."):
+                key = "head"
+            elif ".attn." in name:
+                key = "attention"
+            elif ".ffn.experts." in name:
+                key = "routed_experts"
+            elif ".ffn.shared_experts." in name:
+                key = "shared_experts"
+            elif ".ffn.gate." in name:
+                key = "gate"
+            elif ".ffn." in name:
+                key = "dense_ffn"
+            else:
+                key = "norms"
+            comp[key] = comp.get(key, 0) + p.numel()
+        total = sum(comp.values())
+        frac = cfg.n_activated_experts / cfg.n_routed_experts
+        mtp_routed = sum(p.numel() for n, p in self.named_parameters() if n.startswith("mtp.") and ".experts." in n)
+        active_main = total - comp["embed"] - comp.get("mtp", 0) - comp.get("routed_experts", 0) * (1 - frac)
+        active_mtp = comp.get("mtp", 0) - mtp_routed * (1 - frac)
+        return {"total": total, "active": int(active_main), "active_with_mtp": int(active_main + active_mtp),
+                "components": comp}
+
+    def flops_per_token(self, seq_len=None):
+        """Training FLOPs per token, torchtitan convention: 6 * active matmul params (head included, input
+        embedding excluded, the head counted again per MTP depth) + 6 * attention layers * n_heads *
+        (qk_head_dim + v_head_dim) * seq_len (no causal discount). MTP modules included."""
+        cfg, T = self.cfg, seq_len or self.cfg.max_seq_len
+        frac = cfg.n_activated_experts / cfg.n_routed_experts
+        active = 0
+        for name, p in self.named_parameters():
+            if name.startswith("embed.") or p.dim() < 2:
+                continue  # lookups and norm gains are not matmuls
+            active += p.numel() * (frac if ".experts." in name else 1)
+        active += cfg.n_mtp * self.head.weight.numel()  # the shared head runs once more per MTP depth
+        attn = 6 * (cfg.n_layers + cfg.n_mtp) * cfg.n_heads * (cfg.qk_head_dim + cfg.v_head_dim) * T
+        return 6 * active + attn
+
+    def estimate_mfu(self, tokens_per_sec, peak_flops, seq_len=None):
+        """Model FLOPs utilisation: achieved training FLOP/s over the hardware peak."""
+        return self.flops_per_token(seq_len) * tokens_per_sec / peak_flops
+
+    def param_groups(self, weight_decay):
+        """AdamW groups: decay on matrices (dim >= 2, expert stacks and embeddings included), none on norm
+        gains. The expert bias is a buffer, so it can never reach the optimizer."""
+        decay = [p for p in self.parameters() if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for p in self.parameters() if p.requires_grad and p.dim() < 2]
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """Next tokens (B,) from logits (B, V): greedy when temperature == 0, else temperature, top-k, top-p."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    return torch.multinomial(sample_probs(logits, temperature, top_k, top_p), 1, generator=generator).squeeze(-1)
+
+
+def sample_probs(logits, temperature=1.0, top_k=None, top_p=None):
+    """The sampling distribution (B, V) after temperature, top-k and nucleus (top-p) filtering."""
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cum - sorted_logits.softmax(dim=-1) >= top_p  # keep the smallest prefix with mass >= top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits.softmax(dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+def load_checkpoint(path, device="cpu"):
+    """Load a train.py checkpoint (out_dir/ckpt.pt or a file path). Returns (model in eval mode, checkpoint dict).
+    Raises FileNotFoundError / ValueError with a one-line message for a missing or incompatible file."""
+    import os
+    if os.path.isdir(path):
+        path = os.path.join(path, "ckpt.pt")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path}: train one first (python train.py ...) or pass --out_dir")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:
+        raise ValueError(f"cannot read checkpoint {path} ({type(e).__name__}: {e}); is it a train.py ckpt.pt?")
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
+        raise ValueError(f"{path} is not a nanoDeepSeek checkpoint (missing 'model' / 'model_config')")
+    model = Transformer(ModelConfig.from_dict(ckpt["model_config"]))
+    load_state(model, ckpt["model"], path)
+    return model.to(device).eval(), ckpt
+
+
+def load_state(model, state, source="checkpoint"):
+    """Strict state-dict load with a one-line error naming the mismatch (e.g. a checkpoint of another config)."""
+    state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in state.items()}
+    mine = model.state_dict()
+    missing = [k for k in mine if k not in state]
+    unexpected = [k for k in state if k not in mine]
+    shape = [k for k in mine if k in state and state[k].shape != mine[k].shape]
+    if missing or unexpected or shape:
+        detail = (f"{len(missing)} missing (e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}), "
+                  f"{len(shape)} with other shapes (e.g. {shape[:2]})")
+        raise ValueError(f"{source} does not fit this model config: {detail}")
+    model.load_state_dict(state)
+
+
+def config_dict(cfg: ModelConfig):
+    return asdict(cfg)

@@ -1,0 +1,525 @@
+"""model.py: one test per DESIGN.md model invariant, against slow obvious references, fp32 on CPU."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import (ModelConfig, Transformer, MoE, MLA, Gate, RMSNorm, apply_rope, precompute_rope,
+                   moe_dispatch, sequence_balance_loss, sample_probs, load_checkpoint, config_dict)
+
+
+def tiny_cfg(**kw):
+    base = dict(vocab_size=128, dim=32, n_layers=3, n_dense_layers=1, n_heads=4, inter_dim=64, moe_inter_dim=16,
+                q_lora_rank=0, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+                n_routed_experts=8, n_shared_experts=1, n_activated_experts=2, max_seq_len=32, n_mtp=1,
+                init_std=0.02)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def model_of(seed=0, **kw):
+    torch.manual_seed(seed)
+    return Transformer(tiny_cfg(**kw))
+
+
+# ---------------------------------------------------------------------------------------------
+# names, norms, init (invariants 1, 12, 13)
+
+def test_state_dict_names_follow_official_layout():
+    m = model_of(q_lora_rank=8, n_expert_groups=2, n_limited_groups=1)
+    sd = m.state_dict()
+    cfg = m.cfg
+    for k in ["embed.weight", "norm.weight", "head.weight", "layers.0.attn_norm.weight", "layers.0.ffn_norm.weight",
+              "layers.0.attn.wq_a.weight", "layers.0.attn.q_norm.weight", "layers.0.attn.wq_b.weight",
+              "layers.0.attn.wkv_a.weight", "layers.0.attn.kv_norm.weight", "layers.0.attn.wkv_b.weight",
+              "layers.0.attn.wo.weight", "layers.0.ffn.w1.weight", "layers.0.ffn.w2.weight", "layers.0.ffn.w3.weight",
+              "layers.1.ffn.gate.weight", "layers.1.ffn.gate.bias", "layers.1.ffn.shared_experts.w1.weight",
+              "mtp.0.enorm.weight", "mtp.0.hnorm.weight", "mtp.0.eh_proj.weight", "mtp.0.norm.weight",
+              "mtp.0.block.ffn.experts.w2"]:
+        assert k in sd, k
+    E, H, D = cfg.n_routed_experts, cfg.moe_inter_dim, cfg.dim
+    assert sd["layers.1.ffn.experts.w1"].shape == (E, H, D)
+    assert sd["layers.1.ffn.experts.w3"].shape == (E, H, D)
+    assert sd["layers.1.ffn.experts.w2"].shape == (E, D, H)
+    assert sd["layers.1.ffn.gate.bias"].dtype == torch.float32
+    assert sd["layers.0.attn.wkv_a.weight"].shape == (cfg.kv_lora_rank + cfg.qk_rope_head_dim, D)
+    assert sd["layers.1.ffn.shared_experts.w1.weight"].shape == (cfg.n_shared_experts * H, D)
+    assert "layers.1.ffn.gate.tokens_per_expert" not in sd  # the load counter is not state
+    # no Linear biases anywhere; untied embedding/head
+    assert all(not isinstance(mod, torch.nn.Linear) or mod.bias is None for mod in m.modules())
+    assert m.embed.weight.data_ptr() != m.head.weight.data_ptr()
+
+
+def test_init_and_rmsnorm():
+    m = model_of(init_std=0.006, dim=64, vocab_size=256)
+    for name, p in m.named_parameters():
+        if p.dim() >= 2:
+            assert abs(p.std().item() - 0.006) < 0.0015, name
+            assert abs(p.mean().item()) < 1e-3, name
+        else:
+            assert torch.all(p == 1), name
+    for g in m.gates():
+        assert torch.all(g.bias == 0)
+    # RMSNorm: eps 1e-6, fp32 math even for bf16 input
+    n = RMSNorm(16)
+    n.weight.data = torch.linspace(0.5, 2, 16)
+    x = torch.randn(3, 16) * 5
+    ref = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * n.weight
+    torch.testing.assert_close(n(x), ref, rtol=1e-5, atol=1e-6)
+    xb = x.bfloat16()
+    assert n(xb).dtype == torch.bfloat16
+    refb = (xb.float() / torch.sqrt(xb.float().pow(2).mean(-1, keepdim=True) + 1e-6) * n.weight).bfloat16()
+    assert torch.equal(n(xb), refb)
+    assert n.eps == 1e-6
+
+
+def test_dense_layers_and_moe_layers():
+    m = model_of(n_layers=4, n_dense_layers=2)
+    kinds = [type(layer.ffn).__name__ for layer in m.layers]
+    assert kinds == ["MLP", "MLP", "MoE", "MoE"]
+    assert type(m.mtp[0].block.ffn).__name__ == "MoE"  # the MTP block is a full (MoE) layer, like V3's layer 61
+    assert m.layers[0].ffn.w1.weight.shape == (m.cfg.inter_dim, m.cfg.dim)
+
+
+def test_param_report_and_flops_by_hand():
+    m = model_of()
+    cfg = m.cfg
+    rep = m.param_report()
+    assert rep["total"] == sum(p.numel() for p in m.parameters())
+    assert sum(rep["components"].values()) == rep["total"]
+    E, K, D, H = cfg.n_routed_experts, cfg.n_activated_experts, cfg.dim, cfg.moe_inter_dim
+    n_moe = cfg.n_layers - cfg.n_dense_layers
+    routed_all = n_moe * E * 3 * D * H
+    assert rep["components"]["routed_experts"] == routed_all
+    expected_active = rep["total"] - rep["components"]["embed"] - rep["components"]["mtp"] - routed_all * (1 - K / E)
+    assert rep["active"] == int(expected_active)
+    # FLOPs: count every matmul weight by hand
+    T = 32
+    attn_w = D * cfg.n_heads * cfg.qk_head_dim + D * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) \
+        + cfg.kv_lora_rank * cfg.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim) + cfg.n_heads * cfg.v_head_dim * D
+    moe_w = E * D + K * 3 * D * H + 3 * D * cfg.n_shared_experts * H
+    dense_w = 3 * D * cfg.inter_dim
+    main = cfg.n_layers * attn_w + cfg.n_dense_layers * dense_w + n_moe * moe_w + D * cfg.vocab_size
+    mtp = 2 * D * D + attn_w + moe_w + D * cfg.vocab_size
+    attn_flops = 6 * (cfg.n_layers + 1) * cfg.n_heads * (cfg.qk_head_dim + cfg.v_head_dim) * T
+    assert m.flops_per_token(T) == pytest.approx(6 * (main + mtp) + attn_flops)
+    assert m.estimate_mfu(1000.0, 1e12, T) == pytest.approx(m.flops_per_token(T) * 1000 / 1e12)
+
+
+def test_param_groups_decay_only_matrices_and_never_bias():
+    m = model_of()
+    groups = m.param_groups(0.1)
+    decay, no_decay = groups[0]["params"], groups[1]["params"]
+    assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay) and all(p.dim() == 1 for p in no_decay)
+    assert len(decay) + len(no_decay) == len(list(m.parameters()))
+    bias_ptrs = {g.bias.data_ptr() for g in m.gates()}
+    assert not bias_ptrs & {p.data_ptr() for p in m.parameters()}
+    assert all(not g.bias.requires_grad for g in m.gates())
+
+
+# ---------------------------------------------------------------------------------------------
+# RoPE (invariant 2) and attention scale (4)
+
+def test_rope_interleaved_layout_and_yarn_switch():
+    cfg = tiny_cfg(qk_rope_head_dim=8)
+    cos, sin = precompute_rope(cfg)
+    x = torch.randn(1, 5, 2, 8)
+    out = apply_rope(x, cos[:5], sin[:5])
+    # reference: complex multiplication of interleaved pairs (official view_as_complex layout)
+    freqs = 1.0 / (cfg.rope_theta ** (torch.arange(0, 8, 2).float() / 8))
+    rot = torch.polar(torch.ones(5, 4), torch.outer(torch.arange(5).float(), freqs))
+    ref = torch.view_as_real(torch.view_as_complex(x.view(1, 5, 2, 4, 2)) * rot[None, :, None, :]).flatten(-2)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    # YaRN only when max_seq_len > original_seq_len; it then slows the low frequencies and scales the softmax
+    plain = precompute_rope(tiny_cfg(max_seq_len=64, original_seq_len=64, qk_rope_head_dim=8))
+    yarn = precompute_rope(tiny_cfg(max_seq_len=128, original_seq_len=64, qk_rope_head_dim=8, rope_factor=4))
+    assert torch.equal(plain[0][:64], precompute_rope(tiny_cfg(max_seq_len=64, original_seq_len=4096,
+                                                              qk_rope_head_dim=8))[0])
+    assert not torch.allclose(plain[0][:64], yarn[0][:64])
+    assert torch.allclose(plain[0][:64, 0], yarn[0][:64, 0])  # highest frequency untouched
+    assert MLA(tiny_cfg()).softmax_scale == pytest.approx((8 + 4) ** -0.5)
+    ms = 0.1 * math.log(4) + 1
+    yarn_mla = MLA(tiny_cfg(max_seq_len=128, original_seq_len=64, rope_factor=4))
+    assert yarn_mla.softmax_scale == pytest.approx((8 + 4) ** -0.5 * ms * ms)
+
+
+def _attention_scores(attn: MLA, x, cos, sin):
+    """Per-head pre-softmax scores of the naive MLA path, written out by hand."""
+    B, T, _ = x.shape
+    q = attn.wq(x).view(B, T, attn.n_heads, -1)
+    q_nope, q_pe = q.split([attn.nope, attn.rope], -1)
+    c, k_pe = attn.wkv_a(x).split([attn.kv_lora_rank, attn.rope], -1)
+    k_nope = attn.wkv_b(attn.kv_norm(c)).view(B, T, attn.n_heads, -1)[..., :attn.nope]
+    q_pe, k_pe = apply_rope(q_pe, cos, sin), apply_rope(k_pe.unsqueeze(2), cos, sin)
+    return (torch.einsum("bthd,bshd->bhts", q_nope, k_nope) + torch.einsum("bthd,bshd->bhts", q_pe, k_pe)), \
+        (q_nope, k_nope)
+
+
+def test_rope_only_on_rope_slice_and_relative_positions():
+    torch.manual_seed(0)
+    cfg = tiny_cfg(max_seq_len=32)
+    attn = MLA(cfg)
+    for p in attn.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    cos, sin = precompute_rope(cfg)
+    x = torch.randn(1, 6, cfg.dim)
+    s0, (qn0, kn0) = _attention_scores(attn, x, cos[:6], sin[:6])
+    s7, (qn7, kn7) = _attention_scores(attn, x, cos[7:13], sin[7:13])  # same tokens, shifted by 7 positions
+    assert torch.equal(qn0, qn7) and torch.equal(kn0, kn7)  # nope dims never see position
+    torch.testing.assert_close(s0, s7, rtol=1e-4, atol=1e-5)   # scores depend on relative position only
+    assert not torch.allclose(s0, _attention_scores(attn, x, cos[:6].flip(0), sin[:6].flip(0))[0])
+    # MLA's own forward agrees with these scores: compare against softmax(scores) @ v by hand
+    y = attn(x, cos[:6], sin[:6])
+    c = attn.kv_norm(attn.wkv_a(x)[..., :cfg.kv_lora_rank])
+    v = attn.wkv_b(c).view(1, 6, cfg.n_heads, -1)[..., cfg.qk_nope_head_dim:]
+    mask = torch.ones(6, 6).tril().bool()
+    p = (s0 * attn.softmax_scale).masked_fill(~mask, float("-inf")).softmax(-1)
+    ref = attn.wo(torch.einsum("bhts,bshd->bthd", p, v).flatten(2))
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_k_pe_is_one_head_shared_by_all_heads():
+    torch.manual_seed(0)
+    cfg = tiny_cfg()
+    attn = MLA(cfg)
+    cos, sin = precompute_rope(cfg)
+    x = torch.randn(2, 5, cfg.dim)
+    y = attn(x, cos[:5], sin[:5])
+    # changing the k_pe rows of wkv_a changes every head's output; the k_pe slice has exactly qk_rope_head_dim rows
+    with torch.no_grad():
+        attn.wkv_a.weight[cfg.kv_lora_rank:] += 0.5
+    y2 = attn(x, cos[:5], sin[:5])
+    per_head = (y2 - y)  # through wo; check via absorbed cache size instead:
+    assert not torch.allclose(y, y2)
+    cache = Transformer(cfg).init_cache(2)
+    assert cache[0][0].shape[-1] == cfg.kv_lora_rank and cache[0][1].shape[-1] == cfg.qk_rope_head_dim
+    assert per_head.shape == y.shape
+
+
+# ---------------------------------------------------------------------------------------------
+# Gate and balancing (invariants 6, 9, 10)
+
+def test_gate_bias_changes_choice_not_weights():
+    torch.manual_seed(0)
+    cfg = tiny_cfg(n_routed_experts=8, n_activated_experts=3, route_scale=2.5)
+    gate = Gate(cfg)
+    torch.nn.init.normal_(gate.weight, std=0.5)
+    x = torch.randn(64, cfg.dim)
+    w0, i0, s0 = gate(x)
+    s_ref = torch.sigmoid(x @ gate.weight.T)
+    torch.testing.assert_close(s0, s_ref)
+    ref_idx = s_ref.topk(3, -1).indices
+    assert torch.equal(i0.sort(-1).values, ref_idx.sort(-1).values)
+    torch.testing.assert_close(w0, s_ref.gather(1, i0) / s_ref.gather(1, i0).sum(-1, keepdim=True) * 2.5)
+    gate.bias[5] = 10.0  # force expert 5 into every top-k
+    w1, i1, s1 = gate(x)
+    assert (i1 == 5).any(-1).all()
+    assert not torch.equal(i0.sort(-1).values, i1.sort(-1).values)
+    # mixing weights of the chosen experts are the UNBIASED scores, renormalised: bias never enters them
+    expect = s_ref.gather(1, i1)
+    torch.testing.assert_close(w1, expect / expect.sum(-1, keepdim=True) * 2.5)
+    torch.testing.assert_close(s1, s0)
+
+
+def test_group_limited_routing_never_picks_masked_group():
+    torch.manual_seed(0)
+    cfg = tiny_cfg(n_routed_experts=16, n_expert_groups=4, n_limited_groups=2, n_activated_experts=4)
+    gate = Gate(cfg)
+    torch.nn.init.normal_(gate.weight, std=1.0)
+    gate.bias.copy_(torch.randn(16) * 0.1)
+    x = torch.randn(200, cfg.dim)
+    _, idx, scores = gate(x)
+    biased = (scores + gate.bias).view(200, 4, 4)
+    group_score = biased.topk(2, -1).values.sum(-1)
+    kept = group_score.topk(2, -1).indices                        # (N, 2) the allowed groups
+    chosen_groups = idx // 4
+    assert ((chosen_groups.unsqueeze(-1) == kept.unsqueeze(1)).any(-1)).all()
+    # and within the kept groups it is the plain top-k of biased scores
+    allowed = torch.zeros(200, 4, dtype=torch.bool).scatter(1, kept, True).repeat_interleave(4, dim=1)
+    ref = (scores + gate.bias).masked_fill(~allowed, float("-inf")).topk(4, -1).indices
+    assert torch.equal(idx.sort(-1).values, ref.sort(-1).values)
+    # some token's unrestricted top-4 would have used a masked group, so the mask matters in this case
+    free = (scores + gate.bias).topk(4, -1).indices
+    assert not torch.equal(free.sort(-1).values, ref.sort(-1).values)
+
+
+def moe_loop_reference(moe: MoE, x):
+    """Slow, obvious DeepSeekMoE: loop over experts, each applied to the tokens that chose it."""
+    flat = x.reshape(-1, x.size(-1))
+    weights, indices, _ = moe.gate(flat)
+    out = torch.zeros_like(flat)
+    ex = moe.experts
+    for e in range(ex.w1.shape[0]):
+        tok, slot = torch.where(indices == e)
+        if tok.numel() == 0:
+            continue
+        xe = flat[tok]
+        ye = (F.silu(xe @ ex.w1[e].T) * (xe @ ex.w3[e].T)) @ ex.w2[e].T
+        out = out.index_add(0, tok, ye * weights[tok, slot, None])
+    return (out + moe.shared_experts(flat)).view_as(x)
+
+
+def test_vectorised_moe_matches_loop_reference_values_and_grads():
+    torch.manual_seed(0)
+    cfg = tiny_cfg(n_routed_experts=8, n_activated_experts=2, dim=32, moe_inter_dim=16)
+    moe = MoE(cfg)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    moe.gate.bias[[6, 7]] = -100.0  # experts 6 and 7 receive no tokens at all
+    x = torch.randn(3, 10, cfg.dim, requires_grad=True)
+    y, _ = moe(x)
+    _, idx, _ = moe.gate(x.view(-1, cfg.dim))
+    assert not (idx >= 6).any() and set(idx.unique().tolist()) == set(range(6))
+    x_ref = x.detach().clone().requires_grad_(True)
+    ref = moe_loop_reference(moe, x_ref)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad((y * g).sum(), [x] + list(moe.parameters()))
+    grads_ref = torch.autograd.grad((ref * g).sum(), [x_ref] + list(moe.parameters()))
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    w1_grad = grads[1 + [n for n, _ in moe.named_parameters()].index("experts.w1")]
+    assert torch.all(w1_grad[6:] == 0) and w1_grad[:6].abs().sum() > 0
+    # counts accumulate only in training forwards
+    assert moe.gate.tokens_per_expert.sum().item() == 30 * 2
+    moe.eval()
+    moe(x)
+    assert moe.gate.tokens_per_expert.sum().item() == 30 * 2
+
+
+def test_moe_dispatch_counts_and_bf16_autocast():
+    torch.manual_seed(0)
+    cfg = tiny_cfg()
+    moe = MoE(cfg)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(2, 8, cfg.dim)
+    w, idx, _ = moe.gate(x.view(-1, cfg.dim))
+    _, counts = moe_dispatch(x.view(-1, cfg.dim), w, idx, moe.experts)
+    assert torch.equal(counts, torch.bincount(idx.flatten(), minlength=cfg.n_routed_experts).int())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        yb, _ = moe(x)
+    y, _ = moe(x)
+    assert yb.dtype == torch.float32 and torch.allclose(yb, y, atol=5e-2, rtol=5e-2)
+
+
+def test_sequence_balance_loss_by_hand():
+    cfg = tiny_cfg(n_routed_experts=4, n_activated_experts=2)
+    # B=1, T=2 sequences by hand
+    s = torch.tensor([[0.9, 0.8, 0.1, 0.2],
+                      [0.7, 0.1, 0.6, 0.3]], requires_grad=True)
+    loss = sequence_balance_loss(s, cfg, 1, 2)
+    # top-2 per token: {0,1}, {0,2} -> counts [2,1,1,0]; f = N/(K T) * counts = 4/4 * counts
+    f = torch.tensor([2.0, 1.0, 1.0, 0.0])
+    P = torch.stack([s[0] / s[0].sum(), s[1] / s[1].sum()]).mean(0)
+    assert loss.item() == pytest.approx((f * P).sum().item(), rel=1e-6)
+    # gradient flows only through P (f is a constant count)
+    (g,) = torch.autograd.grad(loss, s)
+    s2 = s.detach().clone().requires_grad_(True)
+    (g_ref,) = torch.autograd.grad((f * (s2 / s2.sum(-1, keepdim=True)).mean(0)).sum(), s2)
+    torch.testing.assert_close(g, g_ref)
+    # averaged over sequences: two different sequences -> mean of their own losses
+    s3 = torch.rand(2 * 5, 4)
+    both = sequence_balance_loss(s3, cfg, 2, 5)
+    each = (sequence_balance_loss(s3[:5], cfg, 1, 5) + sequence_balance_loss(s3[5:], cfg, 1, 5)) / 2
+    assert both.item() == pytest.approx(each.item(), rel=1e-6)
+    # perfect balance gives exactly 1 (so alpha * 1 = alpha)
+    uniform = torch.full((8, 4), 0.5)
+    uniform[torch.arange(8), torch.arange(8) % 4] = 0.9
+    uniform[torch.arange(8), (torch.arange(8) + 1) % 4] = 0.8
+    assert sequence_balance_loss(uniform, cfg, 1, 8).item() == pytest.approx(
+        (torch.ones(4) * (uniform / uniform.sum(-1, keepdim=True)).mean(0)).sum().item())
+
+
+def test_bias_update_direction_and_reset():
+    m = model_of()
+    gates = m.gates()
+    assert len(gates) == 3  # 2 MoE layers + the MTP block's MoE: all balanced
+    E = m.cfg.n_routed_experts
+    gates[0].tokens_per_expert.copy_(torch.tensor([10., 0, 5, 5, 5, 5, 5, 5]))  # mean 5: 0 overloaded, 1 underloaded
+    gates[1].tokens_per_expert.fill_(5)
+    hi, lo = m.update_expert_bias(1e-3)
+    b = gates[0].bias
+    assert b[0].item() == pytest.approx(-1e-3) and b[1].item() == pytest.approx(1e-3)
+    assert torch.all(b[2:] == 0) and torch.all(gates[1].bias == 0)
+    assert hi.item() == pytest.approx(2.0) and lo.item() == pytest.approx(0.0)
+    assert all(torch.all(g.tokens_per_expert == 0) for g in gates)
+    # the all-reduce hook sees the stacked counts of every MoE layer (one collective) before the update
+    seen = []
+    gates[2].tokens_per_expert.copy_(torch.arange(E, dtype=torch.float32))
+    m.update_expert_bias(0.5, all_reduce=lambda t: (seen.append(t.shape), t.mul_(2)))
+    assert seen == [(3, E)]
+    assert gates[2].bias[0].item() == pytest.approx(0.5) and gates[2].bias[-1].item() == pytest.approx(-0.5)
+    m.update_expert_bias(0.0)  # gamma 0 freezes
+    assert gates[2].bias[0].item() == pytest.approx(0.5)
+
+
+def test_eval_and_generation_leave_bias_and_counts_unchanged():
+    m = model_of()
+    for g in m.gates():
+        g.bias.copy_(torch.randn_like(g.bias))
+    m.train()
+    x = torch.randint(0, 128, (2, 12))
+    m(x[:, :-1], x[:, 1:])
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    counts = [g.tokens_per_expert.clone() for g in m.gates()]
+    assert all(c.sum() > 0 for c in counts)
+    m.eval()
+    with torch.no_grad():
+        m(x)
+    list(m.generate(x[:, :4], 6, temperature=0.8, top_k=10))
+    m.train()
+    list(m.generate(x[:, :4], 3, temperature=0))
+    assert m.training  # generate restores the mode
+    after = m.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.equal(c, g.tokens_per_expert) for c, g in zip(counts, m.gates()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Absorbed decode (invariant 5)
+
+@pytest.mark.parametrize("q_lora_rank", [0, 8])
+def test_absorbed_cached_decode_matches_full_forward(q_lora_rank):
+    m = model_of(q_lora_rank=q_lora_rank, n_expert_groups=2, n_limited_groups=1)
+    for g in m.gates():
+        g.bias.copy_(torch.randn_like(g.bias) * 0.01)
+    m.eval()
+    x = torch.randint(0, 128, (2, 20))
+    with torch.no_grad():
+        full, _ = m(x)
+        cache = m.init_cache(2)
+        # token by token from position 0 ...
+        steps = [m.decode(x[:, t:t + 1], cache, t)[0] for t in range(20)]
+        torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
+        # ... and a 5-token prefill in one pass followed by single-token steps
+        cache = m.init_cache(2)
+        steps = [m.decode(x[:, :5], cache, 0)[0]] + [m.decode(x[:, t:t + 1], cache, t)[0] for t in range(5, 20)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
+    # the cache holds kv_lora_rank + qk_rope_head_dim numbers per token per layer, nothing else
+    assert len(cache) == m.cfg.n_layers + m.cfg.n_mtp
+    assert all(kv.shape[-1] + pe.shape[-1] == 16 + 4 for kv, pe in cache)
+
+
+def test_decode_rollback_by_start_pos():
+    """Stale cache entries past start_pos+T are ignored: speculative decoding rolls back by re-decoding."""
+    m = model_of().eval()
+    x = torch.randint(0, 128, (1, 10))
+    with torch.no_grad():
+        cache = m.init_cache(1)
+        m.decode(x[:, :6], cache, 0)
+        m.decode(torch.tensor([[7, 8, 9]]), cache, 6)   # a rejected draft written into positions 6..8
+        out, _ = m.decode(x[:, 6:10], cache, 6)         # overwrite from position 6
+        full, _ = m(x)
+    torch.testing.assert_close(out, full[:, 6:10], rtol=1e-5, atol=1e-5)
+
+
+def test_mtp_decode_matches_training_mtp_logits():
+    m = model_of().eval()
+    seq = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        h, _ = m._trunk(seq)
+        hm, _ = m.mtp[0](h[:, :11], m.embed(seq[:, 1:]), m.rope_cos[:11], m.rope_sin[:11])
+        ref = m.head(m.mtp[0].norm(hm))
+        cache = m.init_cache(2)
+        _, hd = m.decode(seq, cache, 0)
+        a, _ = m.mtp_decode(0, hd[:, :6], seq[:, 1:7], cache, 0)
+        b, _ = m.mtp_decode(0, hd[:, 6:11], seq[:, 7:12], cache, 6)
+    torch.testing.assert_close(torch.cat([a, b], 1), ref, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# MTP (invariant 11)
+
+def test_mtp_label_alignment_and_shared_embedding_head():
+    m = model_of(n_mtp=2)
+    m.train()
+    seq = torch.randint(0, 128, (2, 17))
+    idx, targets = seq[:, :-1], seq[:, 1:]
+    T = idx.size(1)
+    _, losses = m(idx, targets, mtp_lambda=0.3)
+    # by hand: depth 1 at position i sees h_i and Emb(t_{i+1}) and is scored against t_{i+2}
+    h, _ = m._trunk(idx)
+    h1, _ = m.mtp[0](h[:, :T - 1], m.embed(seq[:, 1:T]), m.rope_cos[:T - 1], m.rope_sin[:T - 1])
+    l1 = F.cross_entropy(m.head(m.mtp[0].norm(h1)).flatten(0, 1), seq[:, 2:T + 1].flatten())
+    h2, _ = m.mtp[1](h1[:, :T - 2], m.embed(seq[:, 2:T]), m.rope_cos[:T - 2], m.rope_sin[:T - 2])
+    l2 = F.cross_entropy(m.head(m.mtp[1].norm(h2)).flatten(0, 1), seq[:, 3:T + 1].flatten())
+    assert losses["mtp"].item() == pytest.approx(((l1 + l2) / 2).item(), rel=1e-5)
+    ce = F.cross_entropy(m(idx)[0].flatten(0, 1), targets.flatten())
+    assert losses["ce"].item() == pytest.approx(ce.item(), rel=1e-5)
+    assert losses["loss"].item() == pytest.approx((losses["ce"] + 0.3 * losses["mtp"] + losses["balance"]).item(),
+                                                  rel=1e-6)
+    # depth-1 logits at position i cannot see t_{i+2}: changing it leaves positions <= i unchanged
+    i = 5
+    seq2 = seq.clone()
+    seq2[:, i + 2] = (seq2[:, i + 2] + 1) % 128
+    h_b, _ = m._trunk(seq2[:, :-1])
+    h1_b, _ = m.mtp[0](h_b[:, :T - 1], m.embed(seq2[:, 1:T]), m.rope_cos[:T - 1], m.rope_sin[:T - 1])
+    torch.testing.assert_close(h1_b[:, :i + 1], h1[:, :i + 1])
+    assert not torch.allclose(h1_b[:, i + 1], h1[:, i + 1])
+    # shared embedding and head: the model has exactly one of each, and MTP gradients reach them
+    assert sum(1 for n, _ in m.named_parameters() if n.endswith("embed.weight")) == 1
+    assert sum(1 for n, _ in m.named_parameters() if n.endswith("head.weight")) == 1
+    m.zero_grad()
+    l1.backward()
+    assert m.embed.weight.grad.abs().sum() > 0 and m.head.weight.grad.abs().sum() > 0
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for n, p in m.layers[-1].ffn.experts.named_parameters()) \
+        is False  # the trunk feeds h^0, so it gets MTP gradients too
+
+
+def test_balance_loss_part_is_alpha_weighted_and_zero_in_eval():
+    m = model_of(balance_alpha=1e-2)
+    seq = torch.randint(0, 128, (2, 9))
+    _, l = m(seq[:, :-1], seq[:, 1:])
+    n_moe = 3
+    assert 0 < l["balance"].item() < 1e-2 * n_moe * 4  # alpha * sum of per-layer losses (each ~1 when balanced)
+    m.eval()
+    _, l = m(seq[:, :-1], seq[:, 1:])
+    assert l["balance"].item() == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# sampling helpers, checkpoint loading, overfitting
+
+def test_sample_probs_top_k_top_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    p = sample_probs(logits, 1.0, top_k=2)
+    torch.testing.assert_close(p, torch.tensor([[0.625, 0.375, 0, 0]]))
+    p = sample_probs(logits, 1.0, top_p=0.7)  # smallest prefix with mass >= 0.7: {0.5, 0.3}
+    torch.testing.assert_close(p, torch.tensor([[0.625, 0.375, 0, 0]]))
+    p = sample_probs(logits, 1.0, top_p=0.45)
+    torch.testing.assert_close(p, torch.tensor([[1.0, 0, 0, 0]]))
+
+
+def test_load_checkpoint_errors(tmp_path):
+    m = model_of()
+    torch.save({"model": m.state_dict(), "model_config": config_dict(m.cfg)}, tmp_path / "ckpt.pt")
+    loaded, _ = load_checkpoint(str(tmp_path))
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), m.state_dict().values()))
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        load_checkpoint(str(tmp_path / "nope"))
+    other = model_of(dim=48)
+    torch.save({"model": other.state_dict(), "model_config": config_dict(m.cfg)}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="does not fit this model config"):
+        load_checkpoint(str(tmp_path / "bad.pt"))
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot read checkpoint"):
+        load_checkpoint(str(tmp_path / "junk.pt"))
+
+
+def test_tiny_model_overfits_one_batch():
+    m = model_of(vocab_size=128, dim=64, n_layers=2, n_heads=4, max_seq_len=32)
+    opt = torch.optim.AdamW(m.param_groups(0.0), lr=3e-3)
+    seq = torch.randint(0, 128, (4, 33), generator=torch.Generator().manual_seed(1))
+    first = None
+    for step in range(150):
+        _, l = m(seq[:, :-1], seq[:, 1:])
+        opt.zero_grad()
+        l["loss"].backward()
+        opt.step()
+        m.update_expert_bias(1e-3)
+        first = first if first is not None else l["ce"].item()
+    assert abs(first - math.log(128)) < 0.2
+    assert l["ce"].item() < 0.5, l["ce"].item()
