@@ -1,0 +1,38 @@
+# CPU smoke run: a few minutes on 2 cores. Prepare a small slice first, e.g.
+#   python data/fineweb.py --input ../shared/data/fineweb_edu_sample/training_data.csv --out_dir data/tiny --shard_size 20000
+#   python train.py config/train_tiny.py
+# Same architecture as train_fineweb.py, shrunk: ~0.4M non-embedding parameters (+2 x 3.2M embedding/head).
+out_dir = 'out-tiny'
+data_dir = 'data/tiny'
+device = 'cpu'
+dtype = 'float32'
+compile = False
+
+vocab_size = 50304
+dim = 64
+n_layers = 4
+n_dense_layers = 1
+n_heads = 4
+inter_dim = 192
+moe_inter_dim = 32
+kv_lora_rank = 32
+qk_nope_head_dim = 16
+qk_rope_head_dim = 8
+v_head_dim = 16
+n_routed_experts = 16
+n_shared_experts = 1
+n_activated_experts = 4
+max_seq_len = 128
+n_mtp = 1
+init_std = 0.02               # the papers' 0.006 is tuned for dim 7168; a 64-wide toy learns faster at 0.02
+
+batch_size = 8
+total_batch_size = 2048       # 2 micro-steps of 8 x 128
+max_iters = 300
+learning_rate = 3e-3
+min_lr = 3e-4
+warmup_iters = 20
+lr_decay_iters = 300
+eval_interval = 100
+eval_iters = 5
+log_interval = 10
