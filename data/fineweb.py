@@ -1,0 +1,410 @@
+"""FineWeb-Edu (or local text files) -> GPT-2 token shards, and the reader that trains on them.
+
+    python data/fineweb.py                                  # HuggingFaceFW/fineweb-edu, subset sample-10BT
+    python data/fineweb.py --subset sample-100BT            # another subset
+    python data/fineweb.py --input corpus/ more.jsonl --out_dir data/mycorpus   # local files, offline
+
+Every document is tokenized with tiktoken's GPT-2 BPE and preceded by <|endoftext|> (50256), as in
+build-nanogpt. Tokens go into uint16 shards of --shard_size tokens, saved with np.save (so each file says its
+own dtype and length): <prefix>_val_000000.npy first, then <prefix>_train_000001.npy, ... A document may run
+across a shard boundary; the last, partial shard is written too. meta.json in --out_dir records the tokenizer,
+vocab size, eot id, dtype, the shards (file, split, tokens) and the source.
+
+Local files (--input; a directory stands for its supported files, recursively, in sorted order):
+  .parquet, .jsonl, .json (JSON lines, or one JSON array of objects) -> the `text` field of each record,
+  .csv -> the `text` column of each row,
+  .txt -> one document per block of lines; blocks are separated by one or more blank (or whitespace-only) lines.
+
+Resuming: each shard is written to <name>.tmp and renamed when whole, then meta.json (also written atomically)
+records how many documents are in the finished shards. Rerunning the same command skips those documents
+without tokenizing them and continues with the next shard; the result is byte-identical to an uninterrupted
+run. A file named *.npy is always a complete shard.
+
+The reader (ShardReader, used by train.py) memory-maps the shards of one split and cuts them into windows of
+seq_len + 1 tokens at stride seq_len (x = w[:-1], y = w[1:], so the x parts never overlap); a window never
+crosses a shard boundary, so up to seq_len tokens at the end of each shard are unused.
+"""
+import argparse
+import contextlib
+import csv
+import itertools
+import json
+import multiprocessing
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+HUB_DATASET = "HuggingFaceFW/fineweb-edu"
+INPUT_SUFFIXES = (".parquet", ".jsonl", ".json", ".csv", ".txt")
+DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "fineweb_edu"
+
+
+class DataError(Exception):
+    """A problem with the data or its inputs; the message says what is wrong and what to do, in one line."""
+
+
+def first_line(error):
+    """The first line of an exception's message, so that errors we pass on stay one line long."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
+def get_tokenizer():
+    """tiktoken's GPT-2 encoding (vocab 50257, eot 50256); a DataError if its BPE files cannot be loaded."""
+    try:
+        import tiktoken
+        return tiktoken.get_encoding("gpt2")
+    except ImportError as e:
+        raise DataError("the tiktoken package is missing: pip install tiktoken") from e
+    except Exception as e:  # tiktoken downloads its BPE files on first use; offline that fails in many ways
+        raise DataError(f"could not load the GPT-2 tokenizer ({first_line(e)}); offline, set TIKTOKEN_CACHE_DIR "
+                        "to a folder holding its cached BPE files (e.g. shared/data/tiktoken_cache)") from e
+
+
+def tokenize(text):
+    """One document -> uint16 tokens, with <|endoftext|> in front so that every document starts a fresh context."""
+    enc = get_tokenizer()  # a dict lookup after the first call; works the same in pool workers
+    return np.array([enc.eot_token] + enc.encode_ordinary(text), dtype=np.uint16)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# document sources: each yields the texts of its documents, in a fixed order (resuming depends on it)
+
+def hub_documents(subset):
+    try:
+        import datasets
+    except ImportError as e:
+        raise DataError(f"the datasets package is needed to download {HUB_DATASET}: pip install datasets "
+                        "(or tokenize local files with --input PATH...)") from e
+    try:
+        # streaming: parquet files are read as they download, so the corpus never sits on disk twice
+        ds = datasets.load_dataset(HUB_DATASET, name=subset, split="train", streaming=True)
+    except ConnectionError as e:  # what datasets raises when the Hub cannot be reached
+        raise DataError(f"could not reach the Hugging Face Hub to stream {HUB_DATASET} ({first_line(e)}); "
+                        "to tokenize local files offline use --input PATH... (parquet, jsonl, json, csv, txt)") from e
+    except (OSError, ValueError) as e:  # e.g. an unknown --subset
+        raise DataError(f"could not open {HUB_DATASET} subset {subset!r} ({first_line(e)}); "
+                        "check --subset, or tokenize local files with --input PATH...") from e
+    return (row["text"] for row in ds)
+
+
+def expand_inputs(paths):
+    """--input arguments -> the list of files to read: directories expand to their supported files, sorted."""
+    files = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in INPUT_SUFFIXES)
+            if not found:
+                raise DataError(f"--input directory {p} holds no {', '.join(INPUT_SUFFIXES)} files")
+            files += found
+        elif not p.is_file():
+            raise DataError(f"--input {p} does not exist")
+        elif p.suffix not in INPUT_SUFFIXES:
+            raise DataError(f"--input {p}: unsupported file type {p.suffix!r} (use {', '.join(INPUT_SUFFIXES)})")
+        else:
+            files.append(p)
+    return [f.resolve() for f in files]
+
+
+def text_of(record, where):
+    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+        raise DataError(f"{where}: expected a record with a string field 'text'")
+    return record["text"]
+
+
+def file_documents(path):
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+        pf = pq.ParquetFile(path)
+        if "text" not in pf.schema_arrow.names:
+            raise DataError(f"{path}: no 'text' column (columns: {', '.join(pf.schema_arrow.names)})")
+        for batch in pf.iter_batches(batch_size=1024, columns=["text"]):
+            yield from batch.column(0).to_pylist()
+    elif path.suffix == ".csv":
+        csv.field_size_limit(sys.maxsize)  # documents are far longer than csv's default 128 KiB field limit
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = csv.DictReader(f)
+            if "text" not in (rows.fieldnames or []):
+                raise DataError(f"{path}: no 'text' column (columns: {', '.join(rows.fieldnames or [])})")
+            for row in rows:
+                yield row["text"]
+    elif path.suffix == ".txt":
+        with open(path, encoding="utf-8") as f:
+            block = []
+            for line in f:
+                if line.strip():
+                    block.append(line.rstrip("\n"))
+                elif block:
+                    yield "\n".join(block)
+                    block = []
+            if block:
+                yield "\n".join(block)
+    else:  # .jsonl, or .json holding either JSON lines or one array of records
+        with open(path, encoding="utf-8") as f:
+            if f.read(1024).lstrip().startswith("["):
+                f.seek(0)
+                for i, record in enumerate(json.load(f)):
+                    yield text_of(record, f"{path} record {i}")
+                return
+            f.seek(0)
+            for i, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{path} line {i}: not valid JSON ({e})") from e
+                    yield text_of(record, f"{path} line {i}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the shard writer
+
+def write_shard(path, tokens):
+    """np.save to a temporary name, then rename: a file with the final name is always a complete shard."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, tokens)
+        f.flush()
+        os.fsync(f.fileno())  # the data must be on disk before the rename makes it look finished
+    os.replace(tmp, path)
+
+
+def write_meta(out_dir, meta):
+    tmp = out_dir / "meta.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp, out_dir / "meta.json")
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="fineweb.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", nargs="+", metavar="PATH",
+                        help="tokenize local files instead of downloading: .parquet/.jsonl/.json (field 'text'), "
+                             ".csv (column 'text'), .txt (one document per blank-line-separated block); "
+                             "directories expand to their supported files, sorted")
+    parser.add_argument("--subset", default="sample-10BT", help=f"{HUB_DATASET} subset (default: %(default)s)")
+    parser.add_argument("--out_dir", type=Path, default=DEFAULT_OUT_DIR,
+                        help="where the shards and meta.json go (default: fineweb_edu/ next to this script)")
+    parser.add_argument("--prefix", default="edufineweb", help="shard file name prefix (default: %(default)s)")
+    parser.add_argument("--shard_size", type=int, default=10**8, help="tokens per shard (default: %(default)s)")
+    parser.add_argument("--num_workers", type=int, default=os.cpu_count(),
+                        help="tokenizer processes; 1 tokenizes in this process (default: cpu count, %(default)s)")
+    parser.add_argument("--max_docs", type=int, help="stop after this many documents")
+    parser.add_argument("--max_tokens", type=int, help="stop after this many tokens (cuts the last document)")
+    args = parser.parse_args(argv)
+    for name in ("shard_size", "num_workers", "max_docs", "max_tokens"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name} must be at least 1, got {value}")
+    return args
+
+
+def build(args):
+    """Tokenize the documents of args' source into shards (resuming a previous run); returns a summary line."""
+    enc = get_tokenizer()  # fail before anything else if the tokenizer cannot be loaded
+    inputs = expand_inputs(args.input) if args.input else None
+    # everything that decides the shards' content: a rerun must use the same settings to resume
+    settings = {"dataset": None if inputs else HUB_DATASET, "subset": None if inputs else args.subset,
+                "inputs": [str(f) for f in inputs] if inputs else None, "shard_size": args.shard_size,
+                "prefix": args.prefix, "max_docs": args.max_docs, "max_tokens": args.max_tokens}
+    out_dir = args.out_dir
+    if (out_dir / "meta.json").exists():
+        meta = json.loads((out_dir / "meta.json").read_text())
+        if meta.get("settings") != settings:
+            raise DataError(f"{out_dir} already holds shards made with other settings ({meta.get('settings')}); "
+                            "rerun with those settings to resume, or choose another --out_dir")
+        if meta["complete"]:
+            return (f"fineweb.py: {out_dir} is already complete ({len(meta['shards'])} shards, "
+                    f"{sum(s['tokens'] for s in meta['shards']):,} tokens); nothing to do")
+    else:
+        meta = {"tokenizer": "gpt2", "vocab_size": enc.n_vocab, "eot": enc.eot_token, "dtype": "uint16",
+                "source": (f"local files: {len(inputs)} file(s) given with --input" if inputs else
+                           f"{HUB_DATASET}, subset {args.subset}, split train, streamed with datasets"),
+                "settings": settings, "shards": [],
+                "docs": 0,        # documents written to the finished shards ...
+                "doc_offset": 0,  # ... and how many tokens of the next document the last shard already holds
+                "complete": False}
+    shards_before = len(meta["shards"])
+    tokens_before = sum(s["tokens"] for s in meta["shards"])
+
+    t0 = time.time()
+    buf = np.empty(args.shard_size, dtype=np.uint16)
+    fill = 0  # tokens in buf
+    new_tokens = 0  # tokens written (or buffered) by this run
+    new_docs = 0  # documents tokenized by this run
+
+    def flush():
+        index = len(meta["shards"])
+        split = "val" if index == 0 else "train"
+        name = f"{args.prefix}_{split}_{index:06d}.npy"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_shard(out_dir / name, buf[:fill])
+        meta["shards"].append({"file": name, "split": split, "tokens": fill})
+        write_meta(out_dir, meta)
+
+    # the pool is started before the source is opened, so no datasets/network threads get forked
+    with (multiprocessing.Pool(args.num_workers) if args.num_workers > 1 else contextlib.nullcontext()) as pool:
+        texts = hub_documents(args.subset) if inputs is None else (
+            t for f in inputs for t in file_documents(f))
+        # documents already in finished shards are skipped without tokenizing them
+        texts = itertools.islice(texts, meta["docs"], args.max_docs)
+        token_docs = pool.imap(tokenize, texts, chunksize=16) if pool else map(tokenize, texts)
+        bar = tqdm(total=args.max_tokens and args.max_tokens - tokens_before, unit="tok", unit_scale=True,
+                   desc=f"tokenizing into {out_dir}", file=sys.stderr)
+        for tokens in token_docs:
+            new_docs += 1
+            tokens = tokens[meta["doc_offset"]:]  # nonzero only for the first document after resuming
+            if args.max_tokens:
+                tokens = tokens[:args.max_tokens - tokens_before - new_tokens]
+            new_tokens += len(tokens)
+            bar.update(len(tokens))
+            while len(tokens):
+                n = min(len(tokens), args.shard_size - fill)
+                buf[fill:fill + n] = tokens[:n]
+                fill += n
+                meta["doc_offset"] += n
+                tokens = tokens[n:]
+                if fill == args.shard_size:
+                    flush()
+                    fill = 0
+            meta["docs"] += 1
+            meta["doc_offset"] = 0
+            if new_docs % 1000 == 0:
+                bar.set_postfix(docs=f"{meta['docs']:,}", shards=len(meta["shards"]), refresh=False)
+            if args.max_tokens and tokens_before + new_tokens == args.max_tokens:
+                break
+        bar.close()
+    if fill:
+        flush()
+    if not meta["shards"]:
+        raise DataError("no documents found in the input; nothing was written")
+    meta["complete"] = True
+    write_meta(out_dir, meta)
+
+    seconds = time.time() - t0
+    n_val = sum(s["split"] == "val" for s in meta["shards"])
+    resumed = f", resumed after {shards_before} finished shards" if shards_before else ""
+    n_shards = len(meta["shards"])
+    return (f"fineweb.py: {n_shards} shards ({n_val} val, {n_shards - n_val} train) in {out_dir}, "
+            f"{tokens_before + new_tokens:,} tokens, {meta['docs']:,} docs; this run: {new_tokens:,} tokens, "
+            f"{new_docs:,} docs in {seconds:.1f} s ({new_tokens / max(seconds, 1e-9):,.0f} tokens/s){resumed}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the reader
+
+class ShardReader:
+    """Token windows from the uint16 .npy shards of one split.
+
+    The split's windows (seq_len + 1 tokens at stride seq_len, never across a shard boundary) are numbered in
+    file order. Each epoch visits them in one order: a permutation seeded with seed + epoch (shuffle=True) or
+    file order (shuffle=False); rank r of world_size takes every world_size-th window of it, and the last
+    n_windows % world_size windows of the order are dropped so that every rank gets the same number. When a
+    rank's windows run out, the next epoch starts, within the same batch if need be.
+    next_batch() -> x, y: int64 (batch_size, seq_len) CPU tensors, y = x shifted by one token.
+    """
+
+    def __init__(self, data_dir, split, batch_size, seq_len, rank=0, world_size=1, seed=1337, vocab_size=None,
+                 shuffle=True):
+        data_dir = Path(data_dir)
+        how = "run python data/fineweb.py (or --input FILES --out_dir DIR) to make it"
+        if not (data_dir / "meta.json").is_file():
+            raise DataError(f"no token shards in {data_dir} (meta.json missing): {how}")
+        try:
+            meta = json.loads((data_dir / "meta.json").read_text())
+        except json.JSONDecodeError as e:
+            raise DataError(f"{data_dir / 'meta.json'} is not valid JSON ({e}): {how} again") from e
+        if meta.get("dtype") != "uint16":
+            raise DataError(f"{data_dir / 'meta.json'} says dtype {meta.get('dtype')!r}; this reader needs uint16")
+        if not meta.get("complete"):
+            raise DataError(f"the shards in {data_dir} are unfinished (meta.json: complete=false): "
+                            "rerun the python data/fineweb.py command that made them to finish them")
+        if vocab_size is not None and meta["vocab_size"] > vocab_size:
+            raise DataError(f"the shards in {data_dir} use vocab_size {meta['vocab_size']} but the model's "
+                            f"vocab_size is {vocab_size}: make the model's vocab_size at least {meta['vocab_size']}")
+        entries = [s for s in meta["shards"] if s["split"] == split]
+        if not entries:
+            raise DataError(f"no {split!r} shards in {data_dir}/meta.json (too little data for a {split} shard?): "
+                            f"{how} with more data or a smaller --shard_size")
+        self.shards = []  # memory-mapped: opening reads only the .npy header, which is what we check here
+        for s in entries:
+            path = data_dir / s["file"]
+            if not path.is_file():
+                raise DataError(f"shard {path} listed in meta.json is missing: {how} again")
+            try:
+                tokens = np.load(path, mmap_mode="r")
+            except (ValueError, OSError) as e:  # e.g. a header that promises more bytes than the file has
+                raise DataError(f"shard {path} is truncated or corrupt ({first_line(e)}): {how} again") from e
+            if tokens.dtype != np.uint16 or tokens.ndim != 1:
+                raise DataError(f"shard {path} holds {tokens.dtype} of shape {tokens.shape}, not 1-D uint16: "
+                                f"{how} again")
+            if len(tokens) != s["tokens"]:
+                raise DataError(f"shard {path} has {len(tokens)} tokens but meta.json says {s['tokens']} "
+                                f"(truncated or replaced): {how} again")
+            self.shards.append(tokens)
+        windows = [max(len(t) - 1, 0) // seq_len for t in self.shards]
+        # first window number of each shard; window g lives in shard searchsorted(starts, g, 'right') - 1
+        self.starts = np.cumsum([0] + windows[:-1])
+        self.n_windows = sum(windows)
+        if self.n_windows < world_size:
+            raise DataError(f"the {split!r} split of {data_dir} has {sum(s['tokens'] for s in entries)} tokens: "
+                            f"{self.n_windows} windows of seq_len + 1 = {seq_len + 1} tokens, but each of the "
+                            f"{world_size} rank(s) needs at least one window: use a smaller seq_len or more data")
+        self.batch_size, self.seq_len = batch_size, seq_len
+        self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
+        self.reset()
+
+    def start_epoch(self, epoch):
+        self.epoch, self.pos = epoch, 0
+        n = self.n_windows
+        order = np.random.default_rng(self.seed + epoch).permutation(n) if self.shuffle else np.arange(n)
+        self.order = order[self.rank:n - n % self.world_size:self.world_size]
+
+    def reset(self):
+        self.start_epoch(0)
+
+    def next_batch(self):
+        import torch  # here, not at the top: the tokenizer CLI and get_tokenizer() users need no torch (2 s import)
+        T = self.seq_len
+        buf = np.empty((self.batch_size, T + 1), dtype=np.int64)
+        for i in range(self.batch_size):
+            if self.pos == len(self.order):
+                self.start_epoch(self.epoch + 1)
+            g = self.order[self.pos]
+            self.pos += 1
+            s = np.searchsorted(self.starts, g, side="right") - 1
+            offset = (g - self.starts[s]) * T
+            buf[i] = self.shards[s][offset:offset + T + 1]
+        w = torch.from_numpy(buf)
+        return w[:, :-1].contiguous(), w[:, 1:].contiguous()
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "pos": self.pos, "seed": self.seed, "rank": self.rank,
+                "world_size": self.world_size, "seq_len": self.seq_len, "n_windows": self.n_windows,
+                "shuffle": int(self.shuffle)}
+
+    def load_state_dict(self, state):
+        mine = self.state_dict()
+        wrong = [f"{k}={state.get(k)} (this reader: {mine[k]})" for k in mine if k not in ("epoch", "pos")
+                 and state.get(k) != mine[k]]
+        if wrong:
+            raise DataError(f"data-loader state does not match this reader: {', '.join(wrong)}; resume with the "
+                            "same seed, world_size, rank, seq_len and data, or start the data stream afresh")
+        self.start_epoch(state["epoch"])
+        self.pos = state["pos"]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        print(build(args))
+    except DataError as e:
+        sys.exit(f"fineweb.py: error: {e}")
+
+
+if __name__ == "__main__":
+    main()
