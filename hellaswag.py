@@ -1,0 +1,347 @@
+"""
+HellaSwag evaluation of a nanoDeepSeek checkpoint, the way build-nanogpt and llm.c do it, so that numbers are
+comparable with GPT-2 124M (acc_norm 0.2955), llm.c's 124M (0.299) and GPT-3 124M (0.337).
+
+    python hellaswag.py --out_dir=out-fineweb                      # all 10,042 validation items
+    python hellaswag.py --out_dir=out-tiny --limit=200 --device=cpu
+    torchrun --standalone --nproc_per_node=8 hellaswag.py --out_dir=out-fineweb   # items sharded rank::world
+
+Scoring (build-nanogpt `render_example` / `get_most_likely_row`): for each item the context is GPT-2 BPE
+encoded, each of the 4 endings as " " + ending, and the two are concatenated. The model's main head scores
+every row; the cross-entropy is summed over the ENDING tokens only. `acc` picks the ending with the lowest
+summed loss, `acc_norm` the one with the lowest mean loss per ending token (ties: the first ending).
+`--batch_size` items (4 rows each) go through one forward, right-padded; with causal attention a pad token
+never influences the real tokens before it, and the mask keeps padded positions out of the loss.
+
+An item longer than the model's max_seq_len has its context truncated from the LEFT so that its longest
+ending fits (all 4 endings keep the same context); if an ending alone does not fit, it keeps its first
+max_seq_len - 1 tokens. With the max_seq_len=1024 models of this repo nothing is ever truncated (the longest
+validation item is 166 tokens).
+
+Data: --data_path=.../hellaswag_val.jsonl, or by default $XDG_CACHE_HOME (~/.cache)/nanodeepseek/hellaswag/,
+downloaded once from the rowanz/hellaswag GitHub URL and checked against its sha256. Every line is validated
+(JSON object with ctx, 4 string endings, int label in 0..3); a bad line is a one-line error naming it.
+--limit=N scores the first N items only (and reads no further). Results: a final line on stdout and a JSON
+file (--out_json, default <out_dir>/hellaswag.json). --dtype applies to CUDA (autocast); CPU runs in fp32.
+
+train.py calls `evaluate(model, path, device)` on its already-loaded model every hellaswag_interval steps.
+"""
+import hashlib
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from configurator import configure, config_keys
+
+# -----------------------------------------------------------------------------------------------------------
+# settings (python hellaswag.py --key=value; --help lists them)
+out_dir = 'out-fineweb'       # a train.py out_dir (holding ckpt.pt) or the path of a checkpoint file
+data_path = ''                # '' : the cache dir, downloading the official file there on first use
+out_json = ''                 # '' : <out_dir>/hellaswag.json
+limit = 0                     # score only the first N items (0: all 10,042)
+batch_size = 8                # items per forward (x4 rows)
+device = 'cuda' if torch.cuda.is_available() else 'cpu'
+dtype = 'bfloat16'            # float32 | bfloat16 | float16: autocast dtype on CUDA (CPU always runs fp32)
+progress = True               # tqdm bar on stderr (rank 0 only)
+# -----------------------------------------------------------------------------------------------------------
+
+_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
+_SHA256 = "0aa3b88843990f3f10a97b9575c94d7b71fb2205240ba04ae4884d9e9c992588"  # 12,246,618 bytes, 10,042 lines
+_DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+
+
+class HellaSwagError(Exception):
+    """Bad or unavailable data (or tokenizer); the message is one line and says what to do."""
+
+
+# -----------------------------------------------------------------------------------------------------------
+# data: locate / download, then load and validate (shared by the CLI and evaluate())
+
+def default_data_path():
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "nanodeepseek", "hellaswag", "hellaswag_val.jsonl")
+
+
+def download(dest, url=_URL, sha256=_SHA256):
+    """Fetch url to dest atomically (dest.tmp, sha256 check, rename); a HellaSwagError naming --data_path if not."""
+    os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+    tmp = f"{dest}.{os.getpid()}.tmp"
+    try:
+        try:
+            with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
+                while chunk := r.read(1 << 20):
+                    f.write(chunk)
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            reason = getattr(e, "reason", None) or e
+            raise HellaSwagError(f"cannot download HellaSwag from {url} ({type(e).__name__}: {reason}); offline, pass "
+                                 f"--data_path=/path/to/hellaswag_val.jsonl (e.g. ../shared/data/hellaswag/)") from e
+        with open(tmp, "rb") as f:
+            got = hashlib.file_digest(f, "sha256").hexdigest()
+        if sha256 and got != sha256:
+            raise HellaSwagError(f"downloaded {url} has sha256 {got[:12]}..., expected {sha256[:12]}...; "
+                                 f"retry, or pass --data_path=/path/to/hellaswag_val.jsonl")
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return dest
+
+
+def resolve_data_path(path=None):
+    """The jsonl to read: `path` if given (it must exist), else the cached copy, downloaded on first use."""
+    if path:
+        if not os.path.isfile(path):
+            raise HellaSwagError(f"no HellaSwag file at {path} (--data_path): expected hellaswag_val.jsonl")
+        return path
+    dest = default_data_path()
+    if not os.path.isfile(dest):
+        print(f"hellaswag: downloading {_URL} -> {dest}", file=sys.stderr)
+        download(dest)
+    return dest
+
+
+def _check_item(d):
+    """None if d is a valid HellaSwag item, else what is wrong with it."""
+    if not isinstance(d, dict):
+        return f"expected a JSON object, got {type(d).__name__}"
+    missing = [k for k in ("ctx", "endings", "label") if k not in d]
+    if missing:
+        return f"missing field(s) {missing}"
+    if not isinstance(d["ctx"], str):
+        return f"'ctx' must be a string, got {type(d['ctx']).__name__}"
+    e = d["endings"]
+    if not isinstance(e, list) or len(e) != 4 or not all(isinstance(s, str) for s in e):
+        what = f"{len(e)} items" if isinstance(e, list) else type(e).__name__
+        return f"'endings' must be a list of exactly 4 strings, got {what}"
+    if type(d["label"]) is not int or not 0 <= d["label"] <= 3:
+        return f"'label' must be an int in 0..3, got {d['label']!r}"
+    return None
+
+
+def load_examples(path=None, limit=None):
+    """Validated items [{'ctx': str, 'endings': [4 str], 'label': int}, ...] from the HellaSwag jsonl (see
+    resolve_data_path), in file order; with limit (> 0), only the first `limit` items (later lines are not read).
+    Raises HellaSwagError('<path> line N: ...') for the first bad line. Blank lines are skipped."""
+    path = resolve_data_path(path)
+    items = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if limit and len(items) >= limit:
+                break
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise HellaSwagError(f"{path} line {lineno}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+            if not line.strip():
+                continue
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise HellaSwagError(f"{path} line {lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+            problem = _check_item(d)
+            if problem:
+                raise HellaSwagError(f"{path} line {lineno}: {problem}")
+            items.append({"ctx": d["ctx"], "endings": list(d["endings"]), "label": d["label"]})
+    if not items:
+        raise HellaSwagError(f"{path} holds no HellaSwag items")
+    return items
+
+
+def get_tokenizer():
+    """GPT-2 BPE (tiktoken): data/fineweb.py's loader, with a local fallback; HellaSwagError if unavailable."""
+    try:
+        from data.fineweb import get_tokenizer as loader
+    except ImportError:
+        loader = None
+    if loader is not None:
+        try:
+            return loader()
+        except Exception as e:  # data.fineweb.DataError: already one line, with the TIKTOKEN_CACHE_DIR hint
+            raise HellaSwagError(str(e)) from None
+    try:
+        import tiktoken
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:  # offline without cached BPE files tiktoken fails in many ways; keep it one line
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise HellaSwagError(f"cannot load the GPT-2 tokenizer: {msg} (offline, set TIKTOKEN_CACHE_DIR to a folder "
+                             "with its cached BPE files, e.g. ../shared/data/tiktoken_cache)") from None
+
+
+# -----------------------------------------------------------------------------------------------------------
+# rendering, batching, scoring
+
+def render(example, enc, max_len=None):
+    """One item -> {'tokens': [4 lists of ids], 'ctx_len': int, 'label': int}: row i = context + (" " + ending_i),
+    build-nanogpt's convention. With max_len, the context is cut from the left so the longest row fits."""
+    encode = getattr(enc, "encode_ordinary", None) or enc.encode
+    ctx = encode(example["ctx"])
+    ends = [encode(" " + e) for e in example["endings"]]
+    if not ctx:  # the first ending token needs a position that predicts it
+        ctx = [getattr(enc, "eot_token", 0)]
+    if max_len is not None:
+        ends = [e[:max_len - 1] for e in ends]
+        keep = max_len - max(len(e) for e in ends)
+        ctx = ctx[-keep:]
+    return {"tokens": [ctx + e for e in ends], "ctx_len": len(ctx), "label": example["label"]}
+
+
+def collate(rendered, device="cpu", pad_id=0):
+    """Rendered items -> {'tokens': (4n, T) long, 'mask': (4n, T) bool, 'labels': (n,) long}, right-padded to the
+    longest row. mask marks the ending tokens (the positions whose prediction is scored)."""
+    rows = [(r["ctx_len"], t) for r in rendered for t in r["tokens"]]
+    T = max(len(t) for _, t in rows)
+    tokens = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.bool)
+    for i, (c, t) in enumerate(rows):
+        tokens[i, :len(t)] = torch.tensor(t, dtype=torch.long)
+        mask[i, c:len(t)] = True
+    labels = torch.tensor([r["label"] for r in rendered], dtype=torch.long)
+    return {"tokens": tokens.to(device), "mask": mask.to(device), "labels": labels.to(device)}
+
+
+def ending_losses(model, batch):
+    """Per row (ending): (sum, mean) of the main head's cross-entropy over the ending tokens, fp32 (R,) each.
+    Logits at position t predict token t+1; only positions whose target is an ending token count."""
+    tokens, mask = batch["tokens"], batch["mask"]
+    logits = model(tokens)[0]                                   # (R, T, V); no targets: main head only
+    tgt_mask = mask[:, 1:]
+    tok_loss = F.cross_entropy(logits[:, :-1][tgt_mask].float(), tokens[:, 1:][tgt_mask], reduction="none")
+    per = torch.zeros(tgt_mask.shape, dtype=torch.float32, device=tokens.device).masked_scatter(tgt_mask, tok_loss)
+    sum_loss = per.sum(dim=1)
+    return sum_loss, sum_loss / tgt_mask.sum(dim=1)
+
+
+def pick(sum_losses, mean_losses):
+    """The decision rule: (acc choice, acc_norm choice) = argmin over the 4 endings (last dim) of the summed and of
+    the mean per-token loss; ties go to the first ending. Works on (4,) or (n, 4) tensors (or lists)."""
+    s, m = torch.as_tensor(sum_losses), torch.as_tensor(mean_losses)
+    # torch.argmin's tie-breaking is not documented; the first minimum is, via max of (x == min) on ints
+    first_min = lambda x: (x == x.min(dim=-1, keepdim=True).values).int().argmax(dim=-1)
+    return first_min(s), first_min(m)
+
+
+def _max_seq_len(model):
+    """cfg.max_seq_len of the model, looking through DDP (.module) and torch.compile (._orig_mod) wrappers."""
+    for _ in range(4):
+        cfg = getattr(model, "cfg", None)
+        if cfg is not None and getattr(cfg, "max_seq_len", None):
+            return cfg.max_seq_len
+        model = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if model is None:
+            break
+    return None
+
+
+@torch.no_grad()
+def evaluate(model, path, device, enc=None, limit=None, batch_size=8, progress=False):
+    """HellaSwag accuracy of an already-loaded model -> {'acc': float, 'acc_norm': float, 'n': int}.
+    path: the jsonl (None: cache/download); limit: first N items only. Under torch.distributed, rank r scores
+    items r::world_size and the counts are all-reduced, so every rank returns the global result. The caller
+    sets autocast; the model is put in eval mode for the call and restored (so MoE load counters stay clean)."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module  # ranks run different numbers of forwards here: no DDP collectives (buffer syncs)
+    items = load_examples(path, limit)
+    enc = enc if enc is not None else get_tokenizer()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    max_len = _max_seq_len(model)
+    shard = [render(ex, enc, max_len) for ex in items[rank::world]]
+    shard.sort(key=lambda r: max(len(t) for t in r["tokens"]))  # similar lengths together: less padding
+    counts = torch.zeros(3, dtype=torch.long, device=device)    # correct, correct_norm, n
+    was_training = model.training
+    model.eval()
+    try:
+        from tqdm import tqdm
+        bar = tqdm(total=len(items), desc="hellaswag", unit="item", disable=not progress or rank != 0,
+                   file=sys.stderr, dynamic_ncols=True)
+        for start in range(0, len(shard), batch_size):
+            batch = collate(shard[start:start + batch_size], device)
+            n = batch["labels"].numel()
+            s, m = ending_losses(model, batch)
+            acc_choice, norm_choice = pick(s.view(n, 4), m.view(n, 4))
+            counts += torch.stack([(acc_choice == batch["labels"]).sum(), (norm_choice == batch["labels"]).sum(),
+                                   counts.new_tensor(n)])
+            bar.update(n * world)
+        bar.close()
+    finally:
+        model.train(was_training)
+    if world > 1:
+        dist.all_reduce(counts)
+    correct, correct_norm, n = counts.tolist()
+    return {"acc": correct / n, "acc_norm": correct_norm / n, "n": n}
+
+
+# -----------------------------------------------------------------------------------------------------------
+# CLI
+
+def _write_json(path, obj):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def run(cfg):
+    from model import load_checkpoint
+    if cfg["dtype"] not in _DTYPES:
+        raise ValueError(f"--dtype must be one of {list(_DTYPES)}, got {cfg['dtype']!r}")
+    if cfg["limit"] < 0 or cfg["batch_size"] < 1:
+        raise ValueError("--limit must be >= 0 (0: all items) and --batch_size >= 1")
+    ddp = int(os.environ.get("RANK", -1)) != -1 and int(os.environ.get("WORLD_SIZE", 1)) > 1
+    dev = cfg["device"]
+    if ddp:
+        if dev.startswith("cuda"):
+            dev = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+            torch.cuda.set_device(dev)
+        dist.init_process_group(backend="nccl" if dev.startswith("cuda") else "gloo")
+    try:
+        master = not ddp or dist.get_rank() == 0
+        ckpt_path = cfg["out_dir"]
+        if os.path.isdir(ckpt_path):
+            ckpt_path = os.path.join(ckpt_path, "ckpt.pt")
+        model, ckpt = load_checkpoint(ckpt_path, dev)
+        step = ckpt.get("step")
+        del ckpt  # the optimizer state may be large
+        enc = get_tokenizer()
+        dev_type = torch.device(dev).type
+        autocast = (torch.autocast(dev_type, dtype=_DTYPES[cfg["dtype"]])
+                    if dev_type == "cuda" and cfg["dtype"] != "float32" else nullcontext())
+        t0 = time.time()
+        with autocast:
+            res = evaluate(model, cfg["data_path"] or None, dev, enc=enc, limit=cfg["limit"] or None,
+                           batch_size=cfg["batch_size"], progress=cfg["progress"])
+        dt = time.time() - t0
+        if master:
+            print(f"hellaswag: acc {res['acc']:.4f} acc_norm {res['acc_norm']:.4f} over {res['n']} items (step {step})")
+            out = cfg["out_json"] or os.path.join(os.path.dirname(ckpt_path) or ".", "hellaswag.json")
+            _write_json(out, {**res, "step": step, "checkpoint": ckpt_path,
+                              "data_path": cfg["data_path"] or default_data_path(), "limit": cfg["limit"] or None,
+                              "dtype": cfg["dtype"] if dev_type == "cuda" else "float32", "device": dev,
+                              "seconds": round(dt, 2), "items_per_sec": round(res["n"] / max(dt, 1e-9), 2)})
+            print(f"hellaswag: {res['n'] / max(dt, 1e-9):.1f} items/s, wrote {out}", file=sys.stderr)
+        return res
+    finally:
+        if ddp:
+            dist.destroy_process_group()
+
+
+def main(argv=None):
+    cfg = configure(config_keys(globals()), sys.argv[1:] if argv is None else argv,
+                    description=__doc__.strip().split("\n\n")[0], quiet=True)
+    try:
+        return run(cfg)
+    except (HellaSwagError, FileNotFoundError, ValueError) as e:
+        sys.exit(f"hellaswag.py: error: {e}")
+
+
+if __name__ == "__main__":
+    main()
