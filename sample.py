@@ -1,0 +1,282 @@
+"""
+Sample from a trained nanoDeepSeek checkpoint, nanoGPT style:
+
+    python sample.py --out_dir=out-fineweb --start="The mitochondria is" --num_samples=3
+    python sample.py --start=FILE:prompt.txt --temperature=0 --speculative=True --stats=True
+
+Decoding runs the absorbed MLA path (model.decode): the prompt in one prefill pass, then one token per step
+against a cache of kv_lora_rank + qk_rope_head_dim numbers per token and layer (the normed KV latent and the
+shared RoPE key) instead of the n_heads * (qk_head_dim + v_head_dim) of multi-head attention.
+
+--speculative=True is self-speculative decoding with the D = n_mtp MTP modules as the draft model. With the
+sequence x_0..x_n, where x_n is sampled but not yet decoded, and h_i the main model's last hidden state:
+  draft    MTP module 0 reads (h_{n-1}, x_n) and proposes d_1 = x_{n+1}; module k reads (its input hidden from
+           module k-1, d_k) and proposes d_{k+1}. Each module keeps its own latent cache, fed with the hidden
+           states of the accepted positions (positions computed from drafts are recomputed next round);
+  verify   the main model decodes [x_n, d_1..d_D] at positions n..n+D in ONE call; drafts are accepted left to
+           right by the speculative sampling rule (`accept_or_resample`); the main model's distribution at the
+           first rejection (or after the last draft) gives one more token, so a round yields 1..D+1 tokens;
+  rollback none needed: the next round decodes from the right start_pos and stale cache entries are ignored.
+Greedy output (--temperature=0) is token-for-token the plain greedy output; sampled output has the main
+model's distribution.
+
+Only the text (prompt, then the continuation as it is generated) goes to stdout, samples separated by a line
+of dashes, so two runs compare with `diff`; settings, statistics and errors go to stderr.
+"""
+import codecs
+import sys
+import time
+from contextlib import nullcontext
+from functools import partial
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+from configurator import configure, config_keys
+from data.fineweb import DataError, get_tokenizer
+from model import load_checkpoint, sample_logits, sample_probs
+
+# -----------------------------------------------------------------------------------------------------------------
+out_dir = 'out-fineweb'          # a directory holding ckpt.pt, or a checkpoint file
+start = "\n"                     # the prompt, or FILE:path to read it from a file; "" starts a fresh document
+num_samples = 3
+max_new_tokens = 200             # prompt + max_new_tokens must fit in the model's max_seq_len
+temperature = 0.8                # 0: greedy
+top_k = 200                      # 0: off
+top_p = 1.0                      # nucleus sampling below 1.0
+seed = 1337
+device = 'cuda' if torch.cuda.is_available() else 'cpu'
+dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'   # float32 | bfloat16 | float16 (autocast)
+compile = False                  # torch.compile the decode steps
+speculative = False              # draft with the MTP modules, verify with the main model
+stats = False                    # report cache bytes per token and prefill / decode speed (stderr)
+stop_at_eot = True               # end a sample at <|endoftext|>
+# -----------------------------------------------------------------------------------------------------------------
+DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+
+
+def accept_or_resample(p, q, draft, generator=None):
+    """The speculative sampling rule (Leviathan et al. 2023; Chen et al. 2023), vectorised over rows.
+    p, q (N, V): target (main model) and draft distributions; draft (N,): tokens drawn from q. Keeps a draft x
+    with probability min(1, p(x)/q(x)), else draws from normalize(max(0, p - q)); either way the token is
+    distributed as p. For one-hot p and q (greedy) this is "keep the draft iff it is the argmax".
+    Returns (accepted (N,) bool, token (N,): the draft where accepted, the resampled token elsewhere)."""
+    px, qx = p.gather(-1, draft[:, None]).squeeze(-1), q.gather(-1, draft[:, None]).squeeze(-1)
+    accepted = torch.rand(px.shape, generator=generator, device=p.device) * qx < px   # u < p(x)/q(x)
+    residual = (p - q).clamp(min=0)
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p)  # p == q: always accepted anyway
+    resampled = torch.multinomial(residual, 1, generator=generator).squeeze(-1)
+    return accepted, torch.where(accepted, draft, resampled)
+
+
+def check_request(cfg, prompt_len, max_new_tokens, speculative):
+    """ValueError with a one-line message for a request the model cannot serve."""
+    if prompt_len == 0:
+        raise ValueError("empty prompt: give at least one token (e.g. <|endoftext|> to start a document)")
+    if prompt_len + max_new_tokens > cfg.max_seq_len:
+        raise ValueError(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                         f"max_seq_len={cfg.max_seq_len}: shorten the prompt or generate fewer tokens")
+    if speculative and cfg.n_mtp == 0:
+        raise ValueError("--speculative drafts with the MTP modules, but this model has none (n_mtp=0)")
+
+
+def generate_tokens(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None,
+                    speculative=False, eot=None, n_vocab=None, stats=None):
+    """Continue one sequence: returns an iterator over up to max_new_tokens new token ids (ints), which stops
+    after yielding `eot`. The checks run now, so a bad request raises ValueError before anything is generated.
+    n_vocab: sample among the first n_vocab ids only (the tokenizer's; the padded rows of the head are
+    untrained and cannot be decoded). `stats` (a dict) receives prefill_tokens, prefill_s, decode_tokens,
+    decode_s and, when speculative, drafted / accepted. Model weights, expert biases and counters are untouched."""
+    check_request(model.cfg, len(prompt_ids), max_new_tokens, speculative)
+    stats = {} if stats is None else stats
+    stats.update(prefill_tokens=len(prompt_ids), prefill_s=0.0, decode_tokens=0, decode_s=0.0, drafted=0, accepted=0)
+    V = n_vocab or model.cfg.vocab_size
+
+    def dist(logits):  # (N, vocab) -> the sampling distribution (N, V); one-hot on the argmax when greedy
+        logits = logits[..., :V].float()
+        if temperature == 0:
+            return F.one_hot(logits.argmax(-1), V).float()
+        return sample_probs(logits, temperature, top_k, top_p)
+
+    def draw(probs):  # (1, V) -> int
+        return (probs.argmax(-1) if temperature == 0 else torch.multinomial(probs, 1, generator=generator)).item()
+
+    def pick(logits):  # (1, vocab) -> int
+        return sample_logits(logits[..., :V], temperature, top_k, top_p, generator).item()
+
+    steps = (_speculative_steps(model, prompt_ids, max_new_tokens, dist, draw, generator, stats) if speculative
+             else _plain_steps(model, prompt_ids, pick))
+    return _timed(model, steps, max_new_tokens, eot, stats)
+
+
+@torch.inference_mode()
+def _timed(model, steps, max_new_tokens, eot, stats):
+    """Yield the tokens of `steps` (an iterator of token lists, the first one from the prefill) one by one,
+    timing only the model's work (not the caller's between tokens), in eval mode, without autograd."""
+    was_training = model.training
+    model.eval()
+    n = 0
+    try:
+        while n < max_new_tokens:
+            t0 = time.perf_counter()
+            chunk = next(steps)  # python ints: the device has synchronised
+            stats['prefill_s' if n == 0 else 'decode_s'] += time.perf_counter() - t0
+            for tok in chunk:
+                n += 1
+                stats['decode_tokens'] = n - 1
+                yield tok
+                if tok == eot:
+                    return
+    finally:
+        steps.close()
+        model.train(was_training)
+
+
+def _cache(model, device):
+    return model.init_cache(1, device, torch.float32 if device.type == "cpu" else None)
+
+
+def _plain_steps(model, prompt_ids, pick):
+    """Cached decoding, one token per main-model forward."""
+    device = model.head.weight.device
+    idx = torch.tensor([prompt_ids], device=device)
+    cache = _cache(model, device)
+    logits, _ = model.decode(idx, cache, 0)
+    pos = idx.size(1)
+    while True:
+        tok = pick(logits[:, -1])
+        yield [tok]
+        logits, _ = model.decode(torch.tensor([[tok]], device=device), cache, pos)
+        pos += 1
+
+
+def _speculative_steps(model, prompt_ids, max_new_tokens, dist, draw, generator, stats):
+    """Self-speculative decoding (module docstring): yields the first token, then 1..D+1 tokens per round."""
+    cfg, device = model.cfg, model.head.weight.device
+    D, T = cfg.n_mtp, len(prompt_ids)
+    cache = _cache(model, device)
+    logits, h = model.decode(torch.tensor([prompt_ids], device=device), cache, 0)
+    # hs[k][:, i]: the hidden input of MTP module k at position i (hs[0] = main model's last hidden state);
+    # done[k]: module k's cache holds exact entries (no draft among its inputs) for positions < done[k].
+    hs = [h.new_zeros(1, cfg.max_seq_len, cfg.dim) for _ in range(D + 1)]
+    hs[0][:, :T] = h
+    done = [0] * D
+    seq = list(prompt_ids) + [draw(dist(logits[:, -1]))]
+    yield seq[-1:]
+    while True:
+        # Invariant: seq = x_0..x_n; the main cache and hs[0] hold positions < n; x_n is not decoded yet.
+        n = len(seq) - 1
+        n_draft = min(D, T + max_new_tokens - n - 2)  # never draft past the last token we may yield
+        drafts, qs = [], []
+        for k in range(n_draft):
+            # Module k at positions a..n-1 reads hs[k] there and the tokens x_{i+k+1} (drafts past x_n).
+            a = done[k]
+            toks = torch.tensor([(seq + drafts)[a + k + 1:]], device=device)
+            logits_k, h_k = model.mtp_decode(k, hs[k][:, a:n], toks, cache, a)
+            hs[k + 1][:, a:n] = h_k
+            done[k] = n - k  # positions >= n - k read a draft token (or a hidden state computed from one)
+            qs.append(dist(logits_k[:, -1]))
+            drafts.append(draw(qs[-1]))
+        logits, h = model.decode(torch.tensor([seq[n:] + drafts], device=device), cache, n)  # verify
+        p = dist(logits[0])  # (n_draft + 1, V)
+        n_ok, bonus = 0, None
+        if n_draft:
+            accepted, tokens = accept_or_resample(p[:-1], torch.cat(qs), torch.tensor(drafts, device=device), generator)
+            n_ok = int(accepted.long().cumprod(0).sum())
+            bonus = tokens[n_ok].item() if n_ok < n_draft else None
+        new = drafts[:n_ok] + [draw(p[-1:]) if bonus is None else bonus]
+        hs[0][:, n:n + n_ok + 1] = h[:, :n_ok + 1]
+        stats['drafted'] += n_draft
+        stats['accepted'] += n_ok
+        seq += new
+        yield new
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# command line
+
+def text_stream(enc):
+    """text(token id) -> the text it completes (a character split across tokens is held back until whole);
+    text() -> whatever is left at the end. The pieces join to enc.decode(tokens)."""
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    return lambda tok=None: utf8.decode(b"" if tok is None else enc.decode_single_token_bytes(tok), final=tok is None)
+
+
+def read_prompt(start):
+    if not start.startswith("FILE:"):
+        return start
+    try:
+        with open(start[5:], encoding="utf-8") as f:
+            return f.read()
+    except OSError as e:
+        raise ValueError(f"cannot read the prompt file {start[5:]!r} ({e.strerror})")
+
+
+def main(argv=None):
+    c = SimpleNamespace(**configure(config_keys(globals()), sys.argv[1:] if argv is None else argv,
+                                    description="\n\n".join(__doc__.strip().split("\n\n")[:2]), quiet=True))
+    log = partial(print, file=sys.stderr)
+    try:
+        if c.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {list(DTYPES)}, got {c.dtype!r}")
+        if c.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError("CUDA is not available here: use --device=cpu")
+        if c.compile and c.dtype != "bfloat16":
+            raise ValueError("--compile needs --dtype=bfloat16: compiled, the MoE's grouped_mm accepts bf16 only")
+        if c.temperature < 0 or c.max_new_tokens < 0 or c.num_samples < 1:
+            raise ValueError("need temperature >= 0, max_new_tokens >= 0 and num_samples >= 1")
+        model, ckpt = load_checkpoint(c.out_dir, c.device)
+        enc = get_tokenizer()
+        prompt = read_prompt(c.start)
+        prompt_ids = enc.encode(prompt, allowed_special={"<|endoftext|>"}) or [enc.eot_token]
+        check_request(model.cfg, len(prompt_ids), c.max_new_tokens, c.speculative)
+    except (FileNotFoundError, ValueError, DataError) as e:
+        sys.exit(f"sample.py: error: {e}")
+
+    log(f"sample.py: {c.out_dir} (step {ckpt.get('step', '?')}), {c.device} {c.dtype}, prompt {len(prompt_ids)} "
+        f"tokens, {'speculative with ' + str(model.cfg.n_mtp) + ' MTP draft(s)' if c.speculative else 'plain'} decoding")
+    torch.manual_seed(c.seed)
+    generator = torch.Generator(device=c.device).manual_seed(c.seed)
+    ptdtype = DTYPES[c.dtype]
+    ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(torch.device(c.device).type, dtype=ptdtype)
+    if c.compile:
+        model.decode = torch.compile(model.decode, dynamic=True)
+        model.mtp_decode = torch.compile(model.mtp_decode, dynamic=True)
+
+    eot, total = enc.eot_token if c.stop_at_eot else None, {}
+    with ctx:
+        for _ in range(c.num_samples):
+            st = {}
+            print(prompt, end="", flush=True)
+            text = text_stream(enc)
+            for tok in generate_tokens(model, prompt_ids, c.max_new_tokens, c.temperature, c.top_k or None,
+                                       c.top_p if c.top_p < 1.0 else None, generator, c.speculative,
+                                       eot, enc.n_vocab, st):
+                if tok != eot:
+                    print(text(tok), end="", flush=True)
+            print(text())
+            print("---------------", flush=True)
+            total = {k: total.get(k, 0) + v for k, v in st.items()}
+
+    if c.stats:
+        nbytes = 4 if ptdtype == torch.float32 else 2
+        mla, mha = model.cache_bytes_per_token(nbytes)
+        log(f"KV cache per token ({c.dtype}): MLA latent {mla:,} B ({model.cfg.n_layers} layers x "
+            f"({model.cfg.kv_lora_rank} + {model.cfg.qk_rope_head_dim}) x {nbytes} B) vs multi-head attention "
+            f"{mha:,} B: {mha / mla:.1f}x smaller")
+        log(f"prefill: {total['prefill_tokens']} tokens in {total['prefill_s']:.3f} s "
+            f"({_rate(total['prefill_tokens'], total['prefill_s'])}); decode: {total['decode_tokens']} tokens in "
+            f"{total['decode_s']:.3f} s ({_rate(total['decode_tokens'], total['decode_s'])})")
+    if c.speculative:
+        acc = total['accepted'] / total['drafted'] if total['drafted'] else 0.0
+        log(f"speculative: accepted {total['accepted']}/{total['drafted']} drafts ({acc:.1%}), "
+            f"decode {_rate(total['decode_tokens'], total['decode_s'])}")
+
+
+def _rate(n, seconds):
+    return f"{n / seconds:.1f} tok/s" if seconds > 0 else "n/a"
+
+
+if __name__ == "__main__":
+    main()

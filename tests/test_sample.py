@@ -1,0 +1,268 @@
+"""sample.py: cached and speculative generation against slow references, and the command line (CPU, tiny models)."""
+import pytest
+import torch
+
+import sample
+from model import ModelConfig, Transformer, config_dict, load_checkpoint
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are so small that OpenMP start-up dominates; one thread is faster and deterministic."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny(seed=0, **kw):
+    base = dict(vocab_size=64, dim=32, n_layers=2, n_dense_layers=1, n_heads=4, inter_dim=64, moe_inter_dim=16,
+                kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=8,
+                n_shared_experts=1, n_activated_experts=2, max_seq_len=64, n_mtp=1, init_std=0.02)
+    base.update(kw)
+    torch.manual_seed(seed)
+    return Transformer(ModelConfig(**base)).eval()
+
+
+def prompt_of(seed, length, vocab=64):
+    return torch.randint(0, vocab, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def greedy_uncached(model, prompt, n):
+    """The obviously-correct reference: the full forward over the whole sequence for every new token."""
+    idx = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(n):
+            idx = torch.cat([idx, model(idx)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
+    return idx[0, len(prompt):].tolist()
+
+
+def greedy(model, prompt, n, **kw):
+    return list(sample.generate_tokens(model, prompt, n, temperature=0, **kw))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# plain cached decoding
+
+def test_cached_greedy_equals_uncached_greedy():
+    m = tiny()
+    for seed, length in [(0, 1), (1, 7), (2, 20)]:
+        prompt = prompt_of(seed, length)
+        assert greedy(m, prompt, 24) == greedy_uncached(m, prompt, 24)
+
+
+def test_stop_at_eot_and_stats():
+    m = tiny()
+    prompt = prompt_of(3, 5)
+    ref = greedy(m, prompt, 20)
+    eot = next(t for t in ref if ref.index(t) >= 2)  # a token first generated third or later
+    st = {}
+    out = greedy(m, prompt, 20, eot=eot, stats=st)
+    assert out == ref[:ref.index(eot) + 1]
+    assert st["prefill_tokens"] == 5 and st["decode_tokens"] == len(out) - 1
+    assert st["prefill_s"] > 0 and st["decode_s"] > 0
+
+
+def test_n_vocab_restricts_sampling():
+    m = tiny()
+    out = list(sample.generate_tokens(m, prompt_of(4, 3), 40, temperature=2.0, generator=torch.Generator().manual_seed(0),
+                                      n_vocab=10))
+    assert len(out) == 40 and max(out) < 10
+    assert max(greedy(m, prompt_of(4, 3), 20, n_vocab=5)) < 5
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# speculative decoding
+
+@pytest.mark.parametrize("n_mtp", [1, 2])
+def test_speculative_greedy_equals_plain_greedy(n_mtp):
+    for model_seed in range(2):
+        m = tiny(model_seed, n_mtp=n_mtp)
+        for seed, length in [(0, 1), (1, 6), (2, 17)]:
+            prompt = prompt_of(seed, length)
+            st = {}
+            out = greedy(m, prompt, 30, speculative=True, stats=st)
+            assert out == greedy(m, prompt, 30)
+            assert st["drafted"] > 0 and 0 <= st["accepted"] <= st["drafted"]
+
+
+def mtp_from_scratch(model, s, n, k):
+    """Logits of MTP module k at position n-1 by the training path over the whole token list s, where s[i] is
+    t_i: no cache, no incremental hidden states."""
+    s = torch.tensor([s])
+    cos, sin = model.rope_cos[:n], model.rope_sin[:n]
+    with torch.no_grad():
+        h, _ = model._trunk(s[:, :n])
+        for j in range(k + 1):
+            h, _ = model.mtp[j](h, model.embed(s[:, j + 1:n + j + 1]), cos, sin)
+        return model.head(model.mtp[k].norm(h[:, -1]))[0]
+
+
+@pytest.mark.parametrize("n_mtp", [1, 2])
+@pytest.mark.parametrize("oracle", [False, True])
+def test_speculative_drafts_equal_mtp_from_scratch(n_mtp, oracle, monkeypatch):
+    """Every draft the incremental MTP caches produce equals the MTP modules run from scratch on the same tokens.
+    oracle=True replaces the drafts by the main model's own greedy tokens (the MTP modules still run and keep
+    their caches), so every draft is accepted: the accept path, where caches advance D + 1 positions a round."""
+    m = tiny(1, n_mtp=n_mtp)
+    prompt, n_new = prompt_of(5, 9), 31
+    full = prompt + greedy(m, prompt, n_new)
+    calls = []
+    real = m.mtp_decode
+
+    def spy(k, h_prev, idx, cache, start_pos):
+        logits, h = real(k, h_prev, idx, cache, start_pos)
+        n = start_pos + idx.size(1)   # module k drafts t_{n+k+1} from position n-1
+        calls.append((k, n, idx[0, idx.size(1) - k:].tolist(), logits[0, -1].clone()))
+        if oracle:
+            logits = torch.full_like(logits, -1e4)
+            logits[0, -1, full[n + k + 1]] = 0.0
+        return logits, h
+
+    monkeypatch.setattr(m, "mtp_decode", spy)
+    st = {}
+    assert greedy(m, prompt, n_new, speculative=True, stats=st) == full[len(prompt):]
+    monkeypatch.undo()
+    assert {k for k, *_ in calls} == set(range(n_mtp))
+    for k, n, drafts, logits in calls:
+        s = full[:n + 1] + (drafts if k else [])  # committed x_0..x_n, then this round's drafts d_1..d_k
+        torch.testing.assert_close(logits, mtp_from_scratch(m, s, n, k), rtol=1e-4, atol=1e-4)
+    if oracle:
+        assert st["accepted"] == st["drafted"] > 0
+        rounds = sum(1 for k, *_ in calls if k == 0)
+        assert rounds <= -(-(n_new - 1) // (n_mtp + 1)) + 1  # D + 1 tokens per round
+    else:
+        assert st["accepted"] < st["drafted"]  # a random model's drafts are mostly rejected
+
+
+def test_accept_or_resample_preserves_target_distribution():
+    g = torch.Generator().manual_seed(0)
+    p = torch.tensor([0.05, 0.40, 0.25, 0.00, 0.30])
+    q = torch.tensor([0.30, 0.10, 0.20, 0.25, 0.15])  # proposes a token p never makes (3), misses none
+    N = 20000
+    draft = torch.multinomial(q.expand(N, -1), 1, replacement=True, generator=g).squeeze(-1)
+    accepted, token = sample.accept_or_resample(p.expand(N, -1), q.expand(N, -1), draft, g)
+    emp = torch.bincount(token, minlength=5).float() / N
+    assert (emp - p).abs().max() < 0.02
+    assert accepted.float().mean().item() == pytest.approx(torch.minimum(p, q).sum().item(), abs=0.02)
+    assert not accepted[draft == 3].any() and torch.equal(token[accepted], draft[accepted])
+    # q == p: every draft is kept; one-hot (greedy) p and q: kept iff equal, else the argmax of p
+    draft = torch.multinomial(p.expand(N, -1), 1, replacement=True, generator=g).squeeze(-1)
+    acc, tok = sample.accept_or_resample(p.expand(N, -1), p.expand(N, -1), draft, g)
+    assert acc.all() and torch.equal(tok, draft)
+    eye = torch.eye(5)
+    acc, tok = sample.accept_or_resample(eye[[1, 2, 4]], eye[[1, 3, 0]], torch.tensor([1, 3, 0]), g)
+    assert acc.tolist() == [True, False, False] and tok.tolist() == [1, 2, 4]
+
+
+def test_speculative_sampling_runs_with_filters():
+    m = tiny(n_mtp=2, init_std=0.3)  # peaky logits, so that some drafts are accepted
+    st = {}
+    out = list(sample.generate_tokens(m, prompt_of(6, 4), 40, temperature=0.7, top_k=8, top_p=0.9,
+                                      generator=torch.Generator().manual_seed(0), speculative=True, stats=st))
+    assert len(out) == 40 and all(0 <= t < 64 for t in out)
+    assert 0 < st["accepted"] <= st["drafted"]
+
+
+def test_generation_leaves_model_state_unchanged():
+    m = tiny(n_mtp=2)
+    for gate in m.gates():
+        gate.bias.copy_(torch.randn_like(gate.bias) * 0.01)
+    x = torch.randint(0, 64, (2, 12))
+    m.train()
+    m(x[:, :-1], x[:, 1:])  # nonzero load counters
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    counts = [g.tokens_per_expert.clone() for g in m.gates()]
+    assert all(c.sum() > 0 for c in counts)
+    for spec in (False, True):
+        for temp in (0, 0.8):
+            list(sample.generate_tokens(m, x[0, :5].tolist(), 12, temperature=temp, top_k=10, speculative=spec,
+                                        generator=torch.Generator().manual_seed(0)))
+    assert m.training  # the mode is restored
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    assert all(torch.equal(c, g.tokens_per_expert) for c, g in zip(counts, m.gates()))
+
+
+def test_request_errors():
+    m = tiny(n_mtp=0)
+    with pytest.raises(ValueError, match="max_seq_len=64"):
+        sample.generate_tokens(m, [1] * 60, 5)  # raised at the call, before any token
+    with pytest.raises(ValueError, match="n_mtp=0"):
+        sample.generate_tokens(m, [1], 5, speculative=True)
+    with pytest.raises(ValueError, match="empty prompt"):
+        sample.generate_tokens(m, [], 5)
+    assert len(greedy(m, [1] * 59, 5)) == 5  # exactly max_seq_len is fine
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# command line
+
+def save_ckpt(path, **kw):
+    m = tiny(vocab_size=50304, **kw)
+    path.mkdir()
+    torch.save({"model": m.state_dict(), "model_config": config_dict(m.cfg), "step": 0}, path / "ckpt.pt")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpts")
+    return {D: save_ckpt(root / f"mtp{D}", n_mtp=D) for D in (0, 2)}
+
+
+def test_text_stream_joins_to_decode(gpt2_enc):
+    enc = gpt2_enc
+    ids = enc.encode("naïve café 你好 🙂 done") + [enc.eot_token] + enc.encode("🙂")
+    for tokens in (ids, ids[:-1], [ids[i] for i in torch.randperm(len(ids), generator=torch.Generator().manual_seed(0))]):
+        text = sample.text_stream(enc)
+        pieces = [text(t) for t in tokens] + [text()]
+        assert "".join(pieces) == enc.decode(tokens)
+    text = sample.text_stream(enc)
+    assert [text(t) for t in enc.encode("🙂")][-1] == "🙂"  # held back, not printed as replacement characters
+
+
+def test_cli_file_prompt_samples_and_stats(ckpts, tmp_path, capsys, gpt2_enc):
+    prompt = "The mitochondria is"
+    (tmp_path / "prompt.txt").write_text(prompt)
+    sample.main([f"--out_dir={ckpts[2]}", f"--start=FILE:{tmp_path / 'prompt.txt'}", "--num_samples=2",
+                 "--max_new_tokens=10", "--temperature=0.9", "--top_k=50", "--top_p=0.9", "--seed=3", "--stats",
+                 "--stop_at_eot=False"])
+    out, err = capsys.readouterr()
+    # stdout is exactly the samples: prompt + the tokens generate_tokens gives with the same generator
+    model, _ = load_checkpoint(ckpts[2])
+    g = torch.Generator().manual_seed(3)
+    ids = gpt2_enc.encode(prompt)
+    expected = ""
+    for _ in range(2):
+        tokens = list(sample.generate_tokens(model, ids, 10, 0.9, 50, 0.9, g, n_vocab=gpt2_enc.n_vocab))
+        expected += gpt2_enc.decode(ids + tokens) + "\n---------------\n"
+    assert out == expected
+    assert "KV cache per token" in err and "prefill:" in err and "decode:" in err and "tok/s" in err
+    assert "tok/s" not in out and "Overriding" not in out
+
+
+def test_cli_speculative_greedy_output_equals_plain(ckpts, capsys, gpt2_enc):
+    args = [f"--out_dir={ckpts[2]}", "--start=Once upon a time", "--num_samples=1", "--max_new_tokens=20",
+            "--temperature=0"]
+    sample.main(args)
+    plain, _ = capsys.readouterr()
+    sample.main(args + ["--speculative=True", "--top_k=0"])
+    spec, err = capsys.readouterr()
+    assert spec == plain and plain.startswith("Once upon a time") and plain.endswith("\n---------------\n")
+    assert "accepted" in err and "drafts" in err
+
+
+@pytest.mark.parametrize("case", ["no_mtp", "missing", "too_long", "bad_dtype", "bad_file"])
+def test_cli_errors_are_one_line(case, ckpts, tmp_path, capsys, gpt2_enc):
+    args = {"no_mtp": [f"--out_dir={ckpts[0]}", "--speculative=True"],
+            "missing": [f"--out_dir={tmp_path / 'nowhere'}"],
+            "too_long": [f"--out_dir={ckpts[2]}", "--start=" + "hello " * 40, "--max_new_tokens=30"],
+            "bad_dtype": [f"--out_dir={ckpts[2]}", "--dtype=float8"],
+            "bad_file": [f"--out_dir={ckpts[2]}", f"--start=FILE:{tmp_path / 'none.txt'}"]}[case]
+    expect = {"no_mtp": "n_mtp=0", "missing": "no checkpoint", "too_long": "max_seq_len=64",
+              "bad_dtype": "--dtype", "bad_file": "prompt file"}[case]
+    with pytest.raises(SystemExit) as e:
+        sample.main(args + ["--max_new_tokens=10"] * (case != "too_long"))
+    msg = str(e.value.code)
+    assert msg.startswith("sample.py: error: ") and expect in msg and "\n" not in msg
+    assert capsys.readouterr().out == ""
