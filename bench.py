@@ -1,0 +1,354 @@
+"""
+Benchmark nanoDeepSeek against a dense GPT-2-style baseline with the same FLOPs per token, in one run.
+
+    python bench.py                          # CUDA: config/train_fineweb.py's model, bf16, compiled
+    python bench.py --device=cpu             # CPU: config/train_tiny.py's model, fp32 (under two minutes)
+    python bench.py --model_config=config/train_fineweb.py --batch_size=8 --json=bench.json
+
+Measures, after warm-up steps, on random tokens:
+  train    full training steps (forward with MTP and balance loss, backward, AdamW, expert-bias update):
+           tokens/s, MFU (torchtitan FLOP count, MTP included), peak memory (CUDA);
+  baseline the same for a dense GPT-2-style model of the same width, depth, heads, vocab and sequence length
+           (LayerNorm, multi-head attention with head_dim = dim / n_heads, GELU MLP) whose MLP width is chosen
+           so its FLOPs per token equal ours; prints the ratio ours / baseline;
+  decode   tokens/s of cached decoding (absorbed MLA, latent cache) and of recomputing the full forward per
+           token, with the cache bytes per token against multi-head attention;
+  moe      one MoE layer's forward+backward: `moe_dispatch` (grouped matmuls) against a per-expert Python loop;
+  sdpa     MLA's training attention per SDPA backend, with v padded to the qk head dim as one more option.
+"""
+import builtins
+import json as json_lib
+import math
+import resource
+import sys
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import asdict, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from configurator import configure, config_keys
+from model import MoE, ModelConfig, Transformer
+
+# -----------------------------------------------------------------------------------------------------------------
+model_config = 'auto'            # config file with the model settings and batch_size; 'auto': train_fineweb on CUDA, train_tiny on CPU
+device = 'cuda' if torch.cuda.is_available() else 'cpu'
+dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'   # autocast dtype; compiled MoE needs bfloat16
+compile = torch.cuda.is_available()
+batch_size = 0                   # sequences per step; 0: the config file's batch_size
+warmup = 3                       # untimed steps (compilation happens here)
+steps = 6                        # timed training steps per round
+rounds = 3                       # rounds alternate ours / baseline; tokens/s from the median round
+decode_tokens = 64               # tokens generated per decode measurement (after a 16-token prompt)
+baseline = True                  # also benchmark the dense baseline
+moe = True                       # one-MoE-layer benchmark: grouped matmuls vs a Python loop over experts
+moe_tokens, moe_dim, moe_experts, moe_topk, moe_inter = 4096, 256, 16, 4, 128
+sdpa = True                      # per-backend timing of MLA's training attention
+peak_flops = 0.0                 # for MFU; 0: look the GPU up in train.py's table
+seed = 1337
+json = ''                        # write the results to this JSON file (--json=bench.json)
+# -----------------------------------------------------------------------------------------------------------------
+DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16}
+
+
+class DenseGPT(nn.Module):
+    """The yardstick: a compact GPT-2 (nanoGPT) block stack with an untied head and no position embedding (RoPE-free
+    attention costs the same FLOPs). mlp_hidden is free so that FLOPs per token can match the MoE model."""
+
+    def __init__(self, vocab_size, dim, n_layers, n_heads, mlp_hidden):
+        super().__init__()
+        self.n_heads = n_heads
+        self.embed = nn.Embedding(vocab_size, dim)
+        self.blocks = nn.ModuleList(nn.ModuleDict(dict(
+            ln1=nn.LayerNorm(dim, bias=False), qkv=nn.Linear(dim, 3 * dim, bias=False), proj=nn.Linear(dim, dim, bias=False),
+            ln2=nn.LayerNorm(dim, bias=False), fc=nn.Linear(dim, mlp_hidden, bias=False),
+            out=nn.Linear(mlp_hidden, dim, bias=False))) for _ in range(n_layers))
+        self.ln_f = nn.LayerNorm(dim, bias=False)
+        self.head = nn.Linear(dim, vocab_size, bias=False)
+        for p in self.parameters():
+            if p.dim() >= 2:
+                nn.init.normal_(p, std=0.02)
+
+    def forward(self, idx, targets):
+        x = self.embed(idx)
+        B, T, D = x.shape
+        for b in self.blocks:
+            q, k, v = b.qkv(b.ln1(x)).view(B, T, 3, self.n_heads, -1).transpose(1, 3).unbind(2)
+            x = x + b.proj(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, D))
+            x = x + b.out(F.gelu(b.fc(b.ln2(x))))
+        logits = self.head(self.ln_f(x))
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+def dense_flops_per_token(vocab_size, dim, n_layers, mlp_hidden, seq_len):
+    """Same convention as Transformer.flops_per_token: 6 * matmul params (head in, embedding out) + attention."""
+    return 6 * (n_layers * (4 * dim * dim + 2 * dim * mlp_hidden) + dim * vocab_size) + 6 * n_layers * 2 * dim * seq_len
+
+
+def matched_mlp_hidden(cfg, target_flops, multiple):
+    """The dense MLP width (a multiple of `multiple`) whose FLOPs per token come closest to target_flops."""
+    rest = dense_flops_per_token(cfg.vocab_size, cfg.dim, cfg.n_layers, 0, cfg.max_seq_len)
+    per_unit = 6 * cfg.n_layers * 2 * cfg.dim
+    return max(multiple, round((target_flops - rest) / per_unit / multiple) * multiple)
+
+
+def load_model_config(path):
+    """ModelConfig and batch_size from a config file (its training settings are ignored)."""
+    ns = {}
+    with open(path) as f:
+        exec(builtins.compile(f.read(), path, "exec"), ns)  # `compile` is a setting here
+    cfg = ModelConfig(**{f.name: ns[f.name] for f in fields(ModelConfig) if f.name in ns})
+    return cfg, ns.get("batch_size", 8)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# timing helpers
+
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def timed(fn, n, dev):
+    """Seconds per call of fn over n calls (the device synchronised before and after, not in between)."""
+    sync(dev)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    sync(dev)
+    return (time.perf_counter() - t0) / n
+
+
+def median_ms(fn, n, dev):
+    """Median milliseconds of n single timed calls: robust to a busy machine for the short kernels."""
+    return round(1e3 * sorted(timed(fn, 1, dev) for _ in range(n))[n // 2], 3)
+
+
+def train_step(model, forward, B, T, vocab, dev, ctx):
+    """A full training step on a fixed random batch, after `warmup` untimed steps (compilation happens there).
+    Returns (step function, warm-up seconds, peak memory of the warm-up steps above what was allocated before, GB)."""
+    base = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else 0
+    groups = model.param_groups(0.1) if hasattr(model, "param_groups") else model.parameters()
+    opt = torch.optim.AdamW(groups, lr=1e-4, fused=True)
+    x = torch.randint(0, vocab, (B, T + 1), generator=torch.Generator().manual_seed(seed)).to(dev)
+    idx, targets = x[:, :-1], x[:, 1:]
+    update_bias = getattr(model, "update_expert_bias", None)
+
+    def step():
+        with ctx:
+            loss = forward(idx, targets)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if update_bias is not None:
+            update_bias(1e-3)
+
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    sync(dev)
+    mem = (torch.cuda.max_memory_allocated(dev) - base) / 1e9 if dev.type == "cuda" else None
+    return step, time.perf_counter() - t0, mem
+
+
+@torch.no_grad()
+def bench_decode(model, dev, ctx, cache_dtype):
+    """Decode tokens/s (batch 1) with the latent cache, and recomputing the full forward for every token."""
+    model.eval()
+    prompt = torch.randint(0, model.cfg.vocab_size, (1, 16), generator=torch.Generator().manual_seed(seed)).to(dev)
+    n = min(decode_tokens, model.cfg.max_seq_len - prompt.size(1))
+
+    def cached():
+        cache = model.init_cache(1, dev, cache_dtype)
+        logits, _ = model.decode(prompt, cache, 0)
+        for pos in range(prompt.size(1), prompt.size(1) + n):
+            logits, _ = model.decode(logits[:, -1:].argmax(-1), cache, pos)
+
+    def uncached():
+        idx = prompt
+        for _ in range(n):
+            idx = torch.cat([idx, model(idx)[0][:, -1:].argmax(-1)], dim=1)
+
+    with ctx:
+        cached()  # warm-up
+        t_cached = timed(cached, 2, dev)
+        t_uncached = timed(uncached, 1, dev)
+    model.train()
+    return n / t_cached, n / t_uncached
+
+
+def moe_loop(moe_layer, x, sort=False):
+    """The dispatch grouped matmuls replace, a Python loop over experts. sort=False: each expert finds its tokens
+    with torch.where (as in the official inference code); sort=True: tokens sorted by expert once and split by
+    per-expert counts (a host sync), as torchtitan's pre-grouped_mm loop."""
+    flat = x.view(-1, x.size(-1))
+    weights, indices, _ = moe_layer.gate(flat)
+    ex, E, K = moe_layer.experts, moe_layer.experts.w1.size(0), indices.size(1)
+    ffn = lambda e, xe: (F.silu(xe @ ex.w1[e].T) * (xe @ ex.w3[e].T)) @ ex.w2[e].T
+    if sort:
+        order = indices.flatten().argsort()
+        xs = flat[order // K].split(torch.bincount(indices.flatten(), minlength=E).tolist())
+        ys = torch.cat([ffn(e, xe) for e, xe in enumerate(xs)])
+        ys = torch.zeros_like(ys).index_copy(0, order, ys).view(*indices.shape, -1)
+        routed = (ys * weights.unsqueeze(-1)).sum(1)
+    else:
+        routed = torch.zeros_like(flat)
+        for e in range(E):
+            tok, slot = torch.where(indices == e)
+            routed = routed.index_add(0, tok, ffn(e, flat[tok]) * weights[tok, slot, None])
+    return (routed + moe_layer.shared_experts(flat)).view_as(x)
+
+
+def bench_moe(dev, ctx):
+    """Forward+backward ms of one MoE layer: grouped matmuls (moe_dispatch) vs the loops over experts."""
+    cfg = ModelConfig(dim=moe_dim, n_routed_experts=moe_experts, n_activated_experts=moe_topk,
+                      moe_inter_dim=moe_inter, n_shared_experts=1)
+    torch.manual_seed(seed)
+    layer = MoE(cfg).to(dev)
+    for p in layer.parameters():
+        nn.init.normal_(p, std=0.02)
+    x = torch.randn(1, moe_tokens, moe_dim, device=dev, requires_grad=True)
+    out = {}
+    for name, fn in (("grouped", lambda: layer(x)[0]), ("loop", lambda: moe_loop(layer, x)),
+                     ("sorted_loop", lambda: moe_loop(layer, x, sort=True))):
+        def step():
+            with ctx:
+                y = fn()
+            y.float().square().mean().backward()
+        step()
+        out[name] = median_ms(step, 7, dev)
+    return out
+
+
+def bench_sdpa(cfg, B, T, dev, pt):
+    """Forward+backward ms of causal attention at MLA's training shapes (heads, qk_head_dim, v_head_dim) for each
+    SDPA backend, and with v zero-padded to qk_head_dim (which makes the flash kernels eligible)."""
+    H, dqk, dv = cfg.n_heads, cfg.qk_head_dim, cfg.v_head_dim
+    g = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(B, H, T, dqk, generator=g).to(dev, pt).requires_grad_() for _ in range(2))
+    v = torch.randn(B, H, T, dv, generator=g).to(dev, pt).requires_grad_()
+    backends = {"default": None, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+    results = {}
+    for pad in (False, True):
+        if pad and dv == dqk:
+            continue
+        for name, backend in backends.items():
+            def step():
+                vv = F.pad(v, (0, dqk - dv)) if pad else v
+                o = F.scaled_dot_product_attention(q, k, vv, is_causal=True)
+                o[..., :dv].float().square().mean().backward()
+            label = name + (" (v padded)" if pad else "")
+            try:
+                with sdpa_kernel(backend) if backend is not None else nullcontext():
+                    step()
+                    results[label] = median_ms(step, 7, dev)
+            except RuntimeError:
+                results[label] = None  # this backend does not take these shapes on this device
+    return results
+
+
+# -----------------------------------------------------------------------------------------------------------------
+
+def main():
+    warnings.filterwarnings("ignore", message=".*[Ff]lash attention")  # the sdpa probe trips these on purpose
+    c = configure(config_keys(globals()), sys.argv[1:], description=__doc__.strip().split("\n\n")[0], quiet=True)
+    globals().update(c)
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench.py: error: CUDA is not available here: use --device=cpu")
+    if dtype not in DTYPES:
+        sys.exit(f"bench.py: error: --dtype must be one of {list(DTYPES)}")
+    if compile and dtype != "bfloat16":
+        sys.exit("bench.py: error: --compile needs --dtype=bfloat16 (compiled, grouped_mm accepts bf16 only)")
+    path = model_config if model_config != "auto" else (
+        "config/train_fineweb.py" if dev.type == "cuda" else "config/train_tiny.py")
+    try:
+        cfg, B = load_model_config(path)
+    except (OSError, TypeError, ValueError) as e:
+        sys.exit(f"bench.py: error: cannot read the model settings of {path}: {e}")
+    B, T = batch_size or B, cfg.max_seq_len
+    pt = DTYPES[dtype]
+    ctx = nullcontext() if pt == torch.float32 else torch.autocast(dev.type, dtype=pt)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    from train import PEAK_FLOPS
+    peak = peak_flops or next((v for k, v in PEAK_FLOPS.items()
+                               if dev.type == "cuda" and k in torch.cuda.get_device_name(dev)), 0.0)
+    machine = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"bench.py: {path}, {machine}, {dtype}, compile={compile}, batch {B} x {T}, torch {torch.__version__}",
+          flush=True)
+    res = {"model_config": path, "machine": machine, "dtype": dtype, "compile": compile, "batch_size": B,
+           "seq_len": T, "torch": torch.__version__, "peak_flops": peak or None}
+
+    torch.manual_seed(seed)
+    model = Transformer(cfg).to(dev)
+    flops, rep = model.flops_per_token(T), model.param_report()
+    fwd = torch.compile(model) if compile else model
+    runs = {"ours": train_step(model, lambda i, t: fwd(i, t)[1]["loss"], B, T, cfg.vocab_size, dev, ctx)}
+    res["ours"] = {"flops_per_token": flops, "params_total": rep["total"], "params_active": rep["active_with_mtp"]}
+    if baseline:
+        hidden = matched_mlp_hidden(cfg, flops, 64 if dev.type == "cuda" else 8)
+        torch.manual_seed(seed)
+        dense = DenseGPT(cfg.vocab_size, cfg.dim, cfg.n_layers, cfg.n_heads, hidden).to(dev)
+        runs["baseline"] = train_step(dense, torch.compile(dense) if compile else dense, B, T, cfg.vocab_size, dev, ctx)
+        res["baseline"] = {"flops_per_token": dense_flops_per_token(cfg.vocab_size, cfg.dim, cfg.n_layers, hidden, T),
+                           "mlp_hidden": hidden}
+    # rounds alternate between the models, so a machine that speeds up or slows down affects both alike
+    times = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, (step, _, _) in runs.items():
+            times[name].append(timed(step, steps, dev))
+    for name, (_, warm_s, mem) in runs.items():
+        r = res[name]
+        r.update(tok_per_s=B * T / sorted(times[name])[rounds // 2], warmup_s=warm_s, peak_mem_gb=mem)
+        r["mfu"] = r["flops_per_token"] * r["tok_per_s"] / peak if peak else None
+        extra = (f"{rep['total'] / 1e6:.1f}M params, {rep['active_with_mtp'] / 1e6:.1f}M active with MTP" if name == "ours"
+                 else f"dense GPT-2 style, MLP width {r['mlp_hidden']}")
+        print(f"{name:9s} {r['tok_per_s']:12,.0f} tok/s" + (f", MFU {100 * r['mfu']:.1f}%" if r["mfu"] else "")
+              + (f", peak memory {mem:.2f} GB" if mem else "")
+              + f"  ({r['flops_per_token'] / 1e9:.4f} GFLOP/token, {extra}; warm-up {warm_s:.1f} s)", flush=True)
+    if baseline:
+        # FLOPs differ only by the rounding of mlp_hidden; the FLOP-normalised ratio is the ratio of MFUs
+        res["ratio"] = res["ours"]["tok_per_s"] / res["baseline"]["tok_per_s"]
+        res["ratio_flop_normalised"] = res["ratio"] * flops / res["baseline"]["flops_per_token"]
+        print(f"ratio ours / baseline: {res['ratio']:.2f}x tokens/s, {res['ratio_flop_normalised']:.2f}x FLOP/s "
+              f"(median of {rounds} alternating rounds of {steps} steps)", flush=True)
+        del dense, runs
+
+    mla, mha = model.cache_bytes_per_token(2)
+    cached, uncached = bench_decode(model, dev, ctx, torch.float32 if dev.type == "cpu" else None)
+    res["decode"] = {"cached_tok_per_s": cached, "uncached_tok_per_s": uncached, "cache_bytes_per_token_bf16": mla,
+                     "mha_cache_bytes_per_token_bf16": mha}
+    print(f"decode    {cached:12,.1f} tok/s with the latent cache, {uncached:,.1f} tok/s recomputing the forward "
+          f"({cached / uncached:.1f}x); cache {mla:,} B/token in bf16 vs {mha:,} B for MHA ({mha / mla:.1f}x smaller)",
+          flush=True)
+    del model, fwd
+
+    if moe:
+        m = bench_moe(dev, ctx)
+        res["moe_layer_ms"] = m
+        print(f"moe layer fwd+bwd ({moe_tokens} tokens, dim {moe_dim}, {moe_experts} experts top-{moe_topk}): "
+              f"grouped_mm {m['grouped']:.1f} ms, loop over experts {m['loop']:.1f} ms ({m['loop'] / m['grouped']:.1f}x), "
+              f"sorted loop {m['sorted_loop']:.1f} ms ({m['sorted_loop'] / m['grouped']:.1f}x)", flush=True)
+    if sdpa:
+        s = bench_sdpa(cfg, B, T, dev, pt)
+        res["sdpa_ms"] = s
+        print("sdpa fwd+bwd (ms): " + ", ".join(f"{k} {'n/a' if v is None else v}" for k, v in s.items()))
+    if dev.type == "cpu":
+        res["max_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    if json:
+        with open(json, "w") as f:
+            json_lib.dump(res, f, indent=1)
+        print(f"wrote {json}")
+
+
+if __name__ == "__main__":
+    main()
