@@ -52,6 +52,7 @@ peak_flops = 0.0                 # for MFU; 0: look the GPU up in train.py's tab
 seed = 1337
 json = ''                        # write the results to this JSON file (--json=bench.json)
 # -----------------------------------------------------------------------------------------------------------------
+_DEFAULTS = config_keys(globals())  # main() rebinds the globals; tests call it more than once
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16}
 
 
@@ -256,9 +257,10 @@ def bench_sdpa(cfg, B, T, dev, pt):
 
 # -----------------------------------------------------------------------------------------------------------------
 
-def main():
+def main(argv=None):
     warnings.filterwarnings("ignore", message=".*[Ff]lash attention")  # the sdpa probe trips these on purpose
-    c = configure(config_keys(globals()), sys.argv[1:], description=__doc__.strip().split("\n\n")[0], quiet=True)
+    c = configure(_DEFAULTS, sys.argv[1:] if argv is None else argv, description=__doc__.strip().split("\n\n")[0],
+                  quiet=True)
     globals().update(c)
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():

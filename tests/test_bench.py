@@ -1,0 +1,66 @@
+"""bench.py: the baseline's FLOP accounting and one tiny end-to-end run (no timing is asserted: bench.py is a
+benchmark, these only keep it correct and runnable)."""
+import json
+
+import pytest
+import torch
+
+import bench
+from model import ModelConfig, MoE, Transformer
+
+TINY = dict(vocab_size=512, dim=32, n_layers=2, n_dense_layers=1, n_heads=4, inter_dim=64, moe_inter_dim=16,
+            kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=8,
+            n_shared_experts=1, n_activated_experts=2, max_seq_len=32, n_mtp=1)
+
+
+def test_dense_flops_formula_counts_the_baseline_parameters():
+    cfg = ModelConfig(**TINY)
+    hidden = 200
+    dense = bench.DenseGPT(cfg.vocab_size, cfg.dim, cfg.n_layers, cfg.n_heads, hidden)
+    matmul = sum(p.numel() for n, p in dense.named_parameters() if p.dim() == 2 and not n.startswith("embed"))
+    attn = 6 * cfg.n_layers * cfg.n_heads * 2 * (cfg.dim // cfg.n_heads) * cfg.max_seq_len
+    assert bench.dense_flops_per_token(cfg.vocab_size, cfg.dim, cfg.n_layers, hidden, cfg.max_seq_len) == 6 * matmul + attn
+
+
+def test_matched_baseline_has_our_flops_up_to_rounding():
+    cfg = ModelConfig(**TINY)
+    target = Transformer(cfg).flops_per_token()
+    for multiple in (1, 8):
+        hidden = bench.matched_mlp_hidden(cfg, target, multiple)
+        got = bench.dense_flops_per_token(cfg.vocab_size, cfg.dim, cfg.n_layers, hidden, cfg.max_seq_len)
+        assert hidden % multiple == 0
+        assert abs(got - target) <= 6 * cfg.n_layers * 2 * cfg.dim * multiple / 2
+
+
+@pytest.mark.parametrize("sort", [False, True])
+def test_moe_loops_equal_the_grouped_dispatch(sort):
+    cfg = ModelConfig(**{**TINY, "n_activated_experts": 3})
+    torch.manual_seed(0)
+    layer = MoE(cfg)
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    layer.gate.bias[0] = -100.0  # an expert with no tokens
+    x = torch.randn(2, 9, cfg.dim)
+    torch.testing.assert_close(bench.moe_loop(layer, x, sort=sort), layer(x)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_bench_runs_end_to_end(tmp_path, capsys):
+    config = tmp_path / "tiny.py"
+    config.write_text("".join(f"{k} = {v!r}\n" for k, v in TINY.items()) + "batch_size = 2\n")
+    out = tmp_path / "bench.json"
+    bench.main([f"--model_config={config}", "--device=cpu", "--warmup=1", "--steps=1", "--rounds=1",
+                "--decode_tokens=4", "--moe_tokens=64", "--moe_dim=32", "--moe_experts=4", "--moe_topk=2",
+                "--moe_inter=16", f"--json={out}"])
+    res = json.loads(out.read_text())
+    printed = capsys.readouterr().out
+    assert "ratio ours / baseline" in printed and "decode" in printed and "moe layer" in printed
+    assert res["ours"]["tok_per_s"] > 0 and res["baseline"]["tok_per_s"] > 0 and res["ratio"] > 0
+    assert res["ours"]["flops_per_token"] == Transformer(ModelConfig(**TINY)).flops_per_token()
+    assert res["decode"]["cache_bytes_per_token_bf16"] == 2 * 2 * (16 + 4)
+    assert set(res["moe_layer_ms"]) == {"grouped", "loop", "sorted_loop"}
+    assert res["sdpa_ms"]["math"] is not None and "default (v padded)" in res["sdpa_ms"]
+
+
+def test_bench_rejects_a_missing_model_config():
+    with pytest.raises(SystemExit, match="cannot read the model settings"):
+        bench.main(["--model_config=nowhere.py", "--device=cpu"])
