@@ -83,6 +83,9 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "B200": 2250e12, "
 def main():
     config = configure(config_keys(globals()), sys.argv[1:], description=__doc__)
     globals().update(config)
+    if compile and dtype != "bfloat16":
+        sys.exit("train.py: error: compile=True needs dtype='bfloat16': under torch.compile the MoE's grouped_mm "
+                 "accepts bf16 only (or set compile=False)")
     try:
         train(config)
     except DataError as e:

@@ -174,5 +174,7 @@ def test_clear_errors(tmp_path, small_shards):
     assert p.returncode == 1 and "did you mean 'learning_rate'" in p.stderr
     p = run_train(tmp_path / "x", small_shards, "--batch_size=big", check=False)
     assert p.returncode == 1 and "expects int" in p.stderr
+    p = run_train(tmp_path / "x", small_shards, "--compile=True", "--dtype=float32", check=False)
+    assert p.returncode == 1 and "needs dtype='bfloat16'" in p.stderr and "Traceback" not in p.stderr
     p = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 0 and "--bias_update_speed=0.001" in p.stdout and "--kv_lora_rank=256" in p.stdout
