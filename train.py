@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
 from configurator import configure, config_keys
 from data.fineweb import DataError, ShardReader
@@ -236,7 +237,7 @@ def train(config):
         fwd_model.eval()
         val_data.reset()  # the same val batches every time
         sums = torch.zeros(2, device=dev)
-        for _ in range(eval_iters):
+        for _ in tqdm(range(eval_iters), desc=f"val @ step {step}", unit="batch", leave=False, disable=not master):
             x, y = (t.to(dev) for t in val_data.next_batch())
             with autocast:
                 _, losses = fwd_model(x, y)
