@@ -11,6 +11,7 @@ DDP on one node (or several, with torchrun's usual --nnodes/--node_rank/--master
 Every setting below can be overridden by a config file or --key=value (see configurator.py, --help lists them).
 """
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -221,8 +222,11 @@ def train(config):
         model = torch.compile(model)
     fwd_model = model  # compiled (or not), never DDP-wrapped: eval and sampling need no gradient sync
     if ddp:
-        # broadcast_buffers=False: DDP would otherwise overwrite every rank's expert-load counters with rank 0's
-        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, broadcast_buffers=False)
+        # DDP would otherwise overwrite every rank's expert-load counters with rank 0's at each forward
+        # (forward_sync_buffers replaces the deprecated broadcast_buffers in torch 2.13+)
+        no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                          else {"broadcast_buffers": False})
+        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, **no_buffer_sync)
     all_reduce = (lambda t: dist.all_reduce(t)) if ddp else None
 
     peak = peak_flops or next((v for k, v in PEAK_FLOPS.items()
