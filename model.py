@@ -88,6 +88,11 @@ class ModelConfig:
         return cls(**d)
 
 
+# CPU SDPA has a flash kernel only for equal qk/v head dims, else it runs the O(T^2)-memory math kernel. Zero
+# columns in v give zero output columns, so padding v to the qk head dim is exact; at 96/64, T=1024 it made CPU
+# attention fwd+bwd 2.2x faster (bench.py, sdpa line). CUDA has cuDNN/efficient kernels for unequal dims.
+PAD_V_DEVICES = {"cpu"}
+
 # ----------------------------------------------------------------------------------------------
 # Norm and RoPE
 
@@ -183,10 +188,7 @@ class MLA(nn.Module):
             k = torch.cat([k_nope, k_pe.expand(-1, -1, self.n_heads, -1)], dim=-1)
             q = torch.cat([q_nope, q_pe], dim=-1)
             pad = self.nope + self.rope - self.v_dim
-            if x.device.type == "cpu" and pad > 0:
-                # CPU SDPA has a flash kernel only for equal qk/v head dims, else it runs the O(T^2)-memory math
-                # kernel. Zero columns in v give zero output columns, so padding is exact; at 96/64, T=1024 it made
-                # attention fwd+bwd 2.2x faster (bench.py, sdpa line). CUDA takes cuDNN/efficient kernels unpadded.
+            if x.device.type in PAD_V_DEVICES and pad > 0:
                 v = F.pad(v, (0, pad))
             o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                is_causal=True, scale=self.softmax_scale)

@@ -5,6 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import model
+
 from model import (ModelConfig, Transformer, MoE, MLA, Gate, RMSNorm, apply_rope, precompute_rope,
                    moe_dispatch, sequence_balance_loss, sample_probs, load_checkpoint, config_dict)
 
@@ -401,6 +403,23 @@ def test_absorbed_cached_decode_matches_full_forward(q_lora_rank):
     # the cache holds kv_lora_rank + qk_rope_head_dim numbers per token per layer, nothing else
     assert len(cache) == m.cfg.n_layers + m.cfg.n_mtp
     assert all(kv.shape[-1] + pe.shape[-1] == 16 + 4 for kv, pe in cache)
+
+
+def test_v_padding_for_sdpa_is_exact(monkeypatch):
+    """On CPU, MLA pads v to the qk head dim so SDPA can take its flash kernel; the unpadded path (CUDA's) must
+    give the same outputs and gradients."""
+    m = model_of()
+    x = torch.randint(0, 128, (2, 12))
+    out = {}
+    for pad in (True, False):
+        monkeypatch.setattr(model, "PAD_V_DEVICES", {"cpu"} if pad else set())
+        m.zero_grad()
+        logits, losses = m(x[:, :-1], x[:, 1:])
+        losses["loss"].backward()
+        out[pad] = (logits.detach(), [p.grad.clone() for p in m.parameters()])
+    torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(out[True][1], out[False][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_decode_rollback_by_start_pos():
