@@ -3,7 +3,11 @@ Benchmark nanoDeepSeek against a dense GPT-2-style baseline with the same FLOPs 
 
     python bench.py                          # CUDA: config/train_fineweb.py's model, bf16, compiled
     python bench.py --device=cpu             # CPU: config/train_tiny.py's model, fp32 (under two minutes)
-    python bench.py --model_config=config/train_fineweb.py --batch_size=8 --json=bench.json
+    python bench.py config/train_fineweb.py --batch_size=8 --json=bench.json
+
+The model settings (and batch_size, device, dtype, compile) come from a train.py config file, read by the same
+configurator as train.py (its training-only settings are skipped); without one, config/train_fineweb.py on CUDA
+and config/train_tiny.py on the CPU.
 
 Measures, after warm-up steps, on random tokens:
   train    full training steps (forward with MTP and balance loss, backward, AdamW, expert-bias update):
@@ -16,7 +20,6 @@ Measures, after warm-up steps, on random tokens:
   moe      one MoE layer's forward+backward: `moe_dispatch` (grouped matmuls) against a per-expert Python loop;
   sdpa     MLA's training attention per SDPA backend, with v padded to the qk head dim as one more option.
 """
-import builtins
 import json as json_lib
 import resource
 import sys
@@ -31,14 +34,13 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from configurator import configure, config_keys
-from model import MoE, ModelConfig, Transformer
+from model import DTYPES, MoE, ModelConfig, Transformer, autocast_context, gpu_peak_flops
 
 # -----------------------------------------------------------------------------------------------------------------
-model_config = 'auto'            # config file with the model settings and batch_size; 'auto': train_fineweb on CUDA, train_tiny on CPU
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'   # autocast dtype; compiled MoE needs bfloat16
 compile = torch.cuda.is_available()
-batch_size = 0                   # sequences per step; 0: the config file's batch_size
+batch_size = 8                   # sequences per step
 warmup = 3                       # untimed steps (compilation happens here)
 steps = 6                        # timed training steps per round
 rounds = 3                       # rounds alternate ours / baseline; tokens/s from the median round
@@ -47,12 +49,12 @@ baseline = True                  # also benchmark the dense baseline
 moe = True                       # one-MoE-layer benchmark: grouped matmuls vs a Python loop over experts
 moe_tokens, moe_dim, moe_experts, moe_topk, moe_inter = 4096, 256, 16, 4, 128
 sdpa = True                      # per-backend timing of MLA's training attention
-peak_flops = 0.0                 # for MFU; 0: look the GPU up in train.py's table
+peak_flops = 0.0                 # for MFU; 0: look the GPU up in model.PEAK_FLOPS
 seed = 1337
 json = ''                        # write the results to this JSON file (--json=bench.json)
+globals().update({f.name: f.default for f in fields(ModelConfig)})  # the model settings, as in train.py
 # -----------------------------------------------------------------------------------------------------------------
 _DEFAULTS = config_keys(globals())  # main() rebinds the globals; tests call it more than once
-DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16}
 
 
 class DenseGPT(nn.Module):
@@ -94,15 +96,6 @@ def matched_mlp_hidden(cfg, target_flops, multiple):
     rest = dense_flops_per_token(cfg.vocab_size, cfg.dim, cfg.n_layers, 0, cfg.max_seq_len)
     per_unit = 6 * cfg.n_layers * 2 * cfg.dim
     return max(multiple, round((target_flops - rest) / per_unit / multiple) * multiple)
-
-
-def load_model_config(path):
-    """ModelConfig and batch_size from a config file (its training settings are ignored)."""
-    ns = {}
-    with open(path) as f:
-        exec(builtins.compile(f.read(), path, "exec"), ns)  # `compile` is a setting here
-    cfg = ModelConfig(**{f.name: ns[f.name] for f in fields(ModelConfig) if f.name in ns})
-    return cfg, ns.get("batch_size", 8)
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -258,31 +251,30 @@ def bench_sdpa(cfg, B, T, dev, pt):
 
 def main(argv=None):
     warnings.filterwarnings("ignore", message=".*[Ff]lash attention")  # the sdpa probe trips these on purpose
-    c = configure(_DEFAULTS, sys.argv[1:] if argv is None else argv, description=__doc__.strip().split("\n\n")[0],
-                  quiet=True)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not any(not a.startswith("-") for a in argv):  # no config file: the default model for this machine
+        on_cpu = "--device=cpu" in argv or not torch.cuda.is_available()
+        argv.insert(0, "config/train_tiny.py" if on_cpu else "config/train_fineweb.py")
+    path = next(a for a in argv if not a.startswith("-"))
+    c = configure(_DEFAULTS, argv, description=__doc__.strip().split("\n\n")[0], quiet=True,
+                  skip_unknown_file_keys=True)
     globals().update(c)
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         sys.exit("bench.py: error: CUDA is not available here: use --device=cpu")
-    if dtype not in DTYPES:
-        sys.exit(f"bench.py: error: --dtype must be one of {list(DTYPES)}")
     if compile and dtype != "bfloat16":
         sys.exit("bench.py: error: --compile needs --dtype=bfloat16 (compiled, grouped_mm accepts bf16 only)")
-    path = model_config if model_config != "auto" else (
-        "config/train_fineweb.py" if dev.type == "cuda" else "config/train_tiny.py")
     try:
-        cfg, B = load_model_config(path)
-    except (OSError, TypeError, ValueError) as e:
-        sys.exit(f"bench.py: error: cannot read the model settings of {path}: {e}")
-    B, T = batch_size or B, cfg.max_seq_len
+        ctx = autocast_context(dev.type, dtype)
+        cfg = ModelConfig(**{f.name: c[f.name] for f in fields(ModelConfig)})
+    except ValueError as e:
+        sys.exit(f"bench.py: error: {e}")
+    B, T = batch_size, cfg.max_seq_len
     pt = DTYPES[dtype]
-    ctx = nullcontext() if pt == torch.float32 else torch.autocast(dev.type, dtype=pt)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    from train import PEAK_FLOPS
-    peak = peak_flops or next((v for k, v in PEAK_FLOPS.items()
-                               if dev.type == "cuda" and k in torch.cuda.get_device_name(dev)), 0.0)
+    peak = peak_flops or gpu_peak_flops(dev)
     machine = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"bench.py: {path}, {machine}, {dtype}, compile={compile}, batch {B} x {T}, torch {torch.__version__}",
           flush=True)

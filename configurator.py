@@ -69,8 +69,10 @@ def _print_help(defaults, description):
         print(f"  --{k}={v!r}  ({type(v).__name__})")
 
 
-def configure(defaults, argv, description="", quiet=False):
-    """Return a new dict: `defaults` updated by the config files and --key=value arguments in `argv`."""
+def configure(defaults, argv, description="", quiet=False, skip_unknown_file_keys=False):
+    """Return a new dict: `defaults` updated by the config files and --key=value arguments in `argv`.
+    skip_unknown_file_keys: a config file may set keys this script does not have (bench.py reads the model
+    settings of a training config and skips its training settings); --key=value stays strict."""
     if '--help' in argv or '-h' in argv:
         _print_help(defaults, description)
         raise SystemExit(0)
@@ -90,6 +92,8 @@ def configure(defaults, argv, description="", quiet=False):
                     continue  # helpers: imports, functions, classes
                 if k in config and v is config[k]:
                     continue  # untouched
+                if skip_unknown_file_keys and k not in config:
+                    continue
                 _check_key(k, config)
                 config[k] = _check_type(k, v, defaults[k])
                 log(f"Overriding: {k} = {config[k]!r}")

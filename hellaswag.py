@@ -33,13 +33,13 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from contextlib import nullcontext
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from configurator import configure, config_keys
+from data.fineweb import atomic_write
+from model import DTYPES, autocast_context
 
 # -----------------------------------------------------------------------------------------------------------
 # settings (python hellaswag.py --key=value; --help lists them)
@@ -55,7 +55,6 @@ progress = True               # tqdm bar on stderr (rank 0 only)
 
 _URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 _SHA256 = "0aa3b88843990f3f10a97b9575c94d7b71fb2205240ba04ae4884d9e9c992588"  # 12,246,618 bytes, 10,042 lines
-_DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 
 
 class HellaSwagError(Exception):
@@ -71,27 +70,26 @@ def default_data_path():
 
 
 def download(dest, url=_URL, sha256=_SHA256):
-    """Fetch url to dest atomically (dest.tmp, sha256 check, rename); a HellaSwagError naming --data_path if not."""
+    """Fetch url to dest atomically, checking its sha256 before the rename; a HellaSwagError naming --data_path
+    if that fails."""
     os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
-    tmp = f"{dest}.{os.getpid()}.tmp"
-    try:
+
+    def fetch(f):
+        digest = hashlib.sha256()
         try:
-            with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
+            with urllib.request.urlopen(url, timeout=60) as r:
                 while chunk := r.read(1 << 20):
                     f.write(chunk)
+                    digest.update(chunk)
         except (urllib.error.URLError, OSError, ValueError) as e:
             reason = getattr(e, "reason", None) or e
             raise HellaSwagError(f"cannot download HellaSwag from {url} ({type(e).__name__}: {reason}); offline, pass "
-                                 f"--data_path=/path/to/hellaswag_val.jsonl (e.g. ../shared/data/hellaswag/)") from e
-        with open(tmp, "rb") as f:
-            got = hashlib.file_digest(f, "sha256").hexdigest()
-        if sha256 and got != sha256:
-            raise HellaSwagError(f"downloaded {url} has sha256 {got[:12]}..., expected {sha256[:12]}...; "
-                                 f"retry, or pass --data_path=/path/to/hellaswag_val.jsonl")
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+                                 f"--data_path=/path/to/hellaswag_val.jsonl") from e
+        if sha256 and digest.hexdigest() != sha256:
+            raise HellaSwagError(f"downloaded {url} has sha256 {digest.hexdigest()[:12]}..., expected "
+                                 f"{sha256[:12]}...; retry, or pass --data_path=/path/to/hellaswag_val.jsonl")
+
+    atomic_write(dest, fetch)
     return dest
 
 
@@ -281,19 +279,10 @@ def evaluate(model, path, device, enc=None, limit=None, batch_size=8, progress=F
 # -----------------------------------------------------------------------------------------------------------
 # CLI
 
-def _write_json(path, obj):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def run(cfg):
-    from model import load_checkpoint
-    if cfg["dtype"] not in _DTYPES:
-        raise ValueError(f"--dtype must be one of {list(_DTYPES)}, got {cfg['dtype']!r}")
+    from checkpoint import load_model
+    if cfg["dtype"] not in DTYPES:
+        raise ValueError(f"--dtype must be one of {list(DTYPES)}, got {cfg['dtype']!r}")
     if cfg["limit"] < 0 or cfg["batch_size"] < 1:
         raise ValueError("--limit must be >= 0 (0: all items) and --batch_size >= 1")
     ddp = int(os.environ.get("RANK", -1)) != -1 and int(os.environ.get("WORLD_SIZE", 1)) > 1
@@ -308,13 +297,11 @@ def run(cfg):
         ckpt_path = cfg["out_dir"]
         if os.path.isdir(ckpt_path):
             ckpt_path = os.path.join(ckpt_path, "ckpt.pt")
-        model, ckpt = load_checkpoint(ckpt_path, dev)
-        step = ckpt.get("step")
-        del ckpt  # the optimizer state may be large
-        enc = get_tokenizer()
         dev_type = torch.device(dev).type
-        autocast = (torch.autocast(dev_type, dtype=_DTYPES[cfg["dtype"]])
-                    if dev_type == "cuda" and cfg["dtype"] != "float32" else nullcontext())
+        autocast = autocast_context(dev_type, cfg["dtype"] if dev_type == "cuda" else "float32")
+        model, ckpt = load_model(ckpt_path, dev)
+        step = ckpt.get("step")
+        enc = get_tokenizer()
         t0 = time.time()
         with autocast:
             res = evaluate(model, cfg["data_path"] or None, dev, enc=enc, limit=cfg["limit"] or None,
@@ -323,10 +310,12 @@ def run(cfg):
         if master:
             print(f"hellaswag: acc {res['acc']:.4f} acc_norm {res['acc_norm']:.4f} over {res['n']} items (step {step})")
             out = cfg["out_json"] or os.path.join(os.path.dirname(ckpt_path) or ".", "hellaswag.json")
-            _write_json(out, {**res, "step": step, "checkpoint": ckpt_path,
-                              "data_path": cfg["data_path"] or default_data_path(), "limit": cfg["limit"] or None,
-                              "dtype": cfg["dtype"] if dev_type == "cuda" else "float32", "device": dev,
-                              "seconds": round(dt, 2), "items_per_sec": round(res["n"] / max(dt, 1e-9), 2)})
+            record = {**res, "step": step, "checkpoint": ckpt_path,
+                      "data_path": cfg["data_path"] or default_data_path(), "limit": cfg["limit"] or None,
+                      "dtype": cfg["dtype"] if dev_type == "cuda" else "float32", "device": dev,
+                      "seconds": round(dt, 2), "items_per_sec": round(res["n"] / max(dt, 1e-9), 2)}
+            os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+            atomic_write(out, lambda f: f.write(json.dumps(record, indent=2) + "\n"), mode="w")
             print(f"hellaswag: {res['n'] / max(dt, 1e-9):.1f} items/s, wrote {out}", file=sys.stderr)
         return res
     finally:

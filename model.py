@@ -13,11 +13,16 @@ The DeepSeek-V3 ideas, each in one place below, named as in the paper and the of
   - Multi-Token Prediction .............. `MTPModule`, `Transformer.forward`
 """
 import math
-from dataclasses import dataclass, asdict, fields
+from contextlib import nullcontext
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+if not hasattr(F, "grouped_mm"):  # the MoE dispatch below needs it; say so now, not deep inside a forward pass
+    raise SystemExit(f"nanoDeepSeek needs torch >= 2.10 (torch.nn.functional.grouped_mm); this is torch "
+                     f"{torch.__version__}: pip install -U 'torch>=2.10'")
 
 
 @dataclass
@@ -42,10 +47,12 @@ class ModelConfig:
     n_activated_experts: int = 6
     n_expert_groups: int = 1
     n_limited_groups: int = 1
-    score_func: str = "sigmoid"      # "sigmoid" (V3) or "softmax" (V2)
+    score_func: str = "sigmoid"      # V3's sigmoid affinities (the only router here; V2's softmax rule is not)
     route_scale: float = 1.0
-    # RoPE / YaRN (YaRN is active only when max_seq_len > original_seq_len)
+    # RoPE / YaRN
     max_seq_len: int = 1024
+    yarn: bool = False               # YaRN context extension: off when pretraining (at any max_seq_len); on to
+                                     # extend a trained model from original_seq_len to max_seq_len
     original_seq_len: int = 4096
     rope_theta: float = 10000.0
     rope_factor: float = 40.0
@@ -68,8 +75,16 @@ class ModelConfig:
             (self.n_activated_experts <= self.n_limited_groups * self.n_routed_experts // self.n_expert_groups,
              "the kept groups hold fewer experts than n_activated_experts"),
             (self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim must be even (RoPE rotates pairs)"),
-            (self.score_func in ("sigmoid", "softmax"), "score_func must be 'sigmoid' or 'softmax'"),
+            (self.score_func == "sigmoid", "score_func must be 'sigmoid' (DeepSeek-V3's router; V2's softmax "
+                                           "routing with its max-score group rule is not implemented)"),
             (0 <= self.n_dense_layers <= self.n_layers, "n_dense_layers must be in [0, n_layers]"),
+            # grouped_mm needs 16-byte aligned row strides: in bf16 these widths must be multiples of 8
+            (self.dim % 8 == 0, f"dim must be a multiple of 8 (grouped_mm alignment), got {self.dim}"),
+            (self.moe_inter_dim % 8 == 0,
+             f"moe_inter_dim must be a multiple of 8 (grouped_mm alignment), got {self.moe_inter_dim}"),
+            (not self.yarn or self.max_seq_len > self.original_seq_len,
+             f"yarn=True extends original_seq_len={self.original_seq_len} to max_seq_len, so max_seq_len must be "
+             f"larger (got {self.max_seq_len})"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -89,9 +104,31 @@ class ModelConfig:
 
 
 # CPU SDPA has a flash kernel only for equal qk/v head dims, else it runs the O(T^2)-memory math kernel. Zero
-# columns in v give zero output columns, so padding v to the qk head dim is exact; at 96/64, T=1024 it made CPU
-# attention fwd+bwd 2.2x faster (bench.py, sdpa line). CUDA has cuDNN/efficient kernels for unequal dims.
+# columns in v give zero output columns, so padding v to the qk head dim is exact (and measured faster on CPU,
+# see the README). CUDA has cuDNN/efficient kernels for unequal dims.
 PAD_V_DEVICES = {"cpu"}
+
+# Mixed precision and MFU, shared by every script
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "B200": 2250e12, "A100": 312e12, "A10G": 125e12,
+              "L4": 121e12, "4090": 165e12}  # dense bf16 tensor-core peak FLOP/s, by GPU name
+
+
+def autocast_context(device_type, dtype):
+    """Forward-pass precision: autocast to 'bfloat16' / 'float16', or plain fp32 for 'float32'."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    return nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=DTYPES[dtype])
+
+
+def gpu_peak_flops(device):
+    """PEAK_FLOPS of a CUDA device, found by its name; 0.0 for the CPU or an unknown GPU (then no MFU)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 0.0
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), 0.0)
+
 
 # ----------------------------------------------------------------------------------------------
 # Norm and RoPE
@@ -109,11 +146,11 @@ class RMSNorm(nn.Module):
 
 
 def precompute_rope(cfg: ModelConfig):
-    """cos/sin tables (max_seq_len, qk_rope_head_dim/2) for the decoupled RoPE, with YaRN when the model's
-    context exceeds the pre-training context (official `precompute_freqs_cis`). Returns (cos, sin)."""
+    """cos/sin tables (max_seq_len, qk_rope_head_dim/2) for the decoupled RoPE, with YaRN when cfg.yarn is set
+    (official `precompute_freqs_cis`, which switches it on by max_seq_len > original_seq_len). Returns (cos, sin)."""
     d, base = cfg.qk_rope_head_dim, cfg.rope_theta
     freqs = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
-    if cfg.max_seq_len > cfg.original_seq_len:
+    if cfg.yarn:
         # YaRN: keep high-frequency dims, divide low-frequency dims by rope_factor, ramp in between
         def correction_dim(num_rot):
             return d * math.log(cfg.original_seq_len / (num_rot * 2 * math.pi)) / (2 * math.log(base))
@@ -165,7 +202,7 @@ class MLA(nn.Module):
         self.wkv_b = nn.Linear(cfg.kv_lora_rank, cfg.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.v_head_dim, cfg.dim, bias=False)
         self.softmax_scale = qk ** -0.5
-        if cfg.max_seq_len > cfg.original_seq_len:  # YaRN attention temperature
+        if cfg.yarn:  # YaRN attention temperature
             mscale = 0.1 * cfg.mscale * math.log(cfg.rope_factor) + 1.0
             self.softmax_scale *= mscale * mscale
 
@@ -240,7 +277,7 @@ class Gate(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.topk, self.score_func, self.route_scale = cfg.n_activated_experts, cfg.score_func, cfg.route_scale
+        self.topk, self.route_scale = cfg.n_activated_experts, cfg.route_scale
         self.n_groups, self.topk_groups = cfg.n_expert_groups, cfg.n_limited_groups
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.dim))
         self.register_buffer("bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
@@ -251,7 +288,7 @@ class Gate(nn.Module):
         """x (N, dim) -> weights (N, topk) fp32, indices (N, topk), scores (N, n_routed_experts) fp32."""
         with torch.autocast(x.device.type, enabled=False):
             logits = F.linear(x.float(), self.weight.float())
-        scores = logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(dim=-1)
+        scores = logits.sigmoid()
         biased = scores + self.bias  # selection only
         if self.n_groups > 1:
             grouped = biased.unflatten(-1, (self.n_groups, -1))             # (N, G, E/G)
@@ -261,8 +298,7 @@ class Gate(nn.Module):
             biased = grouped.masked_fill(masked.unsqueeze(-1), float("-inf")).flatten(1)
         indices = biased.topk(self.topk, dim=-1).indices
         weights = scores.gather(1, indices)
-        if self.score_func == "sigmoid":
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights * self.route_scale, indices, scores
 
 
@@ -378,7 +414,8 @@ class MTPModule(nn.Module):
 
     def forward(self, h_prev, emb, cos, sin, cache=None, start_pos=0):
         h = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))
-        return self.block(h, cos, sin, cache, start_pos)
+        # eh_proj's output is bf16 under autocast; the residual stream stays in h_prev's dtype (fp32), as the trunk's
+        return self.block(h.type_as(h_prev), cos, sin, cache, start_pos)
 
 
 class Transformer(nn.Module):
@@ -508,29 +545,6 @@ class Transformer(nn.Module):
         h, _ = module(h_prev, self.embed(idx), cos, sin, cache[self.cfg.n_layers + k], start_pos)
         return self.head(module.norm(h)), h
 
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None):
-        """Yield max_new_tokens next tokens, each a (B,) tensor, decoding with the latent cache.
-        The prompt idx (B, T) is processed in one prefill pass. Leaves weights, bias and counters untouched."""
-        B, T = idx.shape
-        if T + max_new_tokens > self.cfg.max_seq_len:
-            raise ValueError(f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-                             f"max_seq_len={self.cfg.max_seq_len}: shorten the prompt or generate fewer tokens")
-        was_training = self.training
-        self.eval()
-        cache = self.init_cache(B, dtype=torch.float32 if idx.device.type == "cpu" else None)
-        logits, _ = self.decode(idx, cache, 0)
-        pos = T
-        try:
-            for i in range(max_new_tokens):
-                nxt = sample_logits(logits[:, -1], temperature, top_k, top_p, generator)
-                yield nxt
-                if i + 1 < max_new_tokens:
-                    logits, _ = self.decode(nxt[:, None], cache, pos)
-                    pos += 1
-        finally:
-            self.train(was_training)
-
     # ---- reports --------------------------------------------------------------------------------
 
     def param_report(self):
@@ -590,64 +604,3 @@ class Transformer(nn.Module):
         decay = [p for p in self.parameters() if p.requires_grad and p.dim() >= 2]
         no_decay = [p for p in self.parameters() if p.requires_grad and p.dim() < 2]
         return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """Next tokens (B,) from logits (B, V): greedy when temperature == 0, else temperature, top-k, top-p."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    return torch.multinomial(sample_probs(logits, temperature, top_k, top_p), 1, generator=generator).squeeze(-1)
-
-
-def sample_probs(logits, temperature=1.0, top_k=None, top_p=None):
-    """The sampling distribution (B, V) after temperature, top-k and nucleus (top-p) filtering."""
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.size(-1):
-        kth = logits.topk(top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop = cum - sorted_logits.softmax(dim=-1) >= top_p  # keep the smallest prefix with mass >= top_p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return logits.softmax(dim=-1)
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoints
-
-def load_checkpoint(path, device="cpu"):
-    """Load a train.py checkpoint (out_dir/ckpt.pt or a file path). Returns (model in eval mode, checkpoint dict).
-    Raises FileNotFoundError / ValueError with a one-line message for a missing or incompatible file."""
-    import os
-    if os.path.isdir(path):
-        path = os.path.join(path, "ckpt.pt")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path}: train one first (python train.py ...) or pass --out_dir")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=False)
-    except Exception as e:
-        raise ValueError(f"cannot read checkpoint {path} ({type(e).__name__}: {e}); is it a train.py ckpt.pt?")
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
-        raise ValueError(f"{path} is not a nanoDeepSeek checkpoint (missing 'model' / 'model_config')")
-    model = Transformer(ModelConfig.from_dict(ckpt["model_config"]))
-    load_state(model, ckpt["model"], path)
-    return model.to(device).eval(), ckpt
-
-
-def load_state(model, state, source="checkpoint"):
-    """Strict state-dict load with a one-line error naming the mismatch (e.g. a checkpoint of another config)."""
-    state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in state.items()}
-    mine = model.state_dict()
-    missing = [k for k in mine if k not in state]
-    unexpected = [k for k in state if k not in mine]
-    shape = [k for k in mine if k in state and state[k].shape != mine[k].shape]
-    if missing or unexpected or shape:
-        detail = (f"{len(missing)} missing (e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}), "
-                  f"{len(shape)} with other shapes (e.g. {shape[:2]})")
-        raise ValueError(f"{source} does not fit this model config: {detail}")
-    model.load_state_dict(state)
-
-
-def config_dict(cfg: ModelConfig):
-    return asdict(cfg)

@@ -26,16 +26,16 @@ of dashes, so two runs compare with `diff`; settings, statistics and errors go t
 import codecs
 import sys
 import time
-from contextlib import nullcontext
 from functools import partial
 from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
+from checkpoint import load_model
 from configurator import configure, config_keys
 from data.fineweb import DataError, get_tokenizer
-from model import load_checkpoint, sample_logits, sample_probs
+from model import autocast_context
 
 # -----------------------------------------------------------------------------------------------------------------
 out_dir = 'out-fineweb'          # a directory holding ckpt.pt, or a checkpoint file
@@ -53,7 +53,28 @@ speculative = False              # draft with the MTP modules, verify with the m
 stats = False                    # report cache bytes per token and prefill / decode speed (stderr)
 stop_at_eot = True               # end a sample at <|endoftext|>
 # -----------------------------------------------------------------------------------------------------------------
-DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+
+
+def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """Next tokens (B,) from logits (B, V): greedy when temperature == 0, else temperature, top-k, top-p."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    return torch.multinomial(sample_probs(logits, temperature, top_k, top_p), 1, generator=generator).squeeze(-1)
+
+
+def sample_probs(logits, temperature=1.0, top_k=None, top_p=None):
+    """The sampling distribution (B, V) after temperature, top-k and nucleus (top-p) filtering."""
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cum - sorted_logits.softmax(dim=-1) >= top_p  # keep the smallest prefix with mass >= top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits.softmax(dim=-1)
+
 
 
 def accept_or_resample(p, q, draft, generator=None):
@@ -218,15 +239,14 @@ def main(argv=None):
                                     description="\n\n".join(__doc__.strip().split("\n\n")[:2]), quiet=True))
     log = partial(print, file=sys.stderr)
     try:
-        if c.dtype not in DTYPES:
-            raise ValueError(f"--dtype must be one of {list(DTYPES)}, got {c.dtype!r}")
+        ctx = autocast_context(torch.device(c.device).type, c.dtype)
         if c.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("CUDA is not available here: use --device=cpu")
         if c.compile and c.dtype != "bfloat16":
             raise ValueError("--compile needs --dtype=bfloat16: compiled, the MoE's grouped_mm accepts bf16 only")
         if c.temperature < 0 or c.max_new_tokens < 0 or c.num_samples < 1:
             raise ValueError("need temperature >= 0, max_new_tokens >= 0 and num_samples >= 1")
-        model, ckpt = load_checkpoint(c.out_dir, c.device)
+        model, ckpt = load_model(c.out_dir, c.device)
         enc = get_tokenizer()
         prompt = read_prompt(c.start)
         prompt_ids = enc.encode(prompt, allowed_special={"<|endoftext|>"}) or [enc.eot_token]
@@ -238,8 +258,6 @@ def main(argv=None):
         f"tokens, {'speculative with ' + str(model.cfg.n_mtp) + ' MTP draft(s)' if c.speculative else 'plain'} decoding")
     torch.manual_seed(c.seed)
     generator = torch.Generator(device=c.device).manual_seed(c.seed)
-    ptdtype = DTYPES[c.dtype]
-    ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(torch.device(c.device).type, dtype=ptdtype)
     if c.compile:
         model.decode = torch.compile(model.decode, dynamic=True)
         model.mtp_decode = torch.compile(model.mtp_decode, dynamic=True)
@@ -260,7 +278,7 @@ def main(argv=None):
             total = {k: total.get(k, 0) + v for k, v in st.items()}
 
     if c.stats:
-        nbytes = 4 if ptdtype == torch.float32 else 2
+        nbytes = 4 if c.dtype == "float32" else 2
         mla, mha = model.cache_bytes_per_token(nbytes)
         log(f"KV cache per token ({c.dtype}): MLA latent {mla:,} B ({model.cfg.n_layers} layers x "
             f"({model.cfg.kv_lora_rank} + {model.cfg.qk_rope_head_dim}) x {nbytes} B) vs multi-head attention "

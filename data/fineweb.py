@@ -163,20 +163,29 @@ def file_documents(path):
 # ----------------------------------------------------------------------------------------------------------------
 # the shard writer
 
+def atomic_write(path, write, mode="wb"):
+    """Write a file through write(f) to <path>.tmp, flush it to disk, then rename it over path: a file with the
+    final name is always whole, and a failed write leaves the previous file and no temp file. Every file the
+    project writes (shards, meta.json, checkpoints, results) goes through here."""
+    path = str(path)
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())  # the data must be on disk before the rename makes it look finished
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def write_shard(path, tokens):
-    """np.save to a temporary name, then rename: a file with the final name is always a complete shard."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, tokens)
-        f.flush()
-        os.fsync(f.fileno())  # the data must be on disk before the rename makes it look finished
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: np.save(f, tokens))
 
 
 def write_meta(out_dir, meta):
-    tmp = out_dir / "meta.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, out_dir / "meta.json")
+    atomic_write(out_dir / "meta.json", lambda f: f.write(json.dumps(meta, indent=2) + "\n"), mode="w")
 
 
 def parse_args(argv):

@@ -6,11 +6,10 @@ import pytest
 import torch
 
 import bench
+from conftest import TINY as _TINY
 from model import ModelConfig, MoE, Transformer
 
-TINY = dict(vocab_size=512, dim=32, n_layers=2, n_dense_layers=1, n_heads=4, inter_dim=64, moe_inter_dim=16,
-            kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=8,
-            n_shared_experts=1, n_activated_experts=2, max_seq_len=32, n_mtp=1)
+TINY = {**_TINY, "vocab_size": 512, "n_layers": 2}
 
 
 def test_dense_flops_formula_counts_the_baseline_parameters():
@@ -46,21 +45,26 @@ def test_moe_loops_equal_the_grouped_dispatch(sort):
 
 def test_bench_runs_end_to_end(tmp_path, capsys):
     config = tmp_path / "tiny.py"
-    config.write_text("".join(f"{k} = {v!r}\n" for k, v in TINY.items()) + "batch_size = 2\n")
+    # a train.py config file: bench.py takes its model settings and batch_size, and skips the training settings
+    config.write_text("".join(f"{k} = {v!r}\n" for k, v in TINY.items()) + "batch_size = 2\nlearning_rate = 1e-3\n")
     out = tmp_path / "bench.json"
-    bench.main([f"--model_config={config}", "--device=cpu", "--warmup=1", "--steps=1", "--rounds=1",
+    bench.main([str(config), "--device=cpu", "--warmup=1", "--steps=1", "--rounds=1",
                 "--decode_tokens=4", "--moe_tokens=64", "--moe_dim=32", "--moe_experts=4", "--moe_topk=2",
                 "--moe_inter=16", f"--json={out}"])
     res = json.loads(out.read_text())
     printed = capsys.readouterr().out
     assert "ratio ours / baseline" in printed and "decode" in printed and "moe layer" in printed
     assert res["ours"]["tok_per_s"] > 0 and res["baseline"]["tok_per_s"] > 0 and res["ratio"] > 0
-    assert res["ours"]["flops_per_token"] == Transformer(ModelConfig(**TINY)).flops_per_token()
+    assert res["batch_size"] == 2 and res["ours"]["flops_per_token"] == Transformer(ModelConfig(**TINY)).flops_per_token()
     assert res["decode"]["cache_bytes_per_token_bf16"] == 2 * 2 * (16 + 4)
     assert set(res["moe_layer_ms"]) == {"grouped", "loop", "sorted_loop"}
     assert res["sdpa_ms"]["math"] is not None and "default (v padded)" in res["sdpa_ms"]
 
 
-def test_bench_rejects_a_missing_model_config():
-    with pytest.raises(SystemExit, match="cannot read the model settings"):
-        bench.main(["--model_config=nowhere.py", "--device=cpu"])
+def test_bench_rejects_a_missing_or_bad_model_config(tmp_path):
+    with pytest.raises(SystemExit, match="config file not found: nowhere.py"):
+        bench.main(["nowhere.py", "--device=cpu"])
+    bad = tmp_path / "bad.py"
+    bad.write_text("dim = 36\n")
+    with pytest.raises(SystemExit, match="bench.py: error: bad ModelConfig: dim must be a multiple of 8"):
+        bench.main([str(bad), "--device=cpu"])

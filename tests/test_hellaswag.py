@@ -12,35 +12,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import hellaswag as H
-from model import ModelConfig, Transformer, config_dict
+from conftest import save_ckpt, tiny_model as _tiny
 
 
 def tiny_model(max_seq_len=128, seed=0):
-    torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=50304, dim=32, n_layers=2, n_dense_layers=1, n_heads=4, inter_dim=64,
-                      moe_inter_dim=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
-                      n_routed_experts=8, n_shared_experts=1, n_activated_experts=2, max_seq_len=max_seq_len,
-                      n_mtp=1, init_std=0.02)
-    return Transformer(cfg).eval()
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny model's matmuls are too small for intra-op threads; on a busy 2-core machine two threads can make
-    them ~1000x slower (spin-waiting), so this file runs single-threaded."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    return _tiny(seed, vocab_size=50304, n_layers=2, max_seq_len=max_seq_len).eval()
 
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
     """A random tiny checkpoint in train.py's format (max_seq_len 128: the first 50 items are <= 86 tokens)."""
-    m = tiny_model()
-    d = tmp_path_factory.mktemp("ckpt")
-    torch.save({"model": m.state_dict(), "model_config": config_dict(m.cfg), "step": 123}, d / "ckpt.pt")
-    return d
+    return save_ckpt(tmp_path_factory.mktemp("ckpt"), tiny_model(), step=123)
 
 
 @pytest.fixture
@@ -166,8 +148,8 @@ def batched_losses(model, rendered, batch_size):
 
 
 def test_batched_matches_one_ending_at_a_time(tiny_ckpt, hs_file, gpt2_enc):
-    from model import load_checkpoint
-    model, _ = load_checkpoint(str(tiny_ckpt), "cpu")
+    from checkpoint import load_model
+    model, _ = load_model(str(tiny_ckpt), "cpu")
     items = H.load_examples(str(hs_file), limit=50)
     rendered = [H.render(ex, gpt2_enc, model.cfg.max_seq_len) for ex in items]
     assert max(len(t) for r in rendered for t in r["tokens"]) <= model.cfg.max_seq_len  # no truncation here

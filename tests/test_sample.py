@@ -3,25 +3,12 @@ import pytest
 import torch
 
 import sample
-from model import ModelConfig, Transformer, config_dict, load_checkpoint
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are so small that OpenMP start-up dominates; one thread is faster and deterministic."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from checkpoint import load_model
+from conftest import save_ckpt, tiny_model
 
 
 def tiny(seed=0, **kw):
-    base = dict(vocab_size=64, dim=32, n_layers=2, n_dense_layers=1, n_heads=4, inter_dim=64, moe_inter_dim=16,
-                kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=8,
-                n_shared_experts=1, n_activated_experts=2, max_seq_len=64, n_mtp=1, init_std=0.02)
-    base.update(kw)
-    torch.manual_seed(seed)
-    return Transformer(ModelConfig(**base)).eval()
+    return tiny_model(seed, **{"vocab_size": 64, "n_layers": 2, "max_seq_len": 64, **kw}).eval()
 
 
 def prompt_of(seed, length, vocab=64):
@@ -197,17 +184,10 @@ def test_request_errors():
 # ---------------------------------------------------------------------------------------------------------------
 # command line
 
-def save_ckpt(path, **kw):
-    m = tiny(vocab_size=50304, **kw)
-    path.mkdir()
-    torch.save({"model": m.state_dict(), "model_config": config_dict(m.cfg), "step": 0}, path / "ckpt.pt")
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpts")
-    return {D: save_ckpt(root / f"mtp{D}", n_mtp=D) for D in (0, 2)}
+    return {D: str(save_ckpt(root / f"mtp{D}", tiny(vocab_size=50304, n_mtp=D), step=0)) for D in (0, 2)}
 
 
 def test_text_stream_joins_to_decode(gpt2_enc):
@@ -229,7 +209,7 @@ def test_cli_file_prompt_samples_and_stats(ckpts, tmp_path, capsys, gpt2_enc):
                  "--stop_at_eot=False"])
     out, err = capsys.readouterr()
     # stdout is exactly the samples: prompt + the tokens generate_tokens gives with the same generator
-    model, _ = load_checkpoint(ckpts[2])
+    model, _ = load_model(ckpts[2])
     g = torch.Generator().manual_seed(3)
     ids = gpt2_enc.encode(prompt)
     expected = ""
@@ -260,7 +240,7 @@ def test_cli_errors_are_one_line(case, ckpts, tmp_path, capsys, gpt2_enc):
             "bad_dtype": [f"--out_dir={ckpts[2]}", "--dtype=float8"],
             "bad_file": [f"--out_dir={ckpts[2]}", f"--start=FILE:{tmp_path / 'none.txt'}"]}[case]
     expect = {"no_mtp": "n_mtp=0", "missing": "no checkpoint", "too_long": "max_seq_len=64",
-              "bad_dtype": "--dtype", "bad_file": "prompt file"}[case]
+              "bad_dtype": "dtype must be one of", "bad_file": "prompt file"}[case]
     with pytest.raises(SystemExit) as e:
         sample.main(args + ["--max_new_tokens=10"] * (case != "too_long"))
     msg = str(e.value.code)

@@ -1,0 +1,150 @@
+"""
+Checkpoints, in one place: train.py writes them and resumes from them; sample.py, hellaswag.py, bench.py and
+export.py read them.
+
+A checkpoint (out_dir/ckpt.pt) is a dict of tensors and plain Python values only:
+  model           the raw model's state dict (expert biases included; no wrapper prefixes)
+  model_config    dataclasses.asdict(ModelConfig)
+  optimizer       the optimizer's state dict
+  config          every train.py setting of the run
+  step, tokens, best_val_loss
+  rng             torch / cuda / numpy / python RNG states, as tensors and lists (see rng_state)
+  data            one ShardReader state per DDP rank
+  ddp_fingerprints  per-rank parameter checksums (DDP runs), None otherwise
+Everything is read with torch.load(weights_only=True), which refuses pickled code: opening a ckpt.pt that
+someone else made cannot run anything. Files are read to the CPU; the caller moves what belongs on a device.
+"""
+import os
+import random
+from dataclasses import asdict
+
+import numpy as np
+import torch
+
+from data.fineweb import atomic_write
+from model import ModelConfig, Transformer
+
+
+def save_checkpoint(path, ckpt):
+    """Write atomically (temp file + rename): a crash mid-write leaves the previous checkpoint intact."""
+    atomic_write(path, lambda f: torch.save(ckpt, f))
+
+
+def load_checkpoint(path):
+    """The checkpoint dict of `path` (a ckpt.pt or a directory holding one), on the CPU, read with the safe
+    loader. FileNotFoundError / ValueError with a one-line message for a missing, unsafe or foreign file."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "ckpt.pt")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path}: train one first (python train.py ...) or pass --out_dir")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        unsafe = [ln for ln in lines if "allowed global" in ln or "Unsupported global" in ln]
+        if unsafe:  # the safe unpickler met a reference to Python code: refuse, run nothing
+            raise ValueError(f"refusing to load {path}: it holds pickled Python objects, which could run code "
+                             f"({unsafe[0][:160]}); a train.py checkpoint holds only tensors and plain values") from None
+        noise = ("Weights only", "Please file", "Check the documentation")  # torch's advice to run unsafe code
+        reason = next((ln for ln in lines if not ln.startswith(noise)), lines[0] if lines else "")
+        raise ValueError(f"cannot read checkpoint {path} ({type(e).__name__}: {reason[:200]}); is it a train.py "
+                         "ckpt.pt?") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
+        raise ValueError(f"{path} is not a nanoDeepSeek checkpoint (missing 'model' / 'model_config')")
+    return ckpt
+
+
+def load_model(path, device="cpu"):
+    """(model in eval mode on `device`, checkpoint metadata). The model is built and filled on the CPU and
+    only then moved; the optimizer state and the weights' CPU copy are dropped, so nothing else lands on the
+    device or stays in memory."""
+    ckpt = load_checkpoint(path)
+    model = Transformer(ModelConfig.from_dict(ckpt["model_config"]))
+    load_state(model, ckpt.pop("model"), path)
+    ckpt.pop("optimizer", None)
+    return model.to(device).eval(), ckpt
+
+
+def clean_state_keys(state):
+    """Drop the wrappers' prefixes from state-dict keys: DDP adds 'module.', torch.compile '_orig_mod.', in
+    either nesting order (train.py wraps the compiled model in DDP: 'module._orig_mod.')."""
+    def clean(k):
+        while k.startswith(("module.", "_orig_mod.")):
+            k = k.removeprefix("module.").removeprefix("_orig_mod.")
+        return k
+    return {clean(k): v for k, v in state.items()}
+
+
+def load_state(model, state, source="checkpoint"):
+    """Strict state-dict load with a one-line error naming the mismatch (e.g. a checkpoint of another config)."""
+    state = clean_state_keys(state)
+    mine = model.state_dict()
+    missing = [k for k in mine if k not in state]
+    unexpected = [k for k in state if k not in mine]
+    shape = [k for k in mine if k in state and state[k].shape != mine[k].shape]
+    if missing or unexpected or shape:
+        detail = (f"{len(missing)} missing (e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}), "
+                  f"{len(shape)} with other shapes (e.g. {shape[:2]})")
+        raise ValueError(f"{source} does not fit this model config: {detail}")
+    model.load_state_dict(state)
+
+
+def check_model_config(ckpt, cfg, path):
+    """ValueError naming every ModelConfig field where the checkpoint differs from `cfg`."""
+    saved = asdict(ModelConfig.from_dict(ckpt["model_config"]))  # defaults fill fields added since it was saved
+    diff = [(k, saved[k], v) for k, v in asdict(cfg).items() if saved[k] != v]
+    if diff:
+        pretty = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, a, b in diff)
+        raise ValueError(f"{path} was trained with another model config ({pretty}); resume with the same model "
+                         "settings or use another out_dir")
+
+
+def resume(path, model, optimizer, cfg, world_size):
+    """init_from='resume': check the checkpoint against this run (model config, number of processes), then
+    restore the model, the optimizer and the RNG states. The file is read to the CPU whatever device the model
+    is on: load_state_dict copies weights, and the optimizer casts its state, onto the parameters' device, and
+    the RNG states must stay CPU ByteTensors. Returns the rest (step, tokens, data-loader states, ...)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"init_from='resume' but there is no checkpoint at {path}")
+    ckpt = load_checkpoint(path)
+    check_model_config(ckpt, cfg, path)
+    if len(ckpt["data"]) != world_size:
+        raise ValueError(f"{path} was written by {len(ckpt['data'])} processes, now there are {world_size}: "
+                         "resume with the same number of processes to continue the data stream exactly")
+    load_state(model, ckpt.pop("model"), path)
+    optimizer.load_state_dict(ckpt.pop("optimizer"))
+    set_rng_state(ckpt["rng"])
+    return ckpt
+
+
+def fingerprint(model):
+    """Per-tensor float64 sums (plain and of squares) of all parameters and expert biases: equal on every
+    DDP rank iff the ranks agree (checked at each checkpoint; the DDP buffer trap would show up here)."""
+    tensors = list(model.named_parameters()) + [(n, b) for n, b in model.named_buffers() if n.endswith("gate.bias")]
+    out = []
+    for _, t in tensors:
+        t = t.detach().double()
+        out += [t.sum().item(), t.square().sum().item()]
+    return out
+
+
+# ---- RNG state, stored as tensors and plain lists so that the safe loader accepts it ------------------------
+
+def rng_state():
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
+            "python": random.getstate()}
+
+
+def set_rng_state(s):
+    """Restore rng_state(). Every state is a CPU ByteTensor or plain data, whatever device the run uses."""
+    torch.set_rng_state(s["torch"].cpu())
+    if s["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([t.cpu() for t in s["cuda"]])
+    n = s["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    version, internal, gauss = s["python"]
+    random.setstate((version, tuple(internal), gauss))

@@ -1,0 +1,149 @@
+"""checkpoint.py: safe loading, atomic saving, resume onto another device, wrapper prefixes, clear errors."""
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import checkpoint as C
+from conftest import save_ckpt, tiny_cfg, tiny_model
+
+
+def trained_state(seed=0):
+    """A model and optimizer one AdamW step into training (so the optimizer has moments to save)."""
+    m = tiny_model(seed)
+    opt = torch.optim.AdamW(m.param_groups(0.1), lr=1e-3)
+    x = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(seed))
+    m(x[:, :-1], x[:, 1:])[1]["loss"].backward()
+    opt.step()
+    return m, opt
+
+
+def full_ckpt(m, opt, **extra):
+    """What train.py writes."""
+    from dataclasses import asdict
+    return {"model": m.state_dict(), "optimizer": opt.state_dict(), "model_config": asdict(m.cfg), "config": {},
+            "step": 7, "tokens": 7 * 512, "best_val_loss": float("inf"), "rng": C.rng_state(), "data": [{"pos": 3}],
+            "ddp_fingerprints": None, **extra}
+
+
+def test_train_checkpoint_opens_with_the_safe_loader(tmp_path):
+    m, opt = trained_state()
+    C.save_checkpoint(str(tmp_path / "ckpt.pt"), full_ckpt(m, opt))
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)  # everything in it is tensors and plain data
+    assert ckpt["step"] == 7 and torch.equal(ckpt["model"]["embed.weight"], m.embed.weight)
+
+
+def test_resume_onto_another_device_restores_cpu_rng_state(tmp_path):
+    """On a GPU, a checkpoint loaded with map_location=<device> hands torch a non-CPU RNG state (TypeError). Here
+    the model lives on the 'meta' device: the file must still be read to the CPU and the RNG state restored."""
+    m, opt = trained_state()
+    torch.manual_seed(123)
+    np.random.seed(5)
+    random.seed(9)
+    state = C.rng_state()
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    path = str(tmp_path / "ckpt.pt")
+    C.save_checkpoint(path, full_ckpt(m, opt, rng=state))
+    torch.manual_seed(0)
+    np.random.seed(0)
+    random.seed(0)
+
+    meta_model = tiny_model().to("meta")
+    meta_opt = torch.optim.AdamW(meta_model.param_groups(0.1), lr=1e-3)
+    rest = C.resume(path, meta_model, meta_opt, tiny_cfg(), world_size=1)
+    assert rest["step"] == 7 and rest["data"] == [{"pos": 3}] and "model" not in rest and "optimizer" not in rest
+    moments = [t for s in meta_opt.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0]
+    assert moments and all(t.device.type == "meta" for t in moments)  # optimizer state follows the parameters
+    assert torch.equal(torch.rand(3), expected[0])  # the RNG streams continue where the checkpoint left them
+    assert np.array_equal(np.random.rand(3), expected[1]) and random.random() == expected[2]
+
+
+def test_resume_checks_config_and_world_size(tmp_path):
+    m, opt = trained_state()
+    path = str(tmp_path / "ckpt.pt")
+    C.save_checkpoint(path, full_ckpt(m, opt))
+    other = tiny_model(dim=48)
+    with pytest.raises(ValueError, match="another model config.*dim: checkpoint 32 vs now 48"):
+        C.resume(path, other, torch.optim.AdamW(other.parameters()), other.cfg, 1)
+    with pytest.raises(ValueError, match="written by 1 processes, now there are 2"):
+        C.resume(path, m, opt, m.cfg, 2)
+    with pytest.raises(FileNotFoundError, match="init_from='resume' but there is no checkpoint"):
+        C.resume(str(tmp_path / "none.pt"), m, opt, m.cfg, 1)
+
+
+def test_load_model_keeps_only_the_model_on_the_device(tmp_path, monkeypatch):
+    """sample.py / hellaswag.py: read to the CPU, move only the model, drop the optimizer moments."""
+    m, opt = trained_state()
+    C.save_checkpoint(str(tmp_path / "ckpt.pt"), full_ckpt(m, opt))
+    seen = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: seen.append(k.get("map_location")) or real_load(*a, **k))
+    model, info = C.load_model(str(tmp_path), device="meta")
+    assert seen == ["cpu"]
+    assert all(p.device.type == "meta" for p in model.parameters()) and not model.training
+    assert "optimizer" not in info and "model" not in info and info["step"] == 7
+
+
+def test_load_model_values_and_errors(tmp_path):
+    m = tiny_model()
+    save_ckpt(tmp_path, m)
+    loaded, _ = C.load_model(str(tmp_path))
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), m.state_dict().values()))
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        C.load_model(str(tmp_path / "nope"))
+    other = tiny_model(dim=48)
+    C.save_checkpoint(str(tmp_path / "bad.pt"), {"model": other.state_dict(), "model_config": __import__("dataclasses").asdict(m.cfg)})
+    with pytest.raises(ValueError, match="does not fit this model config"):
+        C.load_model(str(tmp_path / "bad.pt"))
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot read checkpoint"):
+        C.load_model(str(tmp_path / "junk.pt"))
+
+
+class _Payload:
+    """Unpickling this calls open(<marker>, 'w'): a stand-in for any code a malicious ckpt.pt could run."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_checkpoint_carrying_code_is_refused_and_nothing_runs(tmp_path):
+    marker = tmp_path / "executed"
+    m = tiny_model()
+    from dataclasses import asdict
+    torch.save({"model": m.state_dict(), "model_config": asdict(m.cfg), "extra": _Payload(str(marker))},
+               tmp_path / "ckpt.pt")
+    with pytest.raises(ValueError, match="refusing to load") as e:
+        C.load_model(str(tmp_path))
+    assert "\n" not in str(e.value)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("prefix", ["", "module.", "_orig_mod.", "module._orig_mod.", "_orig_mod.module."])
+def test_wrapper_prefixes_are_stripped(prefix):
+    """DDP adds 'module.', torch.compile '_orig_mod.'; train.py's DDP(compile(model)) gives 'module._orig_mod.'."""
+    m, fresh = tiny_model(0), tiny_model(1)
+    C.load_state(fresh, {prefix + k: v for k, v in m.state_dict().items()})
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), m.state_dict().values()))
+
+
+def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    C.save_checkpoint(path, {"step": 1, "w": torch.ones(3)})
+
+    def broken_save(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        C.save_checkpoint(path, {"step": 2, "w": torch.zeros(3)})
+    monkeypatch.undo()
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["step"] == 1 and torch.equal(ckpt["w"], torch.ones(3))
+    assert os.listdir(tmp_path) == ["ckpt.pt"]  # no half-written temp file left behind
