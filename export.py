@@ -323,6 +323,9 @@ def _save_safetensors(tensors, path, dtype, metadata=None):
             t = t.to(dtype)
         out[k] = t.contiguous().clone()  # own storage: shared views (embed/head copies for MTP) are not allowed
     save_file(out, path, metadata=metadata or {"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)  # safetensors creates the file 0600; give it the usual permissions
     return sum(t.numel() * t.element_size() for t in out.values())
 
 
