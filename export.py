@@ -49,6 +49,8 @@ Numerics against model.py (checked by tests/test_export.py, fp32, max |logit dif
   - score_func "softmax" (V2 routing) has no DeepseekV3 equivalent: --to=hf refuses it.
   - YaRN (max_seq_len > original_seq_len) becomes rope_scaling {type yarn, factor, original_max_position_
     embeddings, beta_fast, beta_slow, mscale = mscale_all_dim = our mscale}: the released config's form.
+    transformers logs a note when max_seq_len != rope_factor * original_seq_len (it checks that ratio); it then
+    uses the explicit factor, as model.py does, so the logits still match.
 
 --to=official writes the layout of DeepSeek-V3's inference/ code (our parameter names already are its names):
 model0-mp1.safetensors with experts unstacked to layers.N.ffn.experts.E.w1.weight etc., and config.json with
