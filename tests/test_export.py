@@ -1,0 +1,220 @@
+"""export.py: the Hugging Face export gives the same logits in transformers, loads without missing/unexpected
+weights, and its tokenizer encodes exactly like tiktoken; the official layout round-trips."""
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+
+import pytest
+import torch
+
+pytest.importorskip("transformers", reason="export tests need transformers (pip install -r requirements-dev.txt)")
+pytest.importorskip("safetensors", reason="export tests need safetensors (pip install -r requirements-dev.txt)")
+pytest.importorskip("tokenizers", reason="export tests need tokenizers (pip install -r requirements-dev.txt)")
+
+from safetensors.torch import load_file  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer, DeepseekV3ForCausalLM  # noqa: E402
+
+import export  # noqa: E402
+from conftest import ROOT  # noqa: E402
+from model import ModelConfig, Transformer  # noqa: E402
+
+TOL = 1e-4
+
+
+def small_cfg(**kw):
+    base = dict(vocab_size=256, dim=32, n_layers=3, n_dense_layers=1, n_heads=4, inter_dim=64, moe_inter_dim=16,
+                q_lora_rank=0, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+                n_routed_experts=8, n_shared_experts=1, n_activated_experts=2, max_seq_len=32, n_mtp=1,
+                init_std=0.02)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def random_model(seed=0, **kw):
+    """A random model whose expert biases are nonzero, so routing depends on them."""
+    torch.manual_seed(seed)
+    m = Transformer(small_cfg(**kw)).eval()
+    with torch.no_grad():
+        for g in m.gates():
+            g.bias.uniform_(-0.2, 0.2)
+    return m
+
+
+def load_hf(path):
+    """DeepseekV3ForCausalLM in fp32/eager, plus its loading info and everything transformers logged."""
+    buf = io.StringIO()
+    handler = logging.StreamHandler(buf)
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        hf, info = DeepseekV3ForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager",
+                                                         output_loading_info=True)
+    finally:
+        logger.removeHandler(handler)
+    return hf.eval(), info, buf.getvalue()
+
+
+def assert_clean_load(info, log):
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    assert "UNEXPECTED" not in log and "MISSING" not in log and "newly initialized" not in log, log
+
+
+CONFIGS = {
+    "q0_g1_mtp1": dict(),
+    "q8_g2_scale2.5_mtp1": dict(q_lora_rank=8, n_expert_groups=2, n_limited_groups=1, route_scale=2.5),
+    "q8_g2_mtp0": dict(q_lora_rank=8, n_expert_groups=2, n_limited_groups=1, n_mtp=0, n_routed_experts=16,
+                       n_activated_experts=4, n_shared_experts=2),
+    "yarn": dict(max_seq_len=32, original_seq_len=8, rope_factor=4.0, route_scale=2.5),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_hf_logits_match(tmp_path, name):
+    m = random_model(**CONFIGS[name])
+    cfg = m.cfg
+    info = export.export(cfg, m.state_dict(), tmp_path, write_tok=False)
+    hf, load_info, log = load_hf(tmp_path)
+    assert_clean_load(load_info, log)
+    conf = json.loads((tmp_path / "config.json").read_text())
+    assert conf["model_type"] == "deepseek_v3" and conf["q_lora_rank"] == (cfg.q_lora_rank or None)
+    assert (conf["rope_scaling"] is None) == (cfg.max_seq_len <= cfg.original_seq_len)
+    # per-expert names as in the released checkpoints; fp32 selection bias; MTP in its own file
+    sd = load_file(tmp_path / "model.safetensors")
+    assert "model.layers.1.mlp.experts.7.gate_proj.weight" in sd and "model.layers.1.mlp.experts.0.down_proj.weight" in sd
+    assert sd["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == torch.float32
+    assert not any(k.startswith(f"model.layers.{cfg.n_layers}.") for k in sd)
+    assert info["mtp"] == ("separate" if cfg.n_mtp else None)
+    assert (tmp_path / "mtp.safetensors").exists() == bool(cfg.n_mtp)
+    assert conf["num_nextn_predict_layers"] == cfg.n_mtp
+    torch.manual_seed(1)
+    idx = torch.randint(0, cfg.vocab_size, (2, cfg.max_seq_len))
+    with torch.no_grad():
+        ours = m(idx)[0]
+        theirs = hf(idx).logits
+    diff = (ours - theirs).abs().max().item()
+    print(f"\n{name}: max |logit diff| = {diff:.3g}")
+    assert diff <= TOL, diff
+
+
+def test_mtp_layers_follow_released_layout(tmp_path):
+    m = random_model(q_lora_rank=8, n_mtp=2)
+    export.export(m.cfg, m.state_dict(), tmp_path, write_tok=False)
+    mtp = load_file(tmp_path / "mtp.safetensors")
+    ours = m.state_dict()
+    for k in range(2):
+        p = f"model.layers.{3 + k}"
+        assert torch.equal(mtp[f"{p}.enorm.weight"], ours[f"mtp.{k}.enorm.weight"])
+        assert torch.equal(mtp[f"{p}.eh_proj.weight"], ours[f"mtp.{k}.eh_proj.weight"])
+        assert torch.equal(mtp[f"{p}.shared_head.norm.weight"], ours[f"mtp.{k}.norm.weight"])
+        assert torch.equal(mtp[f"{p}.shared_head.head.weight"], ours["head.weight"])
+        assert torch.equal(mtp[f"{p}.embed_tokens.weight"], ours["embed.weight"])
+        assert torch.equal(mtp[f"{p}.self_attn.q_b_proj.weight"], ours[f"mtp.{k}.block.attn.wq_b.weight"])
+        assert torch.equal(mtp[f"{p}.mlp.experts.5.up_proj.weight"], ours[f"mtp.{k}.block.ffn.experts.w3"][5])
+    # --mtp=True puts them into model.safetensors (transformers then reports them as unexpected: documented)
+    export.export(m.cfg, m.state_dict(), tmp_path / "inline", mtp="True", write_tok=False)
+    assert "model.layers.4.hnorm.weight" in load_file(tmp_path / "inline" / "model.safetensors")
+    export.export(m.cfg, m.state_dict(), tmp_path / "none", mtp="False", write_tok=False)
+    assert not (tmp_path / "none" / "mtp.safetensors").exists()
+    assert json.loads((tmp_path / "none" / "config.json").read_text())["num_nextn_predict_layers"] == 0
+
+
+def test_official_layout_round_trips(tmp_path):
+    m = random_model(q_lora_rank=8, n_expert_groups=2, n_limited_groups=1)
+    export.export(m.cfg, m.state_dict(), tmp_path, to="official", dtype="bfloat16")
+    sd = load_file(tmp_path / "model0-mp1.safetensors")
+    conf = json.loads((tmp_path / "config.json").read_text())
+    assert conf["n_limited_groups"] == 1 and conf["q_lora_rank"] == 8 and conf["score_func"] == "sigmoid"
+    assert "layers.2.ffn.experts.7.w2.weight" in sd and not any(k.startswith("mtp.") for k in sd)
+    assert sd["layers.1.ffn.gate.bias"].dtype == torch.float32 and sd["embed.weight"].dtype == torch.bfloat16
+    # restack and load back into our model: every non-MTP tensor survives (to bf16)
+    back = {}
+    for k, v in sd.items():
+        if ".ffn.experts." in k:
+            stem, e, w, _ = k.rsplit(".", 3)
+            back.setdefault(f"{stem}.{w}", {})[int(e)] = v
+        else:
+            back[k] = v
+    back = {k: torch.stack([v[e] for e in sorted(v)]) if isinstance(v, dict) else v for k, v in back.items()}
+    ours = {k: v for k, v in m.state_dict().items() if not k.startswith("mtp.")}
+    assert set(back) == set(ours)
+    for k, v in ours.items():
+        assert torch.equal(back[k].float(), v.to(back[k].dtype).float()), k
+
+
+def test_softmax_routing_is_refused(tmp_path):
+    m = random_model(score_func="softmax")
+    with pytest.raises(export.ExportError, match="sigmoid"):
+        export.export(m.cfg, m.state_dict(), tmp_path, write_tok=False)
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(tmp_path_factory, gpt2_enc):
+    d = tmp_path_factory.mktemp("tok")
+    export.write_tokenizer(gpt2_enc, d, 1024)
+    return AutoTokenizer.from_pretrained(d)
+
+
+TEXTS = ["Hello world", "The mitochondria is the powerhouse of the cell.", "  leading and trailing   ",
+         "def f(x):\n    return x ** 2  # square\n\tindented\n", "3.14159, 12345678 and 1,000,000!",
+         "I'm sure you're right; they'll see we've won, he'd say.", "héllo wörld, naïve café", "日本語のテキスト、中文文本",
+         "emoji 🤖🚀 👍🏽 done", "a\n\n\nb   \n  c\r\nd", "\u00a0non-breaking\u200bzero-width", "", " ", "\n"]
+
+
+def test_tokenizer_matches_tiktoken(hf_tokenizer, gpt2_enc):
+    tok = hf_tokenizer
+    assert tok.bos_token == tok.eos_token == tok.unk_token == "<|endoftext|>" and tok.eos_token_id == 50256
+    assert len(tok) == gpt2_enc.n_vocab == 50257
+    for text in TEXTS:
+        ids = tok.encode(text, add_special_tokens=True)
+        assert ids == gpt2_enc.encode_ordinary(text), text
+        assert tok.decode(ids) == text
+    mixed = "<|endoftext|>a new document<|endoftext|>"
+    assert tok.encode(mixed) == gpt2_enc.encode(mixed, allowed_special="all")
+
+
+def test_tokenizer_on_real_text(hf_tokenizer, gpt2_enc, shared_data):
+    import csv
+    csv.field_size_limit(2**31 - 1)
+    with open(shared_data / "fineweb_edu_sample/training_data.csv", newline="") as f:
+        docs = [row["text"] for _, row in zip(range(40), csv.DictReader(f))]
+    for doc in docs:
+        assert hf_tokenizer.encode(doc) == gpt2_enc.encode_ordinary(doc)
+
+
+def test_cli_exports_a_train_checkpoint(tmp_path, gpt2_enc):
+    """A checkpoint saved as train.py saves it -> `python export.py` -> AutoModelForCausalLM + AutoTokenizer
+    load it offline and greedy generation gives our model's tokens."""
+    torch.manual_seed(0)
+    cfg = small_cfg(vocab_size=50304, max_seq_len=64)
+    m = Transformer(cfg)
+    for g in m.gates():
+        g.bias.uniform_(-0.05, 0.05)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    torch.save({"model": m.state_dict(), "optimizer": {}, "model_config": asdict(cfg), "step": 2, "tokens": 1024},
+               run_dir / "ckpt.pt")
+    hf_dir = tmp_path / "hf"
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    p = subprocess.run([sys.executable, "export.py", f"--out_dir={run_dir}", f"--hf_dir={hf_dir}"], cwd=ROOT,
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "exported" in p.stderr
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    prompt = tok("The mitochondria is", return_tensors="pt")
+    out = hf.generate(**prompt, max_new_tokens=8, do_sample=False, pad_token_id=tok.eos_token_id)
+    m.eval()
+    ours = torch.stack(list(m.generate(prompt["input_ids"], 8, temperature=0)), dim=1)
+    assert out[0, prompt["input_ids"].shape[1]:].tolist() == ours[0].tolist()
+    assert isinstance(tok.decode(out[0]), str)
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    p = subprocess.run([sys.executable, "export.py", f"--out_dir={tmp_path / 'nothing'}", f"--hf_dir={tmp_path / 'x'}"],
+                       cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=120)
+    assert p.returncode == 1 and p.stderr.strip().startswith("export error: no checkpoint at")
+    assert len(p.stderr.strip().splitlines()) == 1
