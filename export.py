@@ -46,8 +46,7 @@ Numerics against model.py (checked by tests/test_export.py, fp32, max |logit dif
     transformers 5.x. Some earlier transformers versions (and the V2/V3 remote code) masked the dropped groups
     with 0.0 instead of -inf; that picks a different expert only when a kept group's biased score
     (sigmoid + bias) is below 0, i.e. when an expert's bias has drifted below -1 (n_expert_groups > 1 only).
-  - score_func "softmax" (V2 routing) has no DeepseekV3 equivalent: --to=hf refuses it.
-  - YaRN (max_seq_len > original_seq_len) becomes rope_scaling {type yarn, factor, original_max_position_
+  - YaRN (yarn=True) becomes rope_scaling {type yarn, factor, original_max_position_
     embeddings, beta_fast, beta_slow, mscale = mscale_all_dim = our mscale}: the released config's form.
     transformers logs a note when max_seq_len != rope_factor * original_seq_len (it checks that ratio); it then
     uses the explicit factor, as model.py does, so the logits still match.
@@ -65,7 +64,10 @@ import time
 
 import torch
 
+from checkpoint import load_model
 from configurator import configure, config_keys
+from data.fineweb import DataError
+from model import DTYPES
 
 # -----------------------------------------------------------------------------------------------------------------
 out_dir = 'out-fineweb'          # a train.py out_dir holding ckpt.pt, or a checkpoint file
@@ -76,7 +78,6 @@ mtp = 'auto'                     # auto | True | False: where to write the MTP m
 tokenizer = True                 # write the tokenizer files (--to=hf)
 # -----------------------------------------------------------------------------------------------------------------
 _SETTINGS = config_keys(globals())
-DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 EOT = "<|endoftext|>"
 EOT_ID = 50256
 # the fields of the official inference/model.py ModelArgs that describe the network
@@ -97,11 +98,6 @@ def _require(module, pip_name):
     except ImportError:
         raise ExportError(f"export needs the {pip_name} package: pip install {pip_name} "
                           "(or pip install -r requirements-dev.txt)") from None
-
-
-def uses_yarn(cfg):
-    """model.py enables YaRN exactly when the context exceeds the pre-training context."""
-    return cfg.max_seq_len > cfg.original_seq_len
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -139,7 +135,7 @@ def _block_to_hf(sd, src, dst, cfg, dense):
 
 def hf_state_dict(state, cfg, with_mtp=True):
     """Our state dict -> {HF name: tensor} (views; nothing is copied here)."""
-    sd = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in state.items()}
+    sd = state
     out = {"model.embed_tokens.weight": sd["embed.weight"]}
     for i in range(cfg.n_layers):
         out.update(_block_to_hf(sd, f"layers.{i}", f"model.layers.{i}", cfg, i < cfg.n_dense_layers))
@@ -162,7 +158,7 @@ def hf_config(cfg, torch_dtype="float32"):
     """config.json for transformers' DeepseekV3Config (the released DeepSeek-V3 config's field names)."""
     eot = EOT_ID if EOT_ID < cfg.vocab_size else None  # a toy vocabulary (tests) has no <|endoftext|> row
     rope_scaling = None
-    if uses_yarn(cfg):
+    if cfg.yarn:
         rope_scaling = {"type": "yarn", "rope_type": "yarn", "factor": cfg.rope_factor,
                         "original_max_position_embeddings": cfg.original_seq_len, "beta_fast": cfg.beta_fast,
                         "beta_slow": cfg.beta_slow, "mscale": cfg.mscale, "mscale_all_dim": cfg.mscale}
@@ -286,7 +282,6 @@ def official_state_dict(state, cfg):
     layers.N.ffn.experts.E.w{1,2,3}.weight, MTP modules dropped (that code has none)."""
     out = {}
     for k, v in state.items():
-        k = k.removeprefix("_orig_mod.").removeprefix("module.")
         if k.startswith("mtp."):
             continue
         if ".ffn.experts.w" in k:
@@ -355,9 +350,6 @@ def export(model_cfg, state, dest, to="hf", dtype="float32", mtp="auto", enc=Non
     os.makedirs(dest, exist_ok=True)
     with_mtp = resolve_mtp(mtp, model_cfg, to)
     if to == "hf":
-        if model_cfg.score_func != "sigmoid":
-            raise ExportError(f"score_func={model_cfg.score_func!r}: transformers' DeepseekV3 routes with sigmoid "
-                              "scores only; use --to=official for softmax routing")
         cfg_json = hf_config(model_cfg, dtype)
         if with_mtp is None:
             cfg_json["num_nextn_predict_layers"] = 0
@@ -389,11 +381,7 @@ def export(model_cfg, state, dest, to="hf", dtype="float32", mtp="auto", enc=Non
 
 
 def load(path):
-    """(model config, state dict) of a train.py checkpoint; model.py's loader validates it."""
-    try:
-        from checkpoint import load_model  # the lead's refactor; same semantics as model.load_checkpoint
-    except ImportError:
-        from model import load_checkpoint as load_model
+    """(model config, state dict) of a train.py checkpoint, validated by checkpoint.load_model."""
     model, _ = load_model(path, device="cpu")
     return model.cfg, model.state_dict()
 
@@ -410,12 +398,8 @@ def main(argv=None):
         model_cfg, state = load(cfg["out_dir"])
         info = export(model_cfg, state, cfg["hf_dir"], to=cfg["to"], dtype=cfg["dtype"], mtp=cfg["mtp"],
                       write_tok=cfg["tokenizer"])
-    except (ExportError, FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"export error: {e}")
-    except Exception as e:
-        if type(e).__name__ == "DataError":  # the tokenizer could not be loaded: already a one-line message
-            raise SystemExit(f"export error: {e}")
-        raise
+    except (ExportError, FileNotFoundError, ValueError, DataError) as e:
+        sys.exit(f"export.py: error: {e}")
     dt = time.time() - t0
     print(f"exported {cfg['out_dir']} -> {cfg['hf_dir']} ({cfg['to']}, {cfg['dtype']}): {info['tensors']} tensors, "
           f"{info['bytes'] / 2**20:.1f} MiB of weights, folder {folder_bytes(cfg['hf_dir']) / 2**20:.1f} MiB, "
