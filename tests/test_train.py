@@ -188,11 +188,15 @@ def test_help_lists_every_setting():
 
 
 NAN_ON_RANK_1 = """
-# Run train.py with the training loss of rank 1 (only) made NaN from its third forward on.
+# Run train.py with the training loss of rank 1 (only) made NaN from its third forward on. Each rank writes the
+# message it stops with to rank<R>.txt and waits for the other at a barrier, so that torchrun (which kills the
+# other workers once one exits) cannot cut a rank off before it has reported.
 import os, runpy, sys
 sys.path.insert(0, os.getcwd())
 import model
-if os.environ["RANK"] == "1":
+import torch.distributed as dist
+rank = os.environ["RANK"]
+if rank == "1":
     forward, calls = model.Transformer.forward, []
     def poisoned(self, idx, targets=None, mtp_lambda=None):
         logits, losses = forward(self, idx, targets, mtp_lambda)
@@ -203,7 +207,13 @@ if os.environ["RANK"] == "1":
         return logits, losses
     model.Transformer.forward = poisoned
 sys.argv = ["train.py"] + sys.argv[1:]
-runpy.run_path("train.py", run_name="__main__")
+try:
+    runpy.run_path("train.py", run_name="__main__")
+except SystemExit as e:
+    with open(os.path.join(os.environ["REPORT_DIR"], f"rank{rank}.txt"), "w") as f:
+        f.write(str(e.code))
+    dist.barrier()
+    raise
 """
 
 
@@ -214,10 +224,10 @@ def test_non_finite_loss_on_one_ddp_rank_stops_every_rank(tmp_path, small_shards
     script.write_text(NAN_ON_RANK_1)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), *TINY,
            f"--out_dir={tmp_path / 'out'}", f"--data_dir={small_shards}", "--max_iters=10", "--eval_interval=100"]
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
-                       timeout=300)
+    env = dict(os.environ, OMP_NUM_THREADS="1", REPORT_DIR=str(tmp_path))
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=150)  # a hang fails
     assert p.returncode != 0
-    stops = [line for line in p.stderr.splitlines() if "non-finite loss at step" in line]
-    assert len(stops) == 2 and len(set(stops)) == 1 and "non-finite loss at step 2;" in stops[0], p.stderr[-2000:]
-    assert "[rank0]: Traceback" not in p.stderr and "[rank1]: Traceback" not in p.stderr
+    assert "[rank0]: Traceback" not in p.stderr and "[rank1]: Traceback" not in p.stderr, p.stderr[-2000:]
+    stops = [(tmp_path / f"rank{r}.txt").read_text() if (tmp_path / f"rank{r}.txt").exists() else None for r in (0, 1)]
+    assert stops[0] == stops[1] and "train.py: error: non-finite loss at step 2;" in stops[0], stops
     assert not (tmp_path / "out" / "ckpt.pt").exists()
