@@ -3,6 +3,7 @@ DDP, the learning-rate schedules, a NaN on one rank stopping every rank, clear e
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 
@@ -225,9 +226,16 @@ def test_non_finite_loss_on_one_ddp_rank_stops_every_rank(tmp_path, small_shards
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), *TINY,
            f"--out_dir={tmp_path / 'out'}", f"--data_dir={small_shards}", "--max_iters=10", "--eval_interval=100"]
     env = dict(os.environ, OMP_NUM_THREADS="1", REPORT_DIR=str(tmp_path))
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=150)  # a hang fails
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                         start_new_session=True)
+    try:
+        _, stderr = p.communicate(timeout=150)
+    except subprocess.TimeoutExpired:  # the ranks hang: kill the whole group, workers included
+        os.killpg(p.pid, signal.SIGKILL)
+        p.communicate()
+        pytest.fail("the DDP run hung after a NaN on one rank")
     assert p.returncode != 0
-    assert "[rank0]: Traceback" not in p.stderr and "[rank1]: Traceback" not in p.stderr, p.stderr[-2000:]
+    assert "[rank0]: Traceback" not in stderr and "[rank1]: Traceback" not in stderr, stderr[-2000:]
     stops = [(tmp_path / f"rank{r}.txt").read_text() if (tmp_path / f"rank{r}.txt").exists() else None for r in (0, 1)]
     assert stops[0] == stops[1] and "train.py: error: non-finite loss at step 2;" in stops[0], stops
     assert not (tmp_path / "out" / "ckpt.pt").exists()
