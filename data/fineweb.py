@@ -7,11 +7,12 @@
         --shard_size 20000                                   # the bundled 150-document sample (what
                                                              # prepare_sample() and config/train_tiny.py use)
 
-Every document is tokenized with GPT-2's BPE (tiktoken, loaded from the bundled data/gpt2.tiktoken.gz: nothing is
-downloaded) and preceded by <|endoftext|> (50256), as in build-nanogpt. Tokens go into uint16 shards of --shard_size tokens, saved with np.save (so each file says its
-own dtype and length): <prefix>_val_000000.npy first, then <prefix>_train_000001.npy, ... A document may run
-across a shard boundary; the last, partial shard is written too. meta.json in --out_dir records the tokenizer,
-vocab size, eot id, dtype, the shards (file, split, tokens) and the source.
+Every document is tokenized with GPT-2's BPE (tiktoken, built from the bundled data/gpt2.tiktoken.gz: nothing is
+downloaded) and preceded by <|endoftext|> (50256), as in build-nanogpt. Tokens go into uint16 shards of
+--shard_size tokens, saved with np.save (so each file says its own dtype and length): <prefix>_val_000000.npy
+first, then <prefix>_train_000001.npy, ... A document may run across a shard boundary; the last, partial shard
+is written too. meta.json in --out_dir records the tokenizer, vocab size, eot id, dtype, the shards (file,
+split, tokens) and the source.
 
 Local files (--input; a directory stands for its supported files, recursively, in sorted order):
   .parquet, .jsonl, .json (JSON lines, or one JSON array of objects) -> the `text` field of each record,
@@ -130,8 +131,10 @@ def hub_offline_reason():
             return f"{var}={os.environ[var]} is set"
     proxy = next((os.environ[v] for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
                   if os.environ.get(v)), None)
-    url = urllib.parse.urlsplit(proxy if proxy and "://" in proxy else
-                                f"http://{proxy}" if proxy else os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    if proxy:
+        url = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    else:
+        url = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
     host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
     result = []
 
