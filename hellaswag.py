@@ -84,7 +84,7 @@ def download(dest, url=_URL, sha256=_SHA256):
         except (urllib.error.URLError, OSError, ValueError) as e:
             reason = getattr(e, "reason", None) or e
             raise HellaSwagError(f"cannot download HellaSwag from {url} ({type(e).__name__}: {reason}); offline, pass "
-                                 f"--data_path=/path/to/hellaswag_val.jsonl") from e
+                                 "--data_path=/path/to/hellaswag_val.jsonl (fetched on an online machine)") from e
         if sha256 and digest.hexdigest() != sha256:
             raise HellaSwagError(f"downloaded {url} has sha256 {digest.hexdigest()[:12]}..., expected "
                                  f"{sha256[:12]}...; retry, or pass --data_path=/path/to/hellaswag_val.jsonl")
@@ -154,23 +154,12 @@ def load_examples(path=None, limit=None):
 
 
 def get_tokenizer():
-    """GPT-2 BPE (tiktoken): data/fineweb.py's loader, with a local fallback; HellaSwagError if unavailable."""
+    """GPT-2 BPE: data/fineweb.py's loader (the bundled tokenizer file, no network); HellaSwagError if it fails."""
+    from data.fineweb import DataError, get_tokenizer as bundled
     try:
-        from data.fineweb import get_tokenizer as loader
-    except ImportError:
-        loader = None
-    if loader is not None:
-        try:
-            return loader()
-        except Exception as e:  # data.fineweb.DataError: already one line, with the TIKTOKEN_CACHE_DIR hint
-            raise HellaSwagError(str(e)) from None
-    try:
-        import tiktoken
-        return tiktoken.get_encoding("gpt2")
-    except Exception as e:  # offline without cached BPE files tiktoken fails in many ways; keep it one line
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise HellaSwagError(f"cannot load the GPT-2 tokenizer: {msg} (offline, set TIKTOKEN_CACHE_DIR to a folder "
-                             "with its cached BPE files, e.g. ../shared/data/tiktoken_cache)") from None
+        return bundled()
+    except DataError as e:  # already one line, saying what to do
+        raise HellaSwagError(str(e)) from None
 
 
 # -----------------------------------------------------------------------------------------------------------

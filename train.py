@@ -126,6 +126,12 @@ grad_accum = total_batch_size // tokens_per_micro
 log(f"tokens per step: {total_batch_size:,} = {batch_size} x {cfg.max_seq_len} x {world} processes x "
     f"{grad_accum} accumulation steps")
 try:
+    from data.fineweb import SAMPLE_DIR, prepare_sample  # the bundled sample (config/train_tiny.py): made on first use
+    if os.path.realpath(data_dir) == str(SAMPLE_DIR) and not (SAMPLE_DIR / "meta.json").exists():
+        if master:
+            prepare_sample(SAMPLE_DIR)
+        if ddp:
+            dist.barrier()
     train_data = ShardReader(data_dir, "train", batch_size, cfg.max_seq_len, rank, world, seed, cfg.vocab_size)
     val_data = ShardReader(data_dir, "val", batch_size, cfg.max_seq_len, rank, world, seed, cfg.vocab_size,
                            shuffle=False)

@@ -1,9 +1,10 @@
-# CPU smoke run: a few minutes on 2 cores. Prepare a small slice first, e.g.
-#   python data/fineweb.py --input ../shared/data/fineweb_edu_sample/training_data.csv --out_dir data/tiny --shard_size 20000
+# CPU smoke run: a few minutes on 2 cores, offline, nothing to prepare:
 #   python train.py config/train_tiny.py
+# data_dir is the bundled 150-document FineWeb-Edu sample (data/fineweb_edu_sample.jsonl.gz); train.py tokenizes
+# it into data/fineweb_edu_sample/ on first use (1 val + 4 train shards of 20,000 tokens, about a second).
 # Same architecture as train_fineweb.py, shrunk: ~0.4M non-embedding parameters (+2 x 3.2M embedding/head).
 out_dir = 'out-tiny'
-data_dir = 'data/tiny'
+data_dir = 'data/fineweb_edu_sample'
 device = 'cpu'
 dtype = 'float32'
 compile = False

@@ -3,17 +3,25 @@
     python data/fineweb.py                                  # HuggingFaceFW/fineweb-edu, subset sample-10BT
     python data/fineweb.py --subset sample-100BT            # another subset
     python data/fineweb.py --input corpus/ more.jsonl --out_dir data/mycorpus   # local files, offline
+    python data/fineweb.py --input data/fineweb_edu_sample.jsonl.gz --out_dir data/fineweb_edu_sample \
+        --shard_size 20000                                   # the bundled 150-document sample (what
+                                                             # prepare_sample() and config/train_tiny.py use)
 
-Every document is tokenized with tiktoken's GPT-2 BPE and preceded by <|endoftext|> (50256), as in
-build-nanogpt. Tokens go into uint16 shards of --shard_size tokens, saved with np.save (so each file says its
-own dtype and length): <prefix>_val_000000.npy first, then <prefix>_train_000001.npy, ... A document may run
-across a shard boundary; the last, partial shard is written too. meta.json in --out_dir records the tokenizer,
-vocab size, eot id, dtype, the shards (file, split, tokens) and the source.
+Every document is tokenized with GPT-2's BPE (tiktoken, built from the bundled data/gpt2.tiktoken.gz: nothing is
+downloaded) and preceded by <|endoftext|> (50256), as in build-nanogpt. Tokens go into uint16 shards of
+--shard_size tokens, saved with np.save (so each file says its own dtype and length): <prefix>_val_000000.npy
+first, then <prefix>_train_000001.npy, ... A document may run across a shard boundary; the last, partial shard
+is written too. meta.json in --out_dir records the tokenizer, vocab size, eot id, dtype, the shards (file,
+split, tokens) and the source.
 
 Local files (--input; a directory stands for its supported files, recursively, in sorted order):
   .parquet, .jsonl, .json (JSON lines, or one JSON array of objects) -> the `text` field of each record,
   .csv -> the `text` column of each row,
   .txt -> one document per block of lines; blocks are separated by one or more blank (or whitespace-only) lines.
+  .jsonl.gz, .json.gz, .csv.gz, .txt.gz -> the same, gzip-compressed.
+
+Offline: the Hub path checks first that the Hub can be reached (at once if HF_HUB_OFFLINE or HF_DATASETS_OFFLINE
+is set, else a 2 s connection test) and stops with a one-line error pointing to --input if not.
 
 Resuming: each shard is written to <name>.tmp and renamed when whole, then meta.json (also written atomically)
 records how many documents are in the finished shards. Rerunning the same command skips those documents
@@ -25,14 +33,21 @@ seq_len + 1 tokens at stride seq_len (x = w[:-1], y = w[1:], so the x parts neve
 crosses a shard boundary, so up to seq_len tokens at the end of each shard are unused.
 """
 import argparse
+import base64
+import binascii
 import contextlib
 import csv
+import functools
+import gzip
 import itertools
 import json
 import multiprocessing
 import os
+import socket
 import sys
+import threading
 import time
+import urllib.parse
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +55,21 @@ from tqdm import tqdm
 
 HUB_DATASET = "HuggingFaceFW/fineweb-edu"
 INPUT_SUFFIXES = (".parquet", ".jsonl", ".json", ".csv", ".txt")
-DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "fineweb_edu"
+GZ_SUFFIXES = (".jsonl", ".json", ".csv", ".txt")  # these may also come gzip-compressed, as NAME.jsonl.gz etc.
+HERE = Path(__file__).resolve().parent
+DEFAULT_OUT_DIR = HERE / "fineweb_edu"
+
+# files that ship with the repository (data/README.md: source, licence, how to regenerate them)
+TOKENIZER_FILE = HERE / "gpt2.tiktoken.gz"             # GPT-2's BPE ranks in tiktoken's format, gzipped
+SAMPLE_FILE = HERE / "fineweb_edu_sample.jsonl.gz"     # 150 FineWeb-Edu documents (ODC-By 1.0)
+SAMPLE_DIR = HERE / "fineweb_edu_sample"               # where prepare_sample() puts its shards (git-ignored)
+SAMPLE_SHARD_SIZE = 20000                              # ~89k tokens -> 1 val + 4 train shards
+
+# GPT-2's pre-tokenizer regex, in the form tiktoken uses for its "gpt2" encoding (same splits, faster)
+GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+GPT2_N_MERGEABLE = 50256  # byte tokens + merges; <|endoftext|> is 50256
+REGENERATE = ("restore it (git checkout -- data/gpt2.tiktoken.gz) or rebuild it from GPT-2's vocab.bpe and "
+              "encoder.json (python data/make_bundle.py --gpt2_dir DIR)")
 
 
 class DataError(Exception):
@@ -53,16 +82,31 @@ def first_line(error):
     return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
-def get_tokenizer():
-    """tiktoken's GPT-2 encoding (vocab 50257, eot 50256); a DataError if its BPE files cannot be loaded."""
+@functools.lru_cache(maxsize=None)
+def get_tokenizer(path=TOKENIZER_FILE):
+    """GPT-2's BPE as a tiktoken Encoding (vocab 50257, eot 50256), built from the bundled gpt2.tiktoken.gz: no
+    network, no cache dir; the same ids as tiktoken.get_encoding("gpt2"). Loaded once per process (~0.1 s).
+    A DataError (one line) if tiktoken is missing or the file is missing or corrupt."""
     try:
         import tiktoken
-        return tiktoken.get_encoding("gpt2")
     except ImportError as e:
         raise DataError("the tiktoken package is missing: pip install tiktoken") from e
-    except Exception as e:  # tiktoken downloads its BPE files on first use; offline that fails in many ways
-        raise DataError(f"could not load the GPT-2 tokenizer ({first_line(e)}); offline, set TIKTOKEN_CACHE_DIR "
-                        "to a folder holding its cached BPE files (e.g. shared/data/tiktoken_cache)") from e
+    path = Path(path)
+    try:
+        ranks = {}
+        with gzip.open(path, "rt", encoding="ascii") as f:
+            for line in f:
+                token, rank = line.split()
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+    except FileNotFoundError as e:
+        raise DataError(f"the bundled GPT-2 tokenizer file {path} is missing: {REGENERATE}") from e
+    except (OSError, EOFError, UnicodeDecodeError, ValueError, binascii.Error) as e:  # bad gzip, line or base64
+        raise DataError(f"the bundled GPT-2 tokenizer file {path} is corrupt ({first_line(e)}): {REGENERATE}") from e
+    if sorted(ranks.values()) != list(range(GPT2_N_MERGEABLE)):
+        raise DataError(f"the bundled GPT-2 tokenizer file {path} is corrupt (expected {GPT2_N_MERGEABLE} distinct "
+                        f"tokens with ranks 0..{GPT2_N_MERGEABLE - 1}, got {len(ranks)}): {REGENERATE}")
+    return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PAT, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": GPT2_N_MERGEABLE}, explicit_n_vocab=GPT2_N_MERGEABLE + 1)
 
 
 def tokenize(text):
@@ -74,7 +118,47 @@ def tokenize(text):
 # ----------------------------------------------------------------------------------------------------------------
 # document sources: each yields the texts of its documents, in a fixed order (resuming depends on it)
 
+HUB_CHECK_SECONDS = 2.0
+
+
+def hub_offline_reason():
+    """None if the Hugging Face Hub looks reachable, else why not (one phrase). Honours HF_HUB_OFFLINE /
+    HF_DATASETS_OFFLINE at once; otherwise opens a TCP connection to the Hub's host (HF_ENDPOINT, default
+    huggingface.co:443), or to the HTTPS proxy if one is set, and gives up after HUB_CHECK_SECONDS (name lookup
+    included), instead of letting datasets retry for half a minute."""
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if os.environ.get(var, "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+            return f"{var}={os.environ[var]} is set"
+    proxy = next((os.environ[v] for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+                  if os.environ.get(v)), None)
+    if proxy:
+        url = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    else:
+        url = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    result = []
+
+    def connect():
+        try:
+            socket.create_connection((host, port), timeout=HUB_CHECK_SECONDS).close()
+            result.append(None)
+        except OSError as e:
+            result.append(first_line(e))
+
+    t = threading.Thread(target=connect, daemon=True)  # a thread, so that a hanging name lookup is cut off too
+    t.start()
+    t.join(HUB_CHECK_SECONDS)
+    if not result:
+        return f"no connection to {host}:{port} within {HUB_CHECK_SECONDS:g} s"
+    return result[0] and f"cannot connect to {host}:{port}: {result[0]}"
+
+
 def hub_documents(subset):
+    reason = hub_offline_reason()
+    if reason:
+        raise DataError(f"could not reach the Hugging Face Hub to stream {HUB_DATASET} ({reason}); to tokenize local "
+                        "files offline use --input PATH... (parquet, jsonl, json, csv, txt, or .gz of the text "
+                        f"formats), e.g. the bundled sample: --input {SAMPLE_FILE}")
     try:
         import datasets
     except ImportError as e:
@@ -92,19 +176,37 @@ def hub_documents(subset):
     return (row["text"] for row in ds)
 
 
+def input_kind(path):
+    """The format of an input file: its suffix, or for NAME.jsonl.gz etc. the suffix under .gz; None if unsupported."""
+    if path.suffix == ".gz":
+        inner = Path(path.stem).suffix
+        return inner if inner in GZ_SUFFIXES else None
+    return path.suffix if path.suffix in INPUT_SUFFIXES else None
+
+
+def open_text(path, newline=None):
+    """A text file, or a gzip-compressed one (NAME.jsonl.gz etc.), opened for reading as UTF-8."""
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8", newline=newline)
+    return open(path, encoding="utf-8", newline=newline)
+
+
+SUPPORTED = ", ".join(INPUT_SUFFIXES + tuple(x + ".gz" for x in GZ_SUFFIXES))
+
+
 def expand_inputs(paths):
     """--input arguments -> the list of files to read: directories expand to their supported files, sorted."""
     files = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in INPUT_SUFFIXES)
+            found = sorted(f for f in p.rglob("*") if f.is_file() and input_kind(f))
             if not found:
-                raise DataError(f"--input directory {p} holds no {', '.join(INPUT_SUFFIXES)} files")
+                raise DataError(f"--input directory {p} holds no {SUPPORTED} files")
             files += found
         elif not p.is_file():
             raise DataError(f"--input {p} does not exist")
-        elif p.suffix not in INPUT_SUFFIXES:
-            raise DataError(f"--input {p}: unsupported file type {p.suffix!r} (use {', '.join(INPUT_SUFFIXES)})")
+        elif not input_kind(p):
+            raise DataError(f"--input {p}: unsupported file type {''.join(p.suffixes[-2:])!r} (use {SUPPORTED})")
         else:
             files.append(p)
     return [f.resolve() for f in files]
@@ -117,23 +219,32 @@ def text_of(record, where):
 
 
 def file_documents(path):
-    if path.suffix == ".parquet":
+    """The texts of one --input file; a file that cannot be read or decoded is a one-line DataError naming it."""
+    try:
+        yield from _file_documents(path)
+    except (OSError, EOFError, ValueError, csv.Error) as e:  # bad gzip or parquet, not UTF-8, broken CSV quoting
+        raise DataError(f"{path}: cannot read it ({first_line(e)})") from e
+
+
+def _file_documents(path):
+    kind = input_kind(path)
+    if kind == ".parquet":
         import pyarrow.parquet as pq
         pf = pq.ParquetFile(path)
         if "text" not in pf.schema_arrow.names:
             raise DataError(f"{path}: no 'text' column (columns: {', '.join(pf.schema_arrow.names)})")
         for batch in pf.iter_batches(batch_size=1024, columns=["text"]):
             yield from batch.column(0).to_pylist()
-    elif path.suffix == ".csv":
+    elif kind == ".csv":
         csv.field_size_limit(sys.maxsize)  # documents are far longer than csv's default 128 KiB field limit
-        with open(path, newline="", encoding="utf-8") as f:
+        with open_text(path, newline="") as f:
             rows = csv.DictReader(f)
             if "text" not in (rows.fieldnames or []):
                 raise DataError(f"{path}: no 'text' column (columns: {', '.join(rows.fieldnames or [])})")
             for row in rows:
                 yield row["text"]
-    elif path.suffix == ".txt":
-        with open(path, encoding="utf-8") as f:
+    elif kind == ".txt":
+        with open_text(path) as f:
             block = []
             for line in f:
                 if line.strip():
@@ -144,7 +255,7 @@ def file_documents(path):
             if block:
                 yield "\n".join(block)
     else:  # .jsonl, or .json holding either JSON lines or one array of records
-        with open(path, encoding="utf-8") as f:
+        with open_text(path) as f:
             if f.read(1024).lstrip().startswith("["):
                 f.seek(0)
                 for i, record in enumerate(json.load(f)):
@@ -301,6 +412,17 @@ def build(args):
     return (f"fineweb.py: {n_shards} shards ({n_val} val, {n_shards - n_val} train) in {out_dir}, "
             f"{tokens_before + new_tokens:,} tokens, {meta['docs']:,} docs; this run: {new_tokens:,} tokens, "
             f"{new_docs:,} docs in {seconds:.1f} s ({new_tokens / max(seconds, 1e-9):,.0f} tokens/s){resumed}")
+
+
+def prepare_sample(out_dir=SAMPLE_DIR):
+    """Tokenize the bundled FineWeb-Edu sample (150 documents, ~89k tokens) into out_dir: 1 val + 4 train shards
+    of SAMPLE_SHARD_SIZE tokens. About a second, offline; resumes/no-ops like the CLI. Returns the summary line."""
+    print(f"fineweb.py: tokenizing the bundled FineWeb-Edu sample {SAMPLE_FILE.name} into {out_dir} (first use)",
+          flush=True)
+    summary = build(parse_args(["--input", str(SAMPLE_FILE), "--out_dir", str(out_dir),
+                                "--shard_size", str(SAMPLE_SHARD_SIZE), "--num_workers", "1"]))
+    print(summary, flush=True)
+    return summary
 
 
 # ----------------------------------------------------------------------------------------------------------------

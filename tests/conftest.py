@@ -1,8 +1,11 @@
 """Shared test helpers: the tiny model every test file builds, one thread per test, and the data fixtures.
 
-Tests that need real data files from outside the repository ask for the `shared_data` / `gpt2_enc` fixtures
-(NANODS_SHARED_DATA points at the folder). On a fresh offline machine they skip with a reason; in CI
-(NANODS_REQUIRE_SHARED=1) a missing file is an error instead, so a skip can never hide a broken path.
+The tokenizer and a real-text sample ship with the repository (data/gpt2.tiktoken.gz and
+data/fineweb_edu_sample.jsonl.gz), so tests that need "the tokenizer" (`gpt2_enc`) or real text never skip.
+Tests that need real data files from outside the repository (NANODS_SHARED_DATA points at the folder: the full
+HellaSwag file, the original sample CSV, tiktoken's own cached GPT-2 files) ask for the `shared_data` /
+`tiktoken_gpt2` fixtures. On a fresh offline machine those skip with a reason; in CI (NANODS_REQUIRE_SHARED=1) a
+missing file is an error instead, so a skip can never hide a broken path.
 """
 import os
 import sys
@@ -38,10 +41,19 @@ def shared_data():
 
 @pytest.fixture(scope="session")
 def gpt2_enc():
-    """tiktoken's GPT-2 encoding, loaded from the local cache only (never downloads in tests)."""
+    """The project's GPT-2 tokenizer: data/fineweb.py's loader of the bundled file (no network, never skips)."""
+    from data.fineweb import get_tokenizer
+    return get_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiktoken_gpt2():
+    """tiktoken's own "gpt2" encoding, from its cached BPE files only (never downloads): the reference that the
+    bundled tokenizer is checked against."""
     cache = os.environ.get("TIKTOKEN_CACHE_DIR")
-    need(cache and Path(cache, "6d1cbeee0f20b3d9449abfede4726ed8212e3aee").is_file(),
-         "GPT-2 BPE files not in TIKTOKEN_CACHE_DIR (point it at shared/data/tiktoken_cache)")
+    need(cache and Path(cache, "6d1cbeee0f20b3d9449abfede4726ed8212e3aee").is_file()
+         and Path(cache, "6c7ea1a7e38e3a7f062df639a5b80947f075ffe6").is_file(),
+         "tiktoken's cached GPT-2 BPE files not found in TIKTOKEN_CACHE_DIR (set it to the developers' tiktoken_cache)")
     import tiktoken
     return tiktoken.get_encoding("gpt2")
 

@@ -1,8 +1,14 @@
-"""data/fineweb.py: the shard writer (content, resume, --input formats, offline errors) and ShardReader."""
+"""data/fineweb.py: the bundled tokenizer and sample, the shard writer (content, resume, --input formats, offline
+errors) and ShardReader."""
+import base64
 import csv
+import functools
+import gzip
 import json
 import shutil
+import socket
 import sys
+import time
 import types
 
 import numpy as np
@@ -12,26 +18,21 @@ import torch
 from data import fineweb
 from data.fineweb import DataError, ShardReader, main
 
-SHARD = 20000  # ~89k tokens in the CSV sample -> 1 val + 4 train shards
+SHARD = fineweb.SAMPLE_SHARD_SIZE  # 20000: ~89k tokens in the bundled sample -> 1 val + 4 train shards
+SAMPLE = str(fineweb.SAMPLE_FILE)
 
 
 @pytest.fixture(scope="module")
-def sample_csv(shared_data):
-    return shared_data / "fineweb_edu_sample" / "training_data.csv"
+def sample_texts():
+    with gzip.open(fineweb.SAMPLE_FILE, "rt", encoding="utf-8") as f:
+        return [json.loads(line)["text"] for line in f]
 
 
 @pytest.fixture(scope="module")
-def sample_texts(sample_csv):
-    csv.field_size_limit(sys.maxsize)
-    with open(sample_csv, newline="", encoding="utf-8") as f:
-        return [row["text"] for row in csv.DictReader(f)]
-
-
-@pytest.fixture(scope="module")
-def sample_dir(sample_csv, gpt2_enc, tmp_path_factory):
-    """The CSV sample tokenized once into small shards, shared by the reader tests (which never modify it)."""
+def sample_dir(tmp_path_factory):
+    """The bundled sample tokenized once by prepare_sample(), shared by the reader tests (which never modify it)."""
     out = tmp_path_factory.mktemp("shards")
-    main(["--input", str(sample_csv), "--out_dir", str(out), "--shard_size", str(SHARD), "--num_workers", "1"])
+    fineweb.prepare_sample(out)
     return out
 
 
@@ -48,9 +49,119 @@ def files_bytes(out_dir):
     return {p.name: p.read_bytes() for p in sorted(out_dir.iterdir())}
 
 
+# ---------------------------------------------------------------------------------------------------- tokenizer
+
+VARIED_TEXTS = [
+    "Hello world! The quick brown fox jumps over the lazy dog.",
+    "It's 3:45pm; they'll say we've 12,345.67 apples (or 1e-9?) -- isn't it?",
+    "def f(x):\n    return {'a': [x ** 2, x >> 1]}  # comment\n\tif x != 0: print(f\"{x!r}\")\n",
+    "    leading spaces, inner     runs, tabs\t\t and newlines\n\n\n   trailing   ",
+    "naïve café, Ünïcödé, Ελληνικά, русский, עברית, العربية, हिन्दी",
+    "你好，世界。日本語のテキスト、한국어 텍스트 🙂👍🏽🇫🇷 family: 👨‍👩‍👧‍👦",
+    "0123456789 3.14159 -42 1/2 ½ ² 10,000,000 0x1F 2024-01-31",
+    "\u00a0nbsp\u2003em\u200bzero-width\r\nCRLF\x00NUL \U0001F600",
+    "", " ", "\n", "a", "'s 'S 'll 'LL's",
+]
+
+
+def test_bundled_tokenizer_equals_tiktoken_gpt2(gpt2_enc, tiktoken_gpt2, sample_texts):
+    ref = tiktoken_gpt2
+    assert (gpt2_enc.n_vocab, gpt2_enc.eot_token, gpt2_enc.name) == (ref.n_vocab, ref.eot_token, "gpt2") == \
+        (50257, 50256, "gpt2")
+    for text in VARIED_TEXTS + sample_texts[:20]:
+        assert gpt2_enc.encode_ordinary(text) == ref.encode_ordinary(text), text[:80]
+        assert gpt2_enc.encode(text) == ref.encode(text)
+    special = "Document one.<|endoftext|>Document two <|endoftext|> end"
+    assert gpt2_enc.encode(special, allowed_special={"<|endoftext|>"}) == \
+        ref.encode(special, allowed_special={"<|endoftext|>"})
+    assert gpt2_enc.encode(special, allowed_special="all").count(50256) == 2
+    assert gpt2_enc.encode_ordinary(special) == ref.encode_ordinary(special)  # as plain text: no 50256
+    everything = "\n".join(sample_texts)
+    assert gpt2_enc.encode_ordinary(everything) == ref.encode_ordinary(everything)
+    assert all(gpt2_enc.decode_single_token_bytes(i) == ref.decode_single_token_bytes(i) for i in range(50257))
+
+
+def test_bundled_tokenizer_basics_without_network(gpt2_enc, tmp_path, monkeypatch):
+    assert gpt2_enc.encode("Hello world") == [15496, 995]  # GPT-2's well-known ids
+    assert gpt2_enc.encode("<|endoftext|>", allowed_special={"<|endoftext|>"}) == [50256]
+    with pytest.raises(ValueError):  # tiktoken's guard against special tokens in ordinary text
+        gpt2_enc.encode("<|endoftext|>")
+    for text in VARIED_TEXTS:
+        assert gpt2_enc.decode(gpt2_enc.encode_ordinary(text)) == text
+    assert fineweb.get_tokenizer() is fineweb.get_tokenizer()  # loaded once per process
+
+    # a fresh load needs no network and no tiktoken cache
+    def no_network(*args, **kwargs):
+        raise AssertionError("the tokenizer tried to open a network connection")
+
+    monkeypatch.setattr(socket, "socket", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty"))
+    t0 = time.time()
+    enc = fineweb.get_tokenizer.__wrapped__()
+    assert enc.encode_ordinary("Hello world") == [15496, 995] and time.time() - t0 < 10
+
+
+def test_bundled_files_are_small_and_reproducible(tmp_path, shared_data):
+    assert fineweb.TOKENIZER_FILE.stat().st_size + fineweb.SAMPLE_FILE.stat().st_size < 1_000_000
+    sys.path.insert(0, str(fineweb.HERE))
+    try:
+        import make_bundle
+    finally:
+        sys.path.remove(str(fineweb.HERE))
+    make_bundle.make_tokenizer(shared_data / "gpt2_bpe", tmp_path / "t.gz")
+    make_bundle.make_sample(shared_data / "fineweb_edu_sample" / "training_data.csv", tmp_path / "s.gz")
+    assert (tmp_path / "t.gz").read_bytes() == fineweb.TOKENIZER_FILE.read_bytes()
+    assert (tmp_path / "s.gz").read_bytes() == fineweb.SAMPLE_FILE.read_bytes()
+
+
+def test_bytes_to_unicode_table():
+    sys.path.insert(0, str(fineweb.HERE))
+    try:
+        import make_bundle
+    finally:
+        sys.path.remove(str(fineweb.HERE))
+    table = make_bundle.bytes_to_unicode()
+    assert len(table) == 256 and len(set(table.values())) == 256
+    assert table[ord("A")] == "A" and table[ord(" ")] == "\u0120" and table[ord("\n")] == "\u010a"
+    assert all(c.isprintable() and not c.isspace() for c in table.values())
+
+
+def write_gz(path, data):
+    with gzip.open(path, "wb") as f:
+        f.write(data)
+    return path
+
+
+def test_bundled_tokenizer_errors_are_one_line(tmp_path, monkeypatch):
+    load = fineweb.get_tokenizer.__wrapped__  # uncached, so that each case really loads its file
+    good = gzip.decompress(fineweb.TOKENIZER_FILE.read_bytes())
+    cases = {
+        "missing": (tmp_path / "nope.tiktoken.gz", "is missing"),
+        "not gzip": (tmp_path / "plain.gz", "is corrupt"),
+        "truncated": (tmp_path / "cut.gz", "is corrupt"),
+        "bad line": (write_gz(tmp_path / "line.gz", good[:1000] + b"garbage\n" + good[1000:]), "is corrupt"),
+        "bad base64": (write_gz(tmp_path / "b64.gz", b"@@@@ 0\n" + good), "is corrupt"),
+        "too few": (write_gz(tmp_path / "few.gz", good[:len(good) // 2].rsplit(b"\n", 1)[0] + b"\n"),
+                    "expected 50256 distinct tokens"),
+    }
+    (tmp_path / "plain.gz").write_bytes(good[:5000])
+    (tmp_path / "cut.gz").write_bytes(fineweb.TOKENIZER_FILE.read_bytes()[:100_000])
+    for case, (path, expected) in cases.items():
+        with pytest.raises(DataError) as e:
+            load(path)
+        msg = str(e.value)
+        assert expected in msg and str(path) in msg and "\n" not in msg, (case, msg)
+        assert "make_bundle.py" in msg and "TIKTOKEN_CACHE_DIR" not in msg
+    # the CLI: one line, before anything is read or written
+    monkeypatch.setattr(fineweb, "get_tokenizer", functools.partial(load, tmp_path / "cut.gz"))
+    msg = one_line_exit(["--input", SAMPLE, "--out_dir", str(tmp_path / "o")])
+    assert "is corrupt" in msg and not (tmp_path / "o").exists()
+
+
 # ---------------------------------------------------------------------------------------------------- writer
 
-def test_shards_match_tiktoken(sample_dir, sample_texts, gpt2_enc):
+def test_sample_shards_content_and_layout(sample_dir, sample_texts, gpt2_enc):
     meta, shards = read_all(sample_dir)
     want = expected_tokens(gpt2_enc, sample_texts)
     assert len(sample_texts) == 150
@@ -66,13 +177,13 @@ def test_shards_match_tiktoken(sample_dir, sample_texts, gpt2_enc):
     assert sorted(p.name for p in sample_dir.iterdir()) == sorted([s["file"] for s in meta["shards"]] + ["meta.json"])
 
 
-def test_two_workers_give_identical_files(sample_dir, sample_csv, tmp_path):
-    main(["--input", str(sample_csv), "--out_dir", str(tmp_path), "--shard_size", str(SHARD), "--num_workers", "2"])
+def test_two_workers_give_identical_files(sample_dir, tmp_path):
+    main(["--input", SAMPLE, "--out_dir", str(tmp_path), "--shard_size", str(SHARD), "--num_workers", "2"])
     assert files_bytes(tmp_path) == files_bytes(sample_dir)
 
 
-def test_resume_after_crash_is_byte_identical(sample_dir, sample_csv, tmp_path, monkeypatch, capsys):
-    argv = ["--input", str(sample_csv), "--out_dir", str(tmp_path), "--shard_size", str(SHARD), "--num_workers", "1"]
+def test_resume_after_crash_is_byte_identical(sample_dir, tmp_path, monkeypatch, capsys):
+    argv = ["--input", SAMPLE, "--out_dir", str(tmp_path), "--shard_size", str(SHARD), "--num_workers", "1"]
     real_write = fineweb.write_shard
     calls = []
 
@@ -108,13 +219,13 @@ def test_resume_after_crash_is_byte_identical(sample_dir, sample_csv, tmp_path, 
         main(argv[:-4] + ["--shard_size", "30000"])
 
 
-def test_max_docs_and_max_tokens(sample_csv, sample_texts, gpt2_enc, tmp_path):
-    main(["--input", str(sample_csv), "--out_dir", str(tmp_path / "d"), "--max_docs", "10", "--num_workers", "1"])
+def test_max_docs_and_max_tokens(sample_texts, gpt2_enc, tmp_path):
+    main(["--input", SAMPLE, "--out_dir", str(tmp_path / "d"), "--max_docs", "10", "--num_workers", "1"])
     meta, shards = read_all(tmp_path / "d")
     assert len(shards) == 1 and meta["shards"][0]["split"] == "val"
     assert np.array_equal(shards[0], expected_tokens(gpt2_enc, sample_texts[:10]))
 
-    main(["--input", str(sample_csv), "--out_dir", str(tmp_path / "t"), "--max_tokens", "12345",
+    main(["--input", SAMPLE, "--out_dir", str(tmp_path / "t"), "--max_tokens", "12345",
           "--shard_size", "5000", "--num_workers", "1"])
     meta, shards = read_all(tmp_path / "t")
     assert [len(s) for s in shards] == [5000, 5000, 2345]
@@ -146,6 +257,41 @@ def test_input_jsonl_txt_parquet_and_directories(gpt2_enc, tmp_path):
                           expected_tokens(gpt2_enc, ["Parquet doc.", "JSON array doc."] + txt_docs))
 
 
+def test_input_gzip_files(gpt2_enc, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    docs = ["Gzipped JSON line.", "Second,\nwith ünïcödé 🙂."]
+    write_gz(src / "a.jsonl.gz", "".join(json.dumps({"text": t}) + "\n" for t in docs).encode())
+    write_gz(src / "b.json.gz", json.dumps([{"text": "Array doc."}]).encode())
+    write_gz(src / "c.csv.gz", b'text,score\n"CSV doc, with ""quotes""\nand a newline.",3\n')
+    write_gz(src / "d.txt.gz", b"Text block one.\n\nText block two.\n")
+    write_gz(src / "notes.gz", b"ignored: no supported suffix under .gz")
+    write_gz(src / "e.parquet.gz", b"ignored: parquet is compressed already")
+    main(["--input", str(src), "--out_dir", str(tmp_path / "out"), "--num_workers", "1"])
+    meta, shards = read_all(tmp_path / "out")
+    assert [p.rsplit("/", 1)[-1] for p in meta["settings"]["inputs"]] == ["a.jsonl.gz", "b.json.gz", "c.csv.gz",
+                                                                          "d.txt.gz"]
+    want = docs + ["Array doc.", 'CSV doc, with "quotes"\nand a newline.', "Text block one.", "Text block two."]
+    assert np.array_equal(np.concatenate(shards), expected_tokens(gpt2_enc, want))
+    for name in ("notes.gz", "e.parquet.gz"):
+        with pytest.raises(SystemExit, match="unsupported file type"):
+            main(["--input", str(src / name), "--out_dir", str(tmp_path / "o")])
+    (src / "bad.jsonl.gz").write_bytes(b"not gzip at all")
+    msg = one_line_exit(["--input", str(src / "bad.jsonl.gz"), "--out_dir", str(tmp_path / "o2")])
+    assert "bad.jsonl.gz" in msg
+
+
+def test_real_csv_equals_bundled_sample(shared_data, sample_texts, sample_dir, tmp_path):
+    """The original 150-document CSV (developers' data) holds exactly the bundled texts and gives the same shards."""
+    path = shared_data / "fineweb_edu_sample" / "training_data.csv"
+    csv.field_size_limit(sys.maxsize)
+    with open(path, newline="", encoding="utf-8") as f:
+        assert [row["text"] for row in csv.DictReader(f)] == sample_texts
+    main(["--input", str(path), "--out_dir", str(tmp_path), "--shard_size", str(SHARD), "--num_workers", "1"])
+    a, b = files_bytes(tmp_path), files_bytes(sample_dir)
+    assert a.keys() == b.keys() and all(a[k] == b[k] for k in a if k != "meta.json")
+
+
 def test_input_errors(tmp_path, gpt2_enc):
     (tmp_path / "bad.jsonl").write_text('{"body": "no text field"}\n')
     with pytest.raises(SystemExit, match=r"fineweb.py: error: .*bad.jsonl line 1: .*'text'"):
@@ -165,30 +311,83 @@ def one_line_exit(argv):
     return msg
 
 
-def test_offline_hub_error_is_one_line(tmp_path, monkeypatch, gpt2_enc):
-    # a stand-in `datasets` module whose load_dataset fails like the real one does with no network
+@pytest.fixture
+def hub_env(monkeypatch):
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_ENDPOINT", "HTTPS_PROXY", "https_proxy", "ALL_PROXY",
+                "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    return monkeypatch
+
+
+def fake_datasets(monkeypatch, calls):
+    """A stand-in `datasets` module whose load_dataset fails like the real one does with no network."""
     def load_dataset(*args, **kwargs):
+        calls.append(args)
         raise ConnectionError("Couldn't reach 'HuggingFaceFW/fineweb-edu' on the Hub (LocalEntryNotFoundError)")
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
-    msg = one_line_exit(["--out_dir", str(tmp_path), "--num_workers", "1"])
-    assert "could not reach the Hugging Face Hub" in msg and "--input" in msg
 
-    monkeypatch.setitem(sys.modules, "datasets", None)  # not installed
+
+def test_offline_hub_error_is_one_line(tmp_path, hub_env):
+    calls = []
+    fake_datasets(hub_env, calls)
+    hub_env.setattr(fineweb, "hub_offline_reason", lambda: None)  # the quick check passes; datasets still fails
+    msg = one_line_exit(["--out_dir", str(tmp_path), "--num_workers", "1"])
+    assert "could not reach the Hugging Face Hub" in msg and "--input" in msg and len(calls) == 1
+
+    hub_env.setitem(sys.modules, "datasets", None)  # not installed
     msg = one_line_exit(["--out_dir", str(tmp_path), "--num_workers", "1"])
     assert "pip install datasets" in msg and "--input" in msg
 
 
-def test_tokenizer_offline_error_names_cache_dir(tmp_path, monkeypatch):
-    import tiktoken
+@pytest.mark.parametrize("var, value", [("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"),
+                                        ("HF_HUB_OFFLINE", "true")])
+def test_hub_offline_env_fails_at_once(tmp_path, hub_env, var, value):
+    calls = []
+    fake_datasets(hub_env, calls)
 
-    def fail(name):
-        raise ConnectionError("Failed to resolve 'openaipublic.blob.core.windows.net'\n(details)")
+    def no_network(*args, **kwargs):
+        raise AssertionError("no connection should be tried")
 
-    monkeypatch.setattr(tiktoken, "get_encoding", fail)
-    with pytest.raises(DataError, match="TIKTOKEN_CACHE_DIR"):
-        fineweb.get_tokenizer()
-    assert "TIKTOKEN_CACHE_DIR" in one_line_exit(["--input", str(tmp_path), "--out_dir", str(tmp_path / "o")])
+    hub_env.setattr(socket, "create_connection", no_network)
+    hub_env.setenv(var, value)
+    t0 = time.time()
+    msg = one_line_exit(["--out_dir", str(tmp_path / "o"), "--num_workers", "1"])
+    assert time.time() - t0 < 2 and not calls
+    assert f"{var}={value} is set" in msg and "--input" in msg and "fineweb_edu_sample.jsonl.gz" in msg
+    assert not (tmp_path / "o").exists()
+
+
+def test_hub_unreachable_fails_fast(tmp_path, hub_env):
+    calls, tried = [], []
+    fake_datasets(hub_env, calls)
+
+    def refused(address, timeout=None):
+        tried.append((address, timeout))
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    hub_env.setattr(socket, "create_connection", refused)
+    msg = one_line_exit(["--out_dir", str(tmp_path), "--num_workers", "1"])
+    assert "could not reach the Hugging Face Hub" in msg and "huggingface.co:443" in msg and "--input" in msg
+    assert tried == [(("huggingface.co", 443), fineweb.HUB_CHECK_SECONDS)] and not calls
+
+    tried.clear()  # through a proxy, the proxy is what must answer; HF_ENDPOINT names a mirror
+    hub_env.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    assert "127.0.0.1:9" in fineweb.hub_offline_reason() and tried[0][0] == ("127.0.0.1", 9)
+    hub_env.delenv("HTTPS_PROXY")
+    hub_env.setenv("HF_ENDPOINT", "https://hf-mirror.example.org")
+    assert "hf-mirror.example.org:443" in fineweb.hub_offline_reason()
+
+    def hangs(address, timeout=None):  # e.g. a name lookup that never answers: cut off after the time limit
+        time.sleep(5)
+
+    hub_env.setattr(socket, "create_connection", hangs)
+    hub_env.setattr(fineweb, "HUB_CHECK_SECONDS", 0.2)
+    t0 = time.time()
+    assert "within 0.2 s" in fineweb.hub_offline_reason() and time.time() - t0 < 1.5
+
+    hub_env.setattr(socket, "create_connection", lambda address, timeout=None: types.SimpleNamespace(close=lambda: 0))
+    assert fineweb.hub_offline_reason() is None
 
 
 # ---------------------------------------------------------------------------------------------------- reader

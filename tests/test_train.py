@@ -22,10 +22,10 @@ TINY = ["--device=cpu", "--dtype=float32", "--compile=False", "--vocab_size=512"
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory, shared_data, gpt2_enc):
-    """Token shards of the 150-document FineWeb-Edu sample, made with data/fineweb.py --input."""
+def shards(tmp_path_factory):
+    """Token shards of the bundled 150-document FineWeb-Edu sample, made with data/fineweb.py --input."""
     out = tmp_path_factory.mktemp("shards")
-    subprocess.run([sys.executable, "data/fineweb.py", "--input", str(shared_data / "fineweb_edu_sample/training_data.csv"),
+    subprocess.run([sys.executable, "data/fineweb.py", "--input", "data/fineweb_edu_sample.jsonl.gz",
                     "--out_dir", str(out), "--shard_size", "20000", "--num_workers", "1"],
                    cwd=ROOT, check=True, capture_output=True)
     return out
@@ -83,6 +83,26 @@ def test_tiny_run_lowers_loss_and_logs(tmp_path, shards):
     assert ckpt["step"] == 30 and ckpt["tokens"] == 30 * 512
     biases = [v for k, v in ckpt["model"].items() if k.endswith("gate.bias")]
     assert len(biases) == 2 and all(b.abs().sum() > 0 for b in biases)  # the balancer moved the biases
+
+
+def test_bundled_sample_is_prepared_on_first_use(tmp_path):
+    """data_dir = the bundled sample's shard dir (config/train_tiny.py) with no meta.json: train.py tokenizes the
+    sample there first. SAMPLE_DIR is pointed at a temporary folder so that the repository's copy is left alone."""
+    sample_dir = tmp_path / "sample_shards"
+    launcher = ("import sys, runpy; from pathlib import Path; import data.fineweb as f; "
+                "f.SAMPLE_DIR = Path(sys.argv.pop(1)).resolve(); runpy.run_path('train.py', run_name='__main__')")
+    cmd = [sys.executable, "-c", launcher, str(sample_dir), *TINY, "--vocab_size=50304", "--max_iters=2",
+           "--eval_interval=100", "--eval_iters=1", f"--out_dir={tmp_path / 'out'}", f"--data_dir={sample_dir}"]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                       timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "tokenizing the bundled FineWeb-Edu sample" in p.stdout and "1 val, 4 train" in p.stdout
+    assert "done: 2 steps" in p.stdout
+    meta = json.loads((sample_dir / "meta.json").read_text())
+    assert meta["complete"] and meta["docs"] == 150 and [s["split"] for s in meta["shards"]] == ["val"] + ["train"] * 4
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                       timeout=600)  # the second run finds the shards and does not tokenize again
+    assert p.returncode == 0 and "tokenizing the bundled" not in p.stdout
 
 
 def test_resume_is_exact(tmp_path, small_shards):
