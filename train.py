@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from checkpoint import fingerprint, resume, rng_state, save_checkpoint
 from configurator import configure, config_keys
-from data.fineweb import DataError, ShardReader, get_tokenizer
+from data.fineweb import SAMPLE_DIR, DataError, ShardReader, get_tokenizer, prepare_sample
 from model import ModelConfig, Transformer, autocast_context, gpu_peak_flops
 from sample import generate_tokens
 
@@ -126,7 +126,7 @@ grad_accum = total_batch_size // tokens_per_micro
 log(f"tokens per step: {total_batch_size:,} = {batch_size} x {cfg.max_seq_len} x {world} processes x "
     f"{grad_accum} accumulation steps")
 try:
-    from data.fineweb import SAMPLE_DIR, prepare_sample  # the bundled sample (config/train_tiny.py): made on first use
+    # the bundled FineWeb-Edu sample (config/train_tiny.py's data_dir) is tokenized on first use
     if os.path.realpath(data_dir) == str(SAMPLE_DIR) and not (SAMPLE_DIR / "meta.json").exists():
         if master:
             prepare_sample(SAMPLE_DIR)
