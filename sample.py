@@ -41,7 +41,7 @@ from model import autocast_context
 out_dir = 'out-fineweb'          # a directory holding ckpt.pt, or a checkpoint file
 start = "\n"                     # the prompt, or FILE:path to read it from a file; "" starts a fresh document
 num_samples = 3
-max_new_tokens = 200             # prompt + max_new_tokens must fit in the model's max_seq_len
+max_new_tokens = -1              # -1: 200, or fewer if the prompt leaves less room in the model's max_seq_len
 temperature = 0.8                # 0: greedy
 top_k = 200                      # 0: off
 top_p = 1.0                      # nucleus sampling below 1.0
@@ -244,12 +244,14 @@ def main(argv=None):
             raise ValueError("CUDA is not available here: use --device=cpu")
         if c.compile and c.dtype != "bfloat16":
             raise ValueError("--compile needs --dtype=bfloat16: compiled, the MoE's grouped_mm accepts bf16 only")
-        if c.temperature < 0 or c.max_new_tokens < 0 or c.num_samples < 1:
-            raise ValueError("need temperature >= 0, max_new_tokens >= 0 and num_samples >= 1")
+        if c.temperature < 0 or c.max_new_tokens < -1 or c.num_samples < 1:
+            raise ValueError("need temperature >= 0, max_new_tokens >= 0 (or -1) and num_samples >= 1")
         model, ckpt = load_model(c.out_dir, c.device)
         enc = get_tokenizer()
         prompt = read_prompt(c.start)
         prompt_ids = enc.encode(prompt, allowed_special={"<|endoftext|>"}) or [enc.eot_token]
+        if c.max_new_tokens == -1:  # an explicit number is checked, never silently cut
+            c.max_new_tokens = max(0, min(200, model.cfg.max_seq_len - len(prompt_ids)))
         check_request(model.cfg, len(prompt_ids), c.max_new_tokens, c.speculative)
     except (FileNotFoundError, ValueError, DataError) as e:
         sys.exit(f"sample.py: error: {e}")

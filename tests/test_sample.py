@@ -246,3 +246,13 @@ def test_cli_errors_are_one_line(case, ckpts, tmp_path, capsys, gpt2_enc):
     msg = str(e.value.code)
     assert msg.startswith("sample.py: error: ") and expect in msg and "\n" not in msg
     assert capsys.readouterr().out == ""
+
+
+def test_cli_default_length_fits_the_model(ckpts, capsys, gpt2_enc):
+    """Without --max_new_tokens a model with a short context (max_seq_len 64 here) fills it instead of refusing;
+    an explicit number that does not fit is refused (test_cli_errors_are_one_line)."""
+    sample.main([f"--out_dir={ckpts[2]}", "--start=Once upon a time", "--num_samples=1", "--stop_at_eot=False",
+                 "--stats"])
+    out, err = capsys.readouterr()
+    assert out.endswith("\n---------------\n")
+    assert f"decode: {64 - 4 - 1} tokens" in err  # 4 prompt tokens, 60 new ones (the first comes with the prefill)
