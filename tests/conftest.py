@@ -35,7 +35,8 @@ def need(condition, reason):
 
 @pytest.fixture(scope="session")
 def shared_data():
-    need(SHARED.is_dir(), f"shared data folder not found at {SHARED} (set NANODS_SHARED_DATA)")
+    need(SHARED.is_dir(), f"needs the developers' test data (full HellaSwag file, original FineWeb-Edu CSV), which "
+                          f"is not shipped: set NANODS_SHARED_DATA to its folder (looked in {SHARED})")
     return SHARED
 
 
