@@ -392,7 +392,8 @@ def folder_bytes(path):
 
 def main(argv=None):
     settings = {k: v for k, v in globals().items() if k in _SETTINGS}
-    cfg = configure(settings, sys.argv[1:] if argv is None else argv)
+    cfg = configure(settings, sys.argv[1:] if argv is None else argv, description=__doc__.strip().split("\n\n")[0],
+                    quiet=True)
     t0 = time.time()
     try:
         model_cfg, state = load(cfg["out_dir"])
