@@ -134,7 +134,7 @@ def gpu_peak_flops(device):
 # Norm and RoPE
 
 class RMSNorm(nn.Module):
-    """RMSNorm with weight init 1, computed in fp32 (as the official fix adecc0e intends)."""
+    """RMSNorm with weight init 1, computed in fp32 like the official code, whatever the input dtype."""
 
     def __init__(self, dim, eps=1e-6):
         super().__init__()

@@ -85,7 +85,7 @@ def first_line(error):
 @functools.lru_cache(maxsize=None)
 def get_tokenizer(path=TOKENIZER_FILE):
     """GPT-2's BPE as a tiktoken Encoding (vocab 50257, eot 50256), built from the bundled gpt2.tiktoken.gz: no
-    network, no cache dir; the same ids as tiktoken.get_encoding("gpt2"). Loaded once per process (~0.1 s).
+    network, no cache dir; the same ids as tiktoken.get_encoding("gpt2"). Loaded once per process.
     A DataError (one line) if tiktoken is missing or the file is missing or corrupt."""
     try:
         import tiktoken
@@ -499,7 +499,7 @@ class ShardReader:
         self.start_epoch(0)
 
     def next_batch(self):
-        import torch  # here, not at the top: the tokenizer CLI and get_tokenizer() users need no torch (2 s import)
+        import torch  # here, not at the top: the tokenizer CLI and get_tokenizer() users need no torch (a slow import)
         T = self.seq_len
         buf = np.empty((self.batch_size, T + 1), dtype=np.int64)
         for i in range(self.batch_size):

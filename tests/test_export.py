@@ -18,7 +18,7 @@ from safetensors.torch import load_file  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, DeepseekV3ForCausalLM  # noqa: E402
 
 import export  # noqa: E402
-from conftest import ROOT, save_ckpt, tiny_model  # noqa: E402
+from conftest import ROOT, TINY, tiny_model  # noqa: E402
 from sample import generate_tokens  # noqa: E402
 
 TOL = 1e-4
@@ -168,27 +168,60 @@ def test_tokenizer_on_real_text(hf_tokenizer, gpt2_enc, shared_data):
         assert hf_tokenizer.encode(doc) == gpt2_enc.encode_ordinary(doc)
 
 
-def test_cli_exports_a_train_checkpoint(tmp_path, gpt2_enc):
-    """A checkpoint saved as train.py saves it -> `python export.py` -> AutoModelForCausalLM + AutoTokenizer
-    load it offline and greedy generation gives our model's tokens."""
-    m = tiny_model(0, vocab_size=50304, max_seq_len=64)
-    for g in m.gates():
-        g.bias.uniform_(-0.05, 0.05)
-    run_dir = save_ckpt(tmp_path / "run", m, optimizer={}, step=2, tokens=1024)
-    hf_dir = tmp_path / "hf"
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A real train.py run (tiny dims, GPT-2 vocab, 4 steps on the bundled FineWeb-Edu sample) and its export."""
+    from data.fineweb import prepare_sample
+    root = tmp_path_factory.mktemp("trained")
+    prepare_sample(root / "shards")
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    p = subprocess.run([sys.executable, "export.py", f"--out_dir={run_dir}", f"--hf_dir={hf_dir}"], cwd=ROOT,
-                       capture_output=True, text=True, env=env, timeout=300)
+    tiny = [f"--{k}={v}" for k, v in {**TINY, "vocab_size": 50304, "max_seq_len": 128}.items()]
+    p = subprocess.run([sys.executable, "train.py", *tiny, "--device=cpu", "--dtype=float32", "--compile=False",
+                        "--batch_size=4", "--total_batch_size=512", "--max_iters=4", "--eval_interval=100",
+                        "--eval_iters=1", "--sample_tokens=0", "--learning_rate=1e-2", "--bias_update_speed=1e-2",
+                        f"--data_dir={root / 'shards'}", f"--out_dir={root / 'run'}"],
+                       cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
-    assert "exported" in p.stderr
+    p = subprocess.run([sys.executable, "export.py", f"--out_dir={root / 'run'}", f"--hf_dir={root / 'hf'}"],
+                       cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0 and "exported" in p.stderr, p.stderr[-2000:]
+    return root / "run", root / "hf"
+
+
+def test_cli_exports_a_train_checkpoint(trained_run):
+    """train.py's checkpoint -> `python export.py` -> AutoModelForCausalLM + AutoTokenizer load it offline, and
+    greedy generation gives our model's tokens."""
+    from checkpoint import load_model
+    run_dir, hf_dir = trained_run
+    m, _ = load_model(str(run_dir))
+    assert any(g.bias.abs().sum() > 0 for g in m.gates())  # trained: the balancer has moved the biases
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(hf_dir)
     prompt = tok("The mitochondria is", return_tensors="pt")
     out = hf.generate(**prompt, max_new_tokens=8, do_sample=False, pad_token_id=tok.eos_token_id)
-    m.eval()
     ours = list(generate_tokens(m, prompt["input_ids"][0].tolist(), 8, temperature=0))
     assert out[0, prompt["input_ids"].shape[1]:].tolist() == ours
     assert isinstance(tok.decode(out[0]), str)
+
+
+def test_hellaswag_scores_equal_through_transformers(trained_run, shared_data):
+    """hellaswag.py's scoring of the first 20 items: per-ending losses (hence every choice) are the same through
+    the exported transformers model as through ours."""
+    import hellaswag
+    from checkpoint import load_model
+    run_dir, hf_dir = trained_run
+    ours, _ = load_model(str(run_dir))
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    enc = hellaswag.get_tokenizer()
+    items = hellaswag.load_examples(shared_data / "hellaswag" / "hellaswag_val.jsonl", limit=20)
+    batch = hellaswag.collate([hellaswag.render(ex, enc, 128) for ex in items])
+    with torch.no_grad():
+        s_ours, m_ours = hellaswag.ending_losses(ours, batch)
+        s_hf, m_hf = hellaswag.ending_losses(lambda idx: (hf(idx).logits,), batch)
+    torch.testing.assert_close(s_hf, s_ours, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(m_hf, m_ours, rtol=1e-5, atol=1e-5)
+    for a, b in zip(hellaswag.pick(s_ours.view(-1, 4), m_ours.view(-1, 4)), hellaswag.pick(s_hf.view(-1, 4), m_hf.view(-1, 4))):
+        assert torch.equal(a, b)
 
 
 def test_cli_errors_are_one_line(tmp_path):
