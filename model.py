@@ -31,7 +31,8 @@ class ModelConfig:
     vocab_size: int = 50304          # GPT-2's 50257 padded to a multiple of 64
     dim: int = 768
     n_layers: int = 12
-    n_dense_layers: int = 1          # the first layers use a dense SwiGLU instead of MoE
+    n_dense_layers: int = 1          # the first layers use a dense SwiGLU instead of MoE (MTP module k is layer
+                                     # n_layers + k, so n_layers + n_mtp makes every block dense)
     n_heads: int = 12
     inter_dim: int = 2048            # dense SwiGLU hidden size
     moe_inter_dim: int = 256         # hidden size of ONE routed (fine-grained) expert
@@ -77,7 +78,7 @@ class ModelConfig:
             (self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim must be even (RoPE rotates pairs)"),
             (self.score_func == "sigmoid", "score_func must be 'sigmoid' (DeepSeek-V3's router; V2's softmax "
                                            "routing with its max-score group rule is not implemented)"),
-            (0 <= self.n_dense_layers <= self.n_layers, "n_dense_layers must be in [0, n_layers]"),
+            (0 <= self.n_dense_layers <= self.n_layers + self.n_mtp, "n_dense_layers must be in [0, n_layers + n_mtp]"),
             # grouped_mm needs 16-byte aligned row strides: in bf16 these widths must be multiples of 8
             (self.dim % 8 == 0, f"dim must be a multiple of 8 (grouped_mm alignment), got {self.dim}"),
             (self.moe_inter_dim % 8 == 0,

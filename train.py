@@ -142,7 +142,7 @@ except DataError as e:
 raw_model = Transformer(cfg).to(device)  # the module itself: checkpoints, bias updates, sampling
 optimizer = torch.optim.AdamW(raw_model.param_groups(weight_decay), lr=learning_rate, betas=(beta1, beta2),
                               fused=True)  # one kernel for all tensors, on CUDA and on the CPU
-step, tokens_seen, best_val = 0, 0, float("inf")
+step, tokens_seen, best_val, train_time = 0, 0, float("inf"), 0.0  # train_time: seconds in training steps
 os.makedirs(out_dir, exist_ok=True)
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 if init_from == "resume":
@@ -152,6 +152,7 @@ if init_from == "resume":
     except (FileNotFoundError, ValueError, DataError) as e:
         fail(e)
     step, tokens_seen, best_val = ckpt["step"], ckpt["tokens"], ckpt["best_val_loss"]
+    train_time = ckpt.get("train_time", 0.0)
     log(f"resumed from {ckpt_path} at step {step} ({tokens_seen:,} tokens)")
     del ckpt
 elif init_from != "scratch":
@@ -252,9 +253,10 @@ while True:
 
     # evaluate, sample, checkpoint (not at the step a resumed run starts from: that was done before it stopped)
     if (step % eval_interval == 0 or last_step) and not (step == start_step and init_from == "resume" and not last_step):
+        train_time += time.time() - t0  # evaluation time is not training time
         val_ce, val_mtp = evaluate()
         line = f"step {step}: val loss {val_ce:.4f}" + (f", val mtp {val_mtp:.4f}" if cfg.n_mtp else "")
-        record = {"step": step, "tokens": tokens_seen, "val_loss": val_ce, "val_mtp": val_mtp}
+        record = {"step": step, "tokens": tokens_seen, "time": train_time, "val_loss": val_ce, "val_mtp": val_mtp}
         if hellaswag_interval and (step % hellaswag_interval == 0 or last_step):
             import hellaswag
             with ctx:
@@ -285,7 +287,7 @@ while True:
             if master:
                 save_checkpoint(ckpt_path, {
                     "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "model_config": asdict(cfg),
-                    "config": config, "step": step, "tokens": tokens_seen, "best_val_loss": best_val,
+                    "config": config, "step": step, "tokens": tokens_seen, "best_val_loss": best_val, "train_time": train_time,
                     "rng": rng_state(), "data": data_states, "ddp_fingerprints": prints})
             log(f"saved {ckpt_path} (step {step})")
         t0, t_steps = time.time(), 0
@@ -322,12 +324,13 @@ while True:
             parts /= world
         stop_if_non_finite(bad_step)
         dt = time.time() - t0
+        train_time += dt
         tok_s = t_steps * total_batch_size / dt
         loss, ce, mtp, bal = parts.tolist()
         mfu = raw_model.estimate_mfu(tok_s / world, peak) if peak else None
         rec = {"step": step, "loss": loss, "ce": ce, "mtp": mtp, "balance": bal, "lr": lr,
                "grad_norm": grad_norm.item(), "tok_per_s": tok_s, "mfu": mfu, "tokens": tokens_seen,
-               "load_max": load_max.item() if load_max is not None else None,
+               "time": train_time, "load_max": load_max.item() if load_max is not None else None,
                "load_min": load_min.item() if load_min is not None else None, "mtp_lambda": lam, "gamma": gamma}
         load = f" | load {rec['load_max']:.2f}/{rec['load_min']:.2f}" if load_max is not None else ""
         log(f"step {step}/{max_iters} | loss {loss:.4f} (ce {ce:.4f} mtp {mtp:.4f} bal {bal:.2e}) | lr {lr:.2e} "
@@ -339,6 +342,7 @@ while True:
                 wandb.log(rec, step=step)
         t0, t_steps = time.time(), 0
 
-log(f"done: {step} steps, {tokens_seen:,} tokens, best val loss {best_val:.4f}, checkpoint {ckpt_path}")
+log(f"done: {step} steps, {tokens_seen:,} tokens in {train_time:.0f} s of training, best val loss {best_val:.4f}, "
+    f"checkpoint {ckpt_path}")
 if ddp:
     dist.destroy_process_group()
