@@ -112,7 +112,12 @@ def resume(path, model, optimizer, cfg, world_size):
         raise ValueError(f"{path} was written by {len(ckpt['data'])} processes, now there are {world_size}: "
                          "resume with the same number of processes to continue the data stream exactly")
     load_state(model, ckpt.pop("model"), path)
-    optimizer.load_state_dict(ckpt.pop("optimizer"))
+    try:
+        optimizer.load_state_dict(ckpt.pop("optimizer"))
+    except (ValueError, KeyError):
+        saved = ckpt["config"].get("optimizer", "adamw")
+        raise ValueError(f"{path}: its optimizer state (optimizer={saved!r}) does not fit this run's optimizer: "
+                         f"resume with optimizer={saved!r}") from None
     set_rng_state(ckpt["rng"])
     return ckpt
 

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from checkpoint import fingerprint, resume, rng_state, save_checkpoint
 from configurator import configure, config_keys
 from data.fineweb import SAMPLE_DIR, DataError, ShardReader, get_tokenizer, prepare_sample
+from muon import build_optimizer
 from model import ModelConfig, Transformer, autocast_context, gpu_peak_flops
 from sample import generate_tokens
 
@@ -52,7 +53,10 @@ wandb_run_name = 'run'
 # data / batch
 batch_size = 16                  # sequences per micro-step per process
 total_batch_size = 524288        # tokens per optimizer step; gradient accumulation = this / (batch_size*max_seq_len*world)
-# AdamW and the learning-rate schedule
+# optimizer and the learning-rate schedule
+optimizer = 'adamw'              # 'adamw' | 'muon': Muon for the hidden matrices, AdamW for the rest (muon.py); both
+                                 # use learning_rate and weight_decay (Muon's updates are scaled to AdamW's RMS)
+muon_momentum = 0.95
 learning_rate = 6e-4
 min_lr = 6e-5
 max_iters = 19073
@@ -61,7 +65,7 @@ lr_decay_iters = 19073
 lr_schedule = 'cosine'           # 'cosine' (warmup, cosine to min_lr) | 'wsd' (warmup, stable, linear decay)
 wsd_decay_frac = 0.2             # WSD: the last fraction of lr_decay_iters decays linearly to min_lr
 weight_decay = 0.1
-beta1 = 0.9
+beta1 = 0.9                      # AdamW's betas
 beta2 = 0.95
 grad_clip = 1.0
 # DeepSeek-V3 schedules
@@ -140,8 +144,10 @@ except DataError as e:
 
 # ---- model, optimizer, resume -----------------------------------------------------------------------
 raw_model = Transformer(cfg).to(device)  # the module itself: checkpoints, bias updates, sampling
-optimizer = torch.optim.AdamW(raw_model.param_groups(weight_decay), lr=learning_rate, betas=(beta1, beta2),
-                              fused=True)  # one kernel for all tensors, on CUDA and on the CPU
+try:
+    optimizer = build_optimizer(raw_model, optimizer, learning_rate, weight_decay, (beta1, beta2), muon_momentum)
+except ValueError as e:
+    fail(e)
 step, tokens_seen, best_val, train_time = 0, 0, float("inf"), 0.0  # train_time: seconds in training steps
 os.makedirs(out_dir, exist_ok=True)
 ckpt_path = os.path.join(out_dir, "ckpt.pt")

@@ -105,9 +105,10 @@ def test_bundled_sample_is_prepared_on_first_use(tmp_path):
     assert p.returncode == 0 and "tokenizing the bundled" not in p.stdout
 
 
-def test_resume_is_exact(tmp_path, small_shards):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_is_exact(tmp_path, small_shards, optimizer):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    common = ["--lr_decay_iters=16", "--eval_interval=8"]
+    common = ["--lr_decay_iters=16", "--eval_interval=8", f"--optimizer={optimizer}"]
     run_train(straight, small_shards, "--max_iters=16", *common)
     run_train(split, small_shards, "--max_iters=8", *common)
     run_train(split, small_shards, "--max_iters=16", "--init_from=resume", *common)
@@ -122,9 +123,11 @@ def test_resume_is_exact(tmp_path, small_shards):
     assert ca["data"] == cb["data"] and ca["tokens"] == cb["tokens"]
 
 
-def test_ddp_two_processes_match_single_process(tmp_path, small_shards):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_ddp_two_processes_match_single_process(tmp_path, small_shards, optimizer):
+    """Muon too: every rank orthogonalises the same all-reduced gradients, so the ranks stay identical."""
     single, ddp = tmp_path / "single", tmp_path / "ddp"
-    common = ["--max_iters=6", "--lr_decay_iters=6", "--eval_interval=100"]
+    common = ["--max_iters=6", "--lr_decay_iters=6", "--eval_interval=100", f"--optimizer={optimizer}"]
     run_train(single, small_shards, *common)  # batch 4 x 2 accumulation steps
     p = run_train(ddp, small_shards, *common, nproc=2)  # 2 ranks x batch 4: the same 8 windows per step
     assert "tokens per step: 512 = 4 x 64 x 2 processes x 1 accumulation steps" in p.stdout
@@ -185,7 +188,8 @@ def trained_tiny(tmp_path_factory, small_shards):
 
 
 @pytest.mark.parametrize("case", ["other_model_config", "missing_data", "unknown_key", "wrong_type",
-                                  "compile_without_bf16", "resume_without_checkpoint", "batch_not_divisible"])
+                                  "compile_without_bf16", "resume_without_checkpoint", "batch_not_divisible",
+                                  "unknown_optimizer", "resume_with_other_optimizer"])
 def test_clear_errors(case, tmp_path, small_shards, trained_tiny):
     args, expected = {
         "other_model_config": ([f"--out_dir={trained_tiny}", "--init_from=resume", "--dim=48"],
@@ -196,6 +200,9 @@ def test_clear_errors(case, tmp_path, small_shards, trained_tiny):
         "compile_without_bf16": (["--compile=True", "--dtype=float32"], ["needs dtype='bfloat16'"]),
         "resume_without_checkpoint": (["--init_from=resume"], ["init_from='resume' but there is no checkpoint"]),
         "batch_not_divisible": (["--total_batch_size=500"], ["total_batch_size=500 is not a multiple"]),
+        "unknown_optimizer": (["--optimizer=sgd"], ["optimizer must be 'adamw' or 'muon', not 'sgd'"]),
+        "resume_with_other_optimizer": ([f"--out_dir={trained_tiny}", "--init_from=resume", "--optimizer=muon"],
+                                        ["optimizer state (optimizer='adamw') does not fit", "resume with optimizer='adamw'"]),
     }[case]
     p = run_train(tmp_path / "x", small_shards, "--max_iters=4", *args, check=False)
     assert p.returncode == 1 and "Traceback" not in p.stderr

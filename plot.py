@@ -1,0 +1,94 @@
+"""
+Plot training runs from their out_dir logs (log.jsonl, eval.jsonl written by train.py), several runs overlaid:
+
+    python plot.py out-small out-small-muon                      # -> plot.png
+    python plot.py out-abl/* --out=assets/ablation.png --x=time  # against training seconds instead of tokens
+
+Panels: train loss (main head's cross-entropy), val loss, and when the logs have them HellaSwag acc_norm and the
+expert load (max and min, as multiples of the balanced load). Each run is named by its folder (or --names).
+Needs matplotlib, which nothing else here uses: pip install matplotlib.
+"""
+import argparse
+import json
+import os
+import sys
+
+
+def read_jsonl(path):
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot(run_dirs, out, names=None, x="tokens", title=None):
+    """Draw the runs into one figure, save it to `out` and return it (tests count its lines)."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    runs = []
+    for i, d in enumerate(run_dirs):
+        log, ev = read_jsonl(os.path.join(d, "log.jsonl")), read_jsonl(os.path.join(d, "eval.jsonl"))
+        if not log and not ev:
+            raise ValueError(f"{d}: no log.jsonl or eval.jsonl (is it a train.py out_dir?)")
+        if any(x not in r for r in log + ev):
+            raise ValueError(f"{d}: the logs have no {x!r} field (logs of an older train.py?); try --x=tokens")
+        runs.append((names[i] if names else os.path.basename(os.path.normpath(d)), log, ev))
+
+    has = lambda rows, key: any(r.get(key) is not None for r in rows)
+    panels = [("train loss (main head)", "log", ["ce"]), ("val loss", "eval", ["val_loss"])]
+    if any(has(ev, "hellaswag_acc_norm") for _, _, ev in runs):
+        panels.append(("HellaSwag acc_norm", "eval", ["hellaswag_acc_norm"]))
+    if any(has(log, "load_max") for _, log, _ in runs):
+        panels.append(("expert load max / min (x balanced)", "log", ["load_max", "load_min"]))
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (label, source, keys) in zip(axes[0], panels):
+        for i, (name, log, ev) in enumerate(runs):
+            rows = log if source == "log" else ev
+            for key, style in zip(keys, ["-", "--"]):
+                pts = [(r[x], r[key]) for r in rows if r.get(key) is not None]
+                if pts:
+                    ax.plot(*zip(*pts), style, color=colors[i % len(colors)], label=name if style == "-" else None,
+                            marker="o" if source == "eval" else None, markersize=3)
+        ax.set_title(label, fontsize=10)
+        ax.set_xlabel("training seconds" if x == "time" else x)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    val_ax = axes[0][1]  # zoom the val panel past the first (untrained) eval so the runs can be told apart
+    late = [r["val_loss"] for _, _, ev in runs for r in ev if r["step"] > 0]
+    if late:
+        val_ax.set_ylim(min(late) - 0.05 * (max(late) - min(late) + 0.1), max(late) + 0.1)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(out, dpi=80)
+    return fig
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dirs", nargs="+", help="train.py out_dirs")
+    p.add_argument("--out", default="plot.png", help="the PNG to write")
+    p.add_argument("--names", default="", help="comma-separated run names (default: the folder names)")
+    p.add_argument("--x", choices=["tokens", "time", "step"], default="tokens", help="x axis")
+    p.add_argument("--title", default="")
+    args = p.parse_args(argv)
+    names = args.names.split(",") if args.names else None
+    if names and len(names) != len(args.run_dirs):
+        sys.exit(f"plot.py: error: {len(names)} --names for {len(args.run_dirs)} runs")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        sys.exit("plot.py: error: matplotlib is not installed (pip install matplotlib); nothing else needs it")
+    try:
+        plot(args.run_dirs, args.out, names, args.x, args.title or None)
+    except ValueError as e:
+        sys.exit(f"plot.py: error: {e}")
+    print(f"plot.py: wrote {args.out} ({len(args.run_dirs)} runs)")
+
+
+if __name__ == "__main__":
+    main()
