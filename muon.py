@@ -15,7 +15,7 @@ the norm gains and the router (a 16-64 way classifier whose rows should move ind
 Moonlight and modded-nanogpt. The routed experts are a (n_routed_experts, out, in) stack: each expert is its
 own matrix, orthogonalised on its own, all of them in the same batched matmuls.
 
-torch >= 2.9 ships torch.optim.Muon, but it accepts 2-D parameters only. One implementation serves better than
+Recent torch ships torch.optim.Muon, but it accepts 2-D parameters only. One implementation serves better than
 torch's for the 2-D matrices plus ours for the stacks: the same code path and state for every hidden matrix, and
 Newton-Schulz in fp32 on the CPU (torch's runs in bf16, which is slow there). tests/test_muon.py checks that a
 2-D step equals torch.optim.Muon's (with adjust_lr_fn="match_rms_adamw") when both run Newton-Schulz in bf16.

@@ -209,6 +209,16 @@ def test_clear_errors(case, tmp_path, small_shards, trained_tiny):
     assert all(e in p.stderr.strip().splitlines()[-1] for e in expected), p.stderr[-500:]
 
 
+@pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "config").glob("*.py")))
+def test_config_files_are_valid(config, tmp_path):
+    """Every shipped config parses (known keys, right types) and builds a valid ModelConfig: train.py gets as far
+    as the data, which is missing here."""
+    p = subprocess.run([sys.executable, "train.py", f"config/{config}", f"--data_dir={tmp_path / 'none'}",
+                        "--device=cpu", "--dtype=float32", "--compile=False"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 1 and "meta.json missing" in p.stderr.strip().splitlines()[-1], p.stderr[-500:]
+
+
 def test_help_lists_every_setting():
     p = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 0 and "--bias_update_speed=0.001" in p.stdout and "--kv_lora_rank=256" in p.stdout
