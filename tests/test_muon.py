@@ -151,6 +151,9 @@ def test_muon_state_round_trips_and_refuses_adamw_state():
         o.step()
     for a, b in zip(m1.parameters(), m2.parameters()):
         assert torch.equal(a, b)
+    for g in o2.param_groups:  # the lr schedule still reaches both optimizers after a load
+        g["lr"] = 0.5
+    assert [g["lr"] for o in o2.optimizers for g in o.param_groups] == [0.5] * 3
     adamw = build_optimizer(m1, "adamw", 1e-2, 0.1, (0.9, 0.95))
     with pytest.raises(ValueError, match="optimizer='muon'"):
         o1.load_state_dict(adamw.state_dict())
