@@ -14,7 +14,9 @@ Measures, after warm-up steps, on random tokens:
            tokens/s, MFU (torchtitan FLOP count, MTP included), peak memory (CUDA);
   baseline the same for a dense GPT-2-style model of the same width, depth, heads, vocab and sequence length
            (LayerNorm, multi-head attention with head_dim = dim / n_heads, GELU MLP) whose MLP width is chosen
-           so its FLOPs per token equal ours; prints the ratio ours / baseline;
+           so its FLOPs per token equal ours; prints the ratio ours / baseline. --baseline_model=dense
+           instead times this same model with every block dense (n_dense_layers = n_layers + n_mtp: MLA, MTP
+           and all, the dense SwiGLU of inter_dim in place of each MoE), the README's MoE-vs-dense ablation;
   decode   tokens/s of cached decoding (absorbed MLA, latent cache) and of recomputing the full forward per
            token, with the cache bytes per token against multi-head attention;
   moe      one MoE layer's forward+backward: `moe_dispatch` (grouped matmuls) against a per-expert Python loop;
@@ -26,7 +28,7 @@ import sys
 import time
 import warnings
 from contextlib import nullcontext
-from dataclasses import fields
+from dataclasses import fields, replace
 
 import torch
 import torch.nn as nn
@@ -45,7 +47,8 @@ warmup = 3                       # untimed steps (compilation happens here)
 steps = 6                        # timed training steps per round
 rounds = 3                       # rounds alternate ours / baseline; tokens/s from the median round
 decode_tokens = 64               # tokens generated per decode measurement (after a 16-token prompt)
-baseline = True                  # also benchmark the dense baseline
+baseline = True                  # also benchmark a dense baseline
+baseline_model = 'gpt'           # 'gpt': GPT-2-style, FLOP-matched MLP | 'dense': this model with every block dense
 moe = True                       # one-MoE-layer benchmark: grouped matmuls vs a Python loop over experts
 moe_tokens, moe_dim, moe_experts, moe_topk, moe_inter = 4096, 256, 16, 4, 128
 sdpa = True                      # per-backend timing of MLA's training attention
@@ -287,13 +290,21 @@ def main(argv=None):
     fwd = torch.compile(model) if compile else model
     runs = {"ours": train_step(model, lambda i, t: fwd(i, t)[1]["loss"], B, T, cfg.vocab_size, dev, ctx)}
     res["ours"] = {"flops_per_token": flops, "params_total": rep["total"], "params_active": rep["active_with_mtp"]}
-    if baseline:
+    if baseline and baseline_model == "dense":
+        torch.manual_seed(seed)
+        dense = Transformer(replace(cfg, n_dense_layers=cfg.n_layers + cfg.n_mtp)).to(dev)
+        dense_fwd = torch.compile(dense) if compile else dense
+        runs["baseline"] = train_step(dense, lambda i, t: dense_fwd(i, t)[1]["loss"], B, T, cfg.vocab_size, dev, ctx)
+        res["baseline"] = {"flops_per_token": dense.flops_per_token(T), "model": "dense"}
+    elif baseline:
+        if baseline_model != "gpt":
+            sys.exit(f"bench.py: error: baseline_model must be 'gpt' or 'dense', not {baseline_model!r}")
         hidden = matched_mlp_hidden(cfg, flops, 64 if dev.type == "cuda" else 8)
         torch.manual_seed(seed)
         dense = DenseGPT(cfg.vocab_size, cfg.dim, cfg.n_layers, cfg.n_heads, hidden).to(dev)
         runs["baseline"] = train_step(dense, torch.compile(dense) if compile else dense, B, T, cfg.vocab_size, dev, ctx)
         res["baseline"] = {"flops_per_token": dense_flops_per_token(cfg.vocab_size, cfg.dim, cfg.n_layers, hidden, T),
-                           "mlp_hidden": hidden}
+                           "mlp_hidden": hidden, "model": "gpt"}
     # rounds alternate between the models, so a machine that speeds up or slows down affects both alike
     times = {name: [] for name in runs}
     for _ in range(rounds):
@@ -304,7 +315,8 @@ def main(argv=None):
         r.update(tok_per_s=B * T / sorted(times[name])[rounds // 2], warmup_s=warm_s, peak_mem_gb=mem)
         r["mfu"] = r["flops_per_token"] * r["tok_per_s"] / peak if peak else None
         extra = (f"{rep['total'] / 1e6:.1f}M params, {rep['active_with_mtp'] / 1e6:.1f}M active with MTP" if name == "ours"
-                 else f"dense GPT-2 style, MLP width {r['mlp_hidden']}")
+                 else f"dense GPT-2 style, MLP width {r['mlp_hidden']}" if r["model"] == "gpt"
+                 else f"this model with every block dense, inter_dim {cfg.inter_dim}")
         print(f"{name:9s} {r['tok_per_s']:12,.0f} tok/s" + (f", MFU {100 * r['mfu']:.1f}%" if r["mfu"] else "")
               + (f", peak memory {mem:.2f} GB" if mem else "")
               + f"  ({r['flops_per_token'] / 1e9:.4f} GFLOP/token, {extra}; warm-up {warm_s:.1f} s)", flush=True)

@@ -61,6 +61,24 @@ def test_bench_runs_end_to_end(tmp_path, capsys):
     assert res["sdpa_ms"]["math"] is not None and "default (v padded)" in res["sdpa_ms"]
 
 
+def test_bench_dense_baseline_is_this_model_all_dense(tmp_path, capsys):
+    """--baseline_model=dense: the baseline is our Transformer with every block (the MTP block too) dense, so with
+    inter_dim = (n_shared + n_activated) * moe_inter_dim it has our FLOPs per token but for the router's."""
+    config = tmp_path / "tiny.py"
+    tiny = {**TINY, "inter_dim": 48}  # (1 shared + 2 activated) x 16
+    config.write_text("".join(f"{k} = {v!r}\n" for k, v in tiny.items()) + "batch_size = 2\n")
+    out = tmp_path / "bench.json"
+    bench.main([str(config), "--device=cpu", "--baseline_model=dense", "--warmup=1", "--steps=1", "--rounds=1",
+                "--decode_tokens=2", "--moe=False", "--sdpa=False", f"--json={out}"])
+    res = json.loads(out.read_text())
+    assert "this model with every block dense, inter_dim 48" in capsys.readouterr().out
+    assert res["baseline"]["model"] == "dense" and res["baseline"]["tok_per_s"] > 0
+    assert res["baseline"]["flops_per_token"] == pytest.approx(res["ours"]["flops_per_token"], rel=0.01)
+    assert res["baseline"]["flops_per_token"] < res["ours"]["flops_per_token"]
+    with pytest.raises(SystemExit, match="baseline_model must be 'gpt' or 'dense'"):
+        bench.main([str(config), "--device=cpu", "--baseline_model=mlp", "--moe=False", "--sdpa=False"])
+
+
 def test_bench_rejects_a_missing_or_bad_model_config(tmp_path):
     with pytest.raises(SystemExit, match="config file not found: nowhere.py"):
         bench.main(["nowhere.py", "--device=cpu"])
