@@ -10,7 +10,7 @@ configurator as train.py (its training-only settings are skipped); without one, 
 and config/train_tiny.py on the CPU.
 
 Measures, after warm-up steps, on random tokens:
-  train    full training steps (forward with MTP and balance loss, backward, AdamW, expert-bias update):
+  train    full training steps (forward with MTP and balance loss, backward, the optimizer, expert-bias update):
            tokens/s, MFU (torchtitan FLOP count, MTP included), peak memory (CUDA);
   baseline the same for a dense GPT-2-style model of the same width, depth, heads, vocab and sequence length
            (LayerNorm, multi-head attention with head_dim = dim / n_heads, GELU MLP) whose MLP width is chosen
@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from configurator import configure, config_keys
+from muon import build_optimizer
 from model import DTYPES, MoE, ModelConfig, Transformer, autocast_context, gpu_peak_flops
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -49,6 +50,8 @@ rounds = 3                       # rounds alternate ours / baseline; tokens/s fr
 decode_tokens = 64               # tokens generated per decode measurement (after a 16-token prompt)
 baseline = True                  # also benchmark a dense baseline
 baseline_model = 'gpt'           # 'gpt': GPT-2-style, FLOP-matched MLP | 'dense': this model with every block dense
+optimizer = 'adamw'              # train.py's optimizer setting (a config file's is read); 'muon' times our model and
+                                 # the 'dense' baseline with Muon; the GPT-2-style baseline always uses AdamW
 moe = True                       # one-MoE-layer benchmark: grouped matmuls vs a Python loop over experts
 moe_tokens, moe_dim, moe_experts, moe_topk, moe_inter = 4096, 256, 16, 4, 128
 sdpa = True                      # per-backend timing of MLA's training attention
@@ -128,8 +131,10 @@ def train_step(model, forward, B, T, vocab, dev, ctx):
     """A full training step on a fixed random batch, after `warmup` untimed steps (compilation happens there).
     Returns (step function, warm-up seconds, peak memory of the warm-up steps above what was allocated before, GB)."""
     base = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else 0
-    groups = model.param_groups(0.1) if hasattr(model, "param_groups") else model.parameters()
-    opt = torch.optim.AdamW(groups, lr=1e-4, fused=True)
+    if isinstance(model, Transformer):
+        opt = build_optimizer(model, optimizer, 1e-4, 0.1, (0.9, 0.95))
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     x = torch.randint(0, vocab, (B, T + 1), generator=torch.Generator().manual_seed(seed)).to(dev)
     idx, targets = x[:, :-1], x[:, 1:]
     update_bias = getattr(model, "update_expert_bias", None)
@@ -272,6 +277,10 @@ def main(argv=None):
         cfg = ModelConfig(**{f.name: c[f.name] for f in fields(ModelConfig)})
     except ValueError as e:
         sys.exit(f"bench.py: error: {e}")
+    if optimizer not in ("adamw", "muon"):
+        sys.exit(f"bench.py: error: optimizer must be 'adamw' or 'muon', not {optimizer!r}")
+    if baseline and baseline_model == "gpt":
+        globals()["optimizer"] = "adamw"  # the GPT-2-style baseline has no Muon routing: time both with AdamW
     B, T = batch_size, cfg.max_seq_len
     pt = DTYPES[dtype]
     if dev.type == "cuda":
@@ -279,9 +288,11 @@ def main(argv=None):
         torch.backends.cudnn.allow_tf32 = True
     peak = peak_flops or gpu_peak_flops(dev)
     machine = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"bench.py: {path}, {machine}, {dtype}, compile={compile}, batch {B} x {T}, torch {torch.__version__}",
+    print(f"bench.py: {path}, {machine}, {dtype}, compile={compile}, batch {B} x {T}, optimizer {optimizer}, "
+          f"torch {torch.__version__}",
           flush=True)
-    res = {"model_config": path, "machine": machine, "dtype": dtype, "compile": compile, "batch_size": B,
+    res = {"model_config": path, "machine": machine, "dtype": dtype, "compile": compile, "optimizer": optimizer,
+           "batch_size": B,
            "seq_len": T, "torch": torch.__version__, "peak_flops": peak or None}
 
     torch.manual_seed(seed)

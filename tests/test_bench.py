@@ -68,9 +68,10 @@ def test_bench_dense_baseline_is_this_model_all_dense(tmp_path, capsys):
     tiny = {**TINY, "inter_dim": 48}  # (1 shared + 2 activated) x 16
     config.write_text("".join(f"{k} = {v!r}\n" for k, v in tiny.items()) + "batch_size = 2\n")
     out = tmp_path / "bench.json"
-    bench.main([str(config), "--device=cpu", "--baseline_model=dense", "--warmup=1", "--steps=1", "--rounds=1",
-                "--decode_tokens=2", "--moe=False", "--sdpa=False", f"--json={out}"])
+    bench.main([str(config), "--device=cpu", "--baseline_model=dense", "--optimizer=muon", "--warmup=1", "--steps=1",
+                "--rounds=1", "--decode_tokens=2", "--moe=False", "--sdpa=False", f"--json={out}"])
     res = json.loads(out.read_text())
+    assert res["optimizer"] == "muon"  # both models timed with the training optimizer
     assert "this model with every block dense, inter_dim 48" in capsys.readouterr().out
     assert res["baseline"]["model"] == "dense" and res["baseline"]["tok_per_s"] > 0
     assert res["baseline"]["flops_per_token"] == pytest.approx(res["ours"]["flops_per_token"], rel=0.01)
