@@ -47,14 +47,18 @@ Numerics against model.py (checked by tests/test_export.py, fp32, max |logit dif
     with 0.0 instead of -inf; that picks a different expert only when a kept group's biased score
     (sigmoid + bias) is below 0, i.e. when an expert's bias has drifted below -1 (n_expert_groups > 1 only).
   - YaRN (yarn=True) becomes rope_scaling {type yarn, factor, original_max_position_
-    embeddings, beta_fast, beta_slow, mscale = mscale_all_dim = our mscale}: the released config's form.
+    embeddings, beta_fast, beta_slow, mscale = mscale_all_dim = our mscale}: the released config's form, plus
+    attention_factor 1.0 (model.py scales only the softmax; without it transformers would also scale cos/sin
+    when mscale is 0).
     transformers logs a note when max_seq_len != rope_factor * original_seq_len (it checks that ratio); it then
     uses the explicit factor, as model.py does, so the logits still match.
 
 --to=official writes the layout of DeepSeek-V3's inference/ code (our parameter names already are its names):
 model0-mp1.safetensors with experts unstacked to layers.N.ffn.experts.E.w1.weight etc., and config.json with
-the fields of its ModelArgs. That code has no MTP modules, so none are written; its Gate creates the
-selection bias only when dim == 7168, so for other widths load it with strict=False or add the bias there.
+the fields of its ModelArgs and nothing else (it builds ModelArgs(**config)), dtype "bf16". That code turns YaRN
+on whenever max_seq_len > original_seq_len, so a yarn=False model is written with original_seq_len >= max_seq_len.
+It has no MTP modules, so none are written; its Gate creates the selection bias only when dim == 7168, so for
+other widths load it with strict=False or add the bias there.
 """
 import json
 import math
@@ -80,7 +84,8 @@ tokenizer = True                 # write the tokenizer files (--to=hf)
 _SETTINGS = config_keys(globals())
 EOT = "<|endoftext|>"
 EOT_ID = 50256
-# the fields of the official inference/model.py ModelArgs that describe the network
+# the fields of the official inference/model.py ModelArgs that describe the network (its generate.py builds
+# ModelArgs(**json.load(f)), so config.json holds these and its "dtype", nothing else)
 OFFICIAL_FIELDS = ["max_seq_len", "vocab_size", "dim", "inter_dim", "moe_inter_dim", "n_layers", "n_dense_layers",
                    "n_heads", "n_routed_experts", "n_shared_experts", "n_activated_experts", "n_expert_groups",
                    "n_limited_groups", "score_func", "route_scale", "q_lora_rank", "kv_lora_rank",
@@ -159,9 +164,13 @@ def hf_config(cfg, torch_dtype="float32"):
     eot = EOT_ID if EOT_ID < cfg.vocab_size else None  # a toy vocabulary (tests) has no <|endoftext|> row
     rope_scaling = None
     if cfg.yarn:
+        # attention_factor 1.0: model.py puts the whole YaRN temperature into the softmax scale (mscale_all_dim)
+        # and none on cos/sin. transformers infers that 1.0 itself from mscale == mscale_all_dim, except when
+        # they are 0, where it would scale cos/sin by 0.1 * ln(factor) + 1
         rope_scaling = {"type": "yarn", "rope_type": "yarn", "factor": cfg.rope_factor,
                         "original_max_position_embeddings": cfg.original_seq_len, "beta_fast": cfg.beta_fast,
-                        "beta_slow": cfg.beta_slow, "mscale": cfg.mscale, "mscale_all_dim": cfg.mscale}
+                        "beta_slow": cfg.beta_slow, "mscale": cfg.mscale, "mscale_all_dim": cfg.mscale,
+                        "attention_factor": 1.0}
     return {
         "architectures": ["DeepseekV3ForCausalLM"],
         "model_type": "deepseek_v3",
@@ -293,10 +302,14 @@ def official_state_dict(state, cfg):
     return out
 
 
-def official_config(cfg, torch_dtype):
+def official_config(cfg):
+    """config.json for the official ModelArgs. That code has no yarn switch: it applies YaRN (frequencies and the
+    mscale^2 softmax factor) whenever max_seq_len > original_seq_len, so a yarn=False model says original_seq_len
+    >= max_seq_len there. The weights' dtype is not a ModelArgs field; the safetensors file records it."""
     d = {f: getattr(cfg, f) for f in OFFICIAL_FIELDS}
+    if not cfg.yarn:
+        d["original_seq_len"] = max(cfg.original_seq_len, cfg.max_seq_len)
     d["dtype"] = "bf16"  # the official code computes in bf16 (its other choice is fp8); weights load with a cast
-    d["weights_dtype"] = torch_dtype
     return d
 
 
@@ -347,7 +360,12 @@ def export(model_cfg, state, dest, to="hf", dtype="float32", mtp="auto", enc=Non
         raise ExportError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if to not in ("hf", "official"):
         raise ExportError(f"--to must be hf or official, got {to!r}")
-    os.makedirs(dest, exist_ok=True)
+    if os.path.exists(dest) and not os.path.isdir(dest):
+        raise ExportError(f"--hf_dir={dest} is an existing file, not a folder (nothing was written)")
+    try:
+        os.makedirs(dest, exist_ok=True)
+    except OSError as e:  # e.g. a parent that is a file, or no permission
+        raise ExportError(f"cannot create --hf_dir={dest}: {e.strerror}") from None
     with_mtp = resolve_mtp(mtp, model_cfg, to)
     if to == "hf":
         cfg_json = hf_config(model_cfg, dtype)
@@ -376,7 +394,7 @@ def export(model_cfg, state, dest, to="hf", dtype="float32", mtp="auto", enc=Non
     else:
         tensors = official_state_dict(state, model_cfg)
         nbytes = _save_safetensors(tensors, os.path.join(dest, "model0-mp1.safetensors"), DTYPES[dtype])
-        _write_json(os.path.join(dest, "config.json"), official_config(model_cfg, dtype))
+        _write_json(os.path.join(dest, "config.json"), official_config(model_cfg))
     return {"tensors": len(tensors), "bytes": nbytes, "mtp": with_mtp}
 
 

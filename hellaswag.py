@@ -69,9 +69,10 @@ def default_data_path():
     return os.path.join(cache, "nanodeepseek", "hellaswag", "hellaswag_val.jsonl")
 
 
-def download(dest, url=_URL, sha256=_SHA256):
-    """Fetch url to dest atomically, checking its sha256 before the rename; a HellaSwagError naming --data_path
-    if that fails."""
+def download(dest, url=None, sha256=None):
+    """Fetch url (default: the official file) to dest atomically, checking its sha256 before the rename; a
+    HellaSwagError naming --data_path if that fails."""
+    url, sha256 = url or _URL, sha256 or _SHA256
     os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
 
     def fetch(f):
@@ -85,7 +86,7 @@ def download(dest, url=_URL, sha256=_SHA256):
             reason = getattr(e, "reason", None) or e
             raise HellaSwagError(f"cannot download HellaSwag from {url} ({type(e).__name__}: {reason}); offline, pass "
                                  "--data_path=/path/to/hellaswag_val.jsonl (fetched on an online machine)") from e
-        if sha256 and digest.hexdigest() != sha256:
+        if digest.hexdigest() != sha256:
             raise HellaSwagError(f"downloaded {url} has sha256 {digest.hexdigest()[:12]}..., expected "
                                  f"{sha256[:12]}...; retry, or pass --data_path=/path/to/hellaswag_val.jsonl")
 
@@ -94,7 +95,24 @@ def download(dest, url=_URL, sha256=_SHA256):
 
 
 def resolve_data_path(path=None):
-    """The jsonl to read: `path` if given (it must exist), else the cached copy, downloaded on first use."""
+    """The jsonl to read: `path` if given (it must exist), else the cached copy, downloaded on first use.
+    Under torch.distributed, rank 0 looks (and downloads) first while the others wait, then they look: one
+    download, not one per rank racing for the same file. A failure on rank 0 is raised on every rank, so no rank
+    is left waiting in a collective."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        error = [None]
+        if dist.get_rank() == 0:
+            try:
+                _resolve(path)
+            except HellaSwagError as e:
+                error = [str(e)]
+        dist.broadcast_object_list(error, src=0)  # also the barrier: the file exists once this returns
+        if error[0]:
+            raise HellaSwagError(error[0])
+    return _resolve(path)
+
+
+def _resolve(path):
     if path:
         if not os.path.isfile(path):
             raise HellaSwagError(f"no HellaSwag file at {path} (--data_path): expected hellaswag_val.jsonl")
@@ -215,31 +233,23 @@ def pick(sum_losses, mean_losses):
     return first_min(s), first_min(m)
 
 
-def _max_seq_len(model):
-    """cfg.max_seq_len of the model, looking through DDP (.module) and torch.compile (._orig_mod) wrappers."""
-    for _ in range(4):
-        cfg = getattr(model, "cfg", None)
-        if cfg is not None and getattr(cfg, "max_seq_len", None):
-            return cfg.max_seq_len
-        model = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if model is None:
-            break
-    return None
-
-
 @torch.no_grad()
 def evaluate(model, path, device, enc=None, limit=None, batch_size=8, progress=False):
     """HellaSwag accuracy of an already-loaded model -> {'acc': float, 'acc_norm': float, 'n': int}.
-    path: the jsonl (None: cache/download); limit: first N items only. Under torch.distributed, rank r scores
-    items r::world_size and the counts are all-reduced, so every rank returns the global result. The caller
-    sets autocast; the model is put in eval mode for the call and restored (so MoE load counters stay clean)."""
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        model = model.module  # ranks run different numbers of forwards here: no DDP collectives (buffer syncs)
+    model: the plain module, not a DDP wrapper (ranks run different numbers of forwards here, so no DDP
+    collectives may run). path: the jsonl (None: cache/download); limit: first N items only. Under
+    torch.distributed, rank r scores items r::world_size and the counts are all-reduced, so every rank returns the
+    global result. The caller sets autocast; the model is put in eval mode for the call and restored (so MoE load
+    counters stay clean)."""
     items = load_examples(path, limit)
     enc = enc if enc is not None else get_tokenizer()
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
-    max_len = _max_seq_len(model)
-    shard = [render(ex, enc, max_len) for ex in items[rank::world]]
+    cfg = getattr(model, "cfg", None)
+    if cfg is not None and getattr(enc, "n_vocab", 0) > cfg.vocab_size:  # the same answer on every rank
+        raise HellaSwagError(f"the model's vocab_size is {cfg.vocab_size}, smaller than the tokenizer's "
+                             f"{enc.n_vocab}: HellaSwag's text would index past its embedding; evaluate a model "
+                             "trained with the GPT-2 vocabulary (vocab_size >= 50257)")
+    shard = [render(ex, enc, cfg.max_seq_len if cfg else None) for ex in items[rank::world]]
     shard.sort(key=lambda r: max(len(t) for t in r["tokens"]))  # similar lengths together: less padding
     counts = torch.zeros(3, dtype=torch.long, device=device)    # correct, correct_norm, n
     was_training = model.training

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from checkpoint import fingerprint, resume, rng_state, save_checkpoint
 from configurator import configure, config_keys
-from data.fineweb import SAMPLE_DIR, DataError, ShardReader, get_tokenizer, prepare_sample
+from data.fineweb import SAMPLE_DIR, DataError, ShardReader, atomic_write, check_token_ids, get_tokenizer, prepare_sample
 from muon import build_optimizer
 from model import ModelConfig, Transformer, autocast_context, gpu_peak_flops
 from sample import generate_tokens
@@ -67,7 +67,7 @@ wsd_decay_frac = 0.2             # WSD: the last fraction of lr_decay_iters deca
 weight_decay = 0.1
 beta1 = 0.9                      # AdamW's betas
 beta2 = 0.95
-grad_clip = 1.0
+grad_clip = 1.0                   # max global gradient norm; 0 = no clipping (the norm is still logged)
 # DeepSeek-V3 schedules
 mtp_lambda_late = 0.1            # MTP weight after mtp_late_iter (V3: 0.3 -> 0.1 when LR decay starts)
 mtp_late_iter = -1               # -1: keep mtp_lambda for the whole run
@@ -76,6 +76,7 @@ bias_freeze_iter = -1            # V3 freezes the bias for the last tokens; -1: 
 # system
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'   # autocast dtype: 'bfloat16' | 'float32'
+                                 # (no 'float16': its gradients underflow without a GradScaler; bf16 needs none)
 compile = torch.cuda.is_available()
 seed = 1337
 peak_flops = 0.0                 # for MFU; 0 = look the GPU up in model.PEAK_FLOPS
@@ -89,6 +90,33 @@ globals().update(config)  # the settings live in these globals, and `config` is 
 def fail(message):
     sys.exit(f"train.py: error: {message}")  # one line, no traceback: the user's input was wrong
 
+
+# ---- check the settings: a mistake stops here, in one line, before anything is built or written -----------
+for _name in ("batch_size", "total_batch_size", "eval_interval", "eval_iters", "log_interval"):
+    if globals()[_name] < 1:
+        fail(f"{_name} must be at least 1, got {globals()[_name]}")
+for _name in ("max_iters", "warmup_iters", "lr_decay_iters", "sample_tokens", "hellaswag_interval", "hellaswag_limit",
+              "learning_rate", "min_lr", "weight_decay", "bias_update_speed"):
+    if globals()[_name] < 0:
+        fail(f"{_name} must be >= 0, got {globals()[_name]}")
+if grad_clip < 0:
+    fail(f"grad_clip must be >= 0 (0 turns clipping off), got {grad_clip}")
+if not 0 <= wsd_decay_frac <= 1:
+    fail(f"wsd_decay_frac must be in [0, 1], got {wsd_decay_frac}")
+for _name, _choices in (("init_from", ("scratch", "resume")), ("lr_schedule", ("cosine", "wsd")),
+                        ("optimizer", ("adamw", "muon"))):
+    if globals()[_name] not in _choices:
+        fail(f"{_name} must be one of {_choices}, not {globals()[_name]!r}")
+if dtype == "float16":
+    fail("dtype='float16' is not supported for training: without a GradScaler most of its gradients underflow "
+         "to 0; use dtype='bfloat16' (same speed, no scaler needed) or 'float32'")
+if dtype not in ("float32", "bfloat16"):
+    fail(f"dtype must be 'float32' or 'bfloat16', not {dtype!r}")
+if not (device == "cpu" or device == "cuda" or device.startswith("cuda:") and device[5:].isdigit()):
+    fail(f"device must be 'cpu', 'cuda' or 'cuda:N', not {device!r}")
+if device.startswith("cuda") and not torch.cuda.is_available():
+    fail(f"device={device!r} but this PyTorch ({torch.__version__}) sees no CUDA GPU: use --device=cpu "
+         "(with --dtype=float32 --compile=False) or install a CUDA build of PyTorch")
 
 # ---- setup: processes, device, precision ----------------------------------------------------------
 if compile and dtype != "bfloat16":
@@ -109,8 +137,8 @@ torch.manual_seed(seed)
 if device_type == "cuda":
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
+ctx = autocast_context(device_type, dtype)
 try:
-    ctx = autocast_context(device_type, dtype)
     cfg = ModelConfig(**{f.name: config[f.name] for f in fields(ModelConfig)})
 except ValueError as e:
     fail(e)
@@ -141,6 +169,18 @@ try:
                            shuffle=False)
 except DataError as e:
     fail(e)
+if sample_tokens:  # the prompt must fit the model's vocabulary (a smaller one would index past the embedding)
+    try:
+        enc = get_tokenizer()
+        sample_ids = check_token_ids(enc.encode_ordinary(sample_prompt), cfg.vocab_size, "sample_prompt")
+    except DataError as e:
+        fail(e)
+if hellaswag_interval:  # find (rank 0: download) the file now, not at the first HellaSwag eval hours from now
+    import hellaswag
+    try:
+        hellaswag_file = hellaswag.resolve_data_path(hellaswag_path or None)
+    except hellaswag.HellaSwagError as e:
+        fail(e)
 
 # ---- model, optimizer, resume -----------------------------------------------------------------------
 raw_model = Transformer(cfg).to(device)  # the module itself: checkpoints, bias updates, sampling
@@ -161,8 +201,13 @@ if init_from == "resume":
     train_time = ckpt.get("train_time", 0.0)
     log(f"resumed from {ckpt_path} at step {step} ({tokens_seen:,} tokens)")
     del ckpt
-elif init_from != "scratch":
-    fail(f"init_from must be 'scratch' or 'resume', not {init_from!r}")
+    if master:  # a run that crashed after its last checkpoint logged steps that will now run again: drop them
+        for name in ("log.jsonl", "eval.jsonl"):
+            path = os.path.join(out_dir, name)
+            if os.path.exists(path):
+                with open(path) as f:
+                    keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+                atomic_write(path, lambda f: f.writelines(keep), mode="w")
 start_step = step
 
 rep = raw_model.param_report()
@@ -219,15 +264,14 @@ def evaluate():
 def sample_text():
     """A few tokens from sample_prompt through sample.py's decoding, with a generator of its own (sampling
     never shifts the training RNG)."""
+    g = torch.Generator(device=device).manual_seed(seed)
     try:
-        enc = get_tokenizer()
-        g = torch.Generator(device=device).manual_seed(seed)
         with ctx:
-            tokens = list(generate_tokens(raw_model, enc.encode_ordinary(sample_prompt), sample_tokens, 0.8, 200,
-                                          None, g, n_vocab=enc.n_vocab))
-        return repr(enc.decode(tokens))
-    except (DataError, ValueError) as e:
+            tokens = list(generate_tokens(raw_model, sample_ids, max_new_tokens=sample_tokens, temperature=0.8,
+                                          top_k=200, generator=g, n_vocab=enc.n_vocab))
+    except ValueError as e:  # e.g. prompt + sample_tokens longer than max_seq_len
         return f"<no sample: {e}>"
+    return repr(enc.decode(tokens))
 
 
 def stop_if_non_finite(bad_step):
@@ -264,9 +308,11 @@ while True:
         line = f"step {step}: val loss {val_ce:.4f}" + (f", val mtp {val_mtp:.4f}" if cfg.n_mtp else "")
         record = {"step": step, "tokens": tokens_seen, "time": train_time, "val_loss": val_ce, "val_mtp": val_mtp}
         if hellaswag_interval and (step % hellaswag_interval == 0 or last_step):
-            import hellaswag
-            with ctx:
-                hs = hellaswag.evaluate(model, hellaswag_path or None, device, limit=hellaswag_limit or None)
+            try:  # the plain module: the compiled one would recompile for every batch shape
+                with ctx:
+                    hs = hellaswag.evaluate(raw_model, hellaswag_file, device, limit=hellaswag_limit or None)
+            except hellaswag.HellaSwagError as e:  # e.g. a vocab_size smaller than the tokenizer's
+                fail(e)
             line += f", hellaswag acc {hs['acc']:.4f} acc_norm {hs['acc_norm']:.4f} (n={hs['n']})"
             record.update({"hellaswag_acc": hs["acc"], "hellaswag_acc_norm": hs["acc_norm"]})
         log(line)
@@ -314,7 +360,8 @@ while True:
         data_state, x, y = next_batch()  # overlaps with the backward pass on GPU
         (losses["loss"] / grad_accum).backward()
         parts += torch.stack([losses[k].detach().float() for k in ("loss", "ce", "mtp", "balance")]) / grad_accum
-    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
+    # clip_grad_norm_ with max_norm 0 would zero every gradient: 0 means off, as in nanoGPT (norm still logged)
+    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else math.inf)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     gamma = 0.0 if 0 <= bias_freeze_iter <= step else bias_update_speed

@@ -23,7 +23,7 @@ Local files (--input; a directory stands for its supported files, recursively, i
 Offline: the Hub path checks first that the Hub can be reached (at once if HF_HUB_OFFLINE or HF_DATASETS_OFFLINE
 is set, else a 2 s connection test) and stops with a one-line error pointing to --input if not.
 
-Resuming: each shard is written to <name>.tmp and renamed when whole, then meta.json (also written atomically)
+Resuming: each shard is written to a temp file (<name>.<pid>.<random>.tmp) and renamed when whole, then meta.json (also written atomically)
 records how many documents are in the finished shards. Rerunning the same command skips those documents
 without tokenizing them and continues with the next shard; the result is byte-identical to an uninterrupted
 run. A file named *.npy is always a complete shard.
@@ -43,6 +43,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import secrets
 import socket
 import sys
 import threading
@@ -107,6 +108,17 @@ def get_tokenizer(path=TOKENIZER_FILE):
                         f"tokens with ranks 0..{GPT2_N_MERGEABLE - 1}, got {len(ranks)}): {REGENERATE}")
     return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PAT, mergeable_ranks=ranks,
                              special_tokens={"<|endoftext|>": GPT2_N_MERGEABLE}, explicit_n_vocab=GPT2_N_MERGEABLE + 1)
+
+
+def check_token_ids(ids, vocab_size, what="the text"):
+    """ids unchanged if every id fits a model of vocab_size, else a one-line DataError: a model trained with a
+    smaller vocabulary than the tokenizer's would index past its embedding (IndexError, or a device-side assert)."""
+    top = max(ids, default=-1)
+    if top >= vocab_size:
+        raise DataError(f"{what} encodes to token id {top}, but the model's vocab_size is {vocab_size}: it was "
+                        f"trained with a smaller vocabulary than the GPT-2 tokenizer's {GPT2_N_MERGEABLE + 1}; use "
+                        "text the model can read or a model with vocab_size >= 50257")
+    return ids
 
 
 def tokenize(text):
@@ -275,11 +287,13 @@ def _file_documents(path):
 # the shard writer
 
 def atomic_write(path, write, mode="wb"):
-    """Write a file through write(f) to <path>.tmp, flush it to disk, then rename it over path: a file with the
-    final name is always whole, and a failed write leaves the previous file and no temp file. Every file the
-    project writes (shards, meta.json, checkpoints, results) goes through here."""
+    """Write a file through write(f) to a temp file beside it, flush it to disk, then rename it over path: a file
+    with the final name is always whole, and a failed write leaves the previous file and no temp file. The temp
+    name is unique to this call, so writers racing for the same path (e.g. DDP ranks) never clobber each other's
+    temp file: the last rename wins and every reader sees one whole file. Every file the project writes (shards,
+    meta.json, checkpoints, downloads, results) goes through here."""
     path = str(path)
-    tmp = path + ".tmp"
+    tmp = f"{path}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     try:
         with open(tmp, mode) as f:
             write(f)
@@ -350,6 +364,8 @@ def build(args):
                 "complete": False}
     shards_before = len(meta["shards"])
     tokens_before = sum(s["tokens"] for s in meta["shards"])
+    for leftover in out_dir.glob(f"{args.prefix}_*.npy.*tmp"):  # a killed run's temp shard: never renamed
+        leftover.unlink()
 
     t0 = time.time()
     buf = np.empty(args.shard_size, dtype=np.uint16)

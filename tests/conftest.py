@@ -96,3 +96,64 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# ---- a local stand-in for HellaSwag's download, for scripts run as users run them (subprocess, torchrun) ---
+
+HELLASWAG_STANDIN = '''
+# python standin.py SCRIPT ARGS...: runs SCRIPT (train.py or hellaswag.py) with HellaSwag's download served from
+# $STANDIN_FILE instead of the network ("offline": every download fails), slowly, so that downloads by several
+# ranks would overlap; every download is logged to $STANDIN_LOG as "<RANK> <url>".
+import hashlib, io, os, runpy, sys, time, urllib.error
+sys.path.insert(0, os.getcwd())
+import hellaswag
+source = os.environ["STANDIN_FILE"]
+data = None if source == "offline" else open(source, "rb").read()
+if data is not None:
+    hellaswag._SHA256 = hashlib.sha256(data).hexdigest()
+
+class Slow(io.BytesIO):
+    def read(self, n=-1):
+        time.sleep(0.02)
+        return super().read(4096)
+
+def urlopen(url, timeout=None):
+    with open(os.environ["STANDIN_LOG"], "a") as f:
+        f.write(f"{os.environ.get('RANK', '-')} {url}\\n")
+    if data is None:
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+    return Slow(data)
+
+hellaswag.urllib.request.urlopen = urlopen
+script = sys.argv.pop(1)
+sys.argv[0] = script
+if script == "hellaswag.py":  # what `python hellaswag.py` runs, in the module patched above
+    hellaswag.main()
+else:
+    runpy.run_path(script, run_name="__main__")
+'''
+
+
+def hellaswag_standin(tmp_path, n_items=8):
+    """(launcher script, env) for running train.py / hellaswag.py against a stand-in HellaSwag download of n_items
+    made-up items, with an empty cache (XDG_CACHE_HOME). n_items=0: offline, every download fails."""
+    import json
+    script = tmp_path / "standin.py"
+    script.write_text(HELLASWAG_STANDIN)
+    source = "offline"
+    if n_items:
+        words = "the cat sat on a warm mat while dogs ran past the old red barn".split()
+        rows = [{"ctx": " ".join(words[i % 5:i % 5 + 6]).capitalize(),
+                 "endings": [" ".join(words[(i + j) % 7:(i + j) % 7 + 4]) for j in range(4)], "label": i % 4}
+                for i in range(n_items)]
+        source = tmp_path / "standin_hellaswag.jsonl"
+        source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    env = dict(os.environ, OMP_NUM_THREADS="1", XDG_CACHE_HOME=str(tmp_path / "cache"), STANDIN_FILE=str(source),
+               STANDIN_LOG=str(tmp_path / "downloads.log"))
+    return script, env
+
+
+def downloads(tmp_path):
+    """The stand-in's download log: one line per download."""
+    log = tmp_path / "downloads.log"
+    return log.read_text().splitlines() if log.exists() else []

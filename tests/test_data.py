@@ -219,6 +219,33 @@ def test_resume_after_crash_is_byte_identical(sample_dir, tmp_path, monkeypatch,
         main(argv[:-4] + ["--shard_size", "30000"])
 
 
+def _write_slowly(path, payload, start):
+    start.wait()  # every writer opens its temp file at the same moment
+    def write(f):
+        for i in range(0, len(payload), 64):
+            f.write(payload[i:i + 64])
+            time.sleep(0.002)
+    fineweb.atomic_write(path, write)
+
+
+def test_atomic_write_survives_concurrent_writers(tmp_path):
+    """Four processes write the same file at once (DDP ranks fetching one download): each must finish without an
+    error, and the file must be one writer's whole payload, with no temp file left. With one shared '<path>.tmp',
+    the first rename took the others' temp file away (FileNotFoundError)."""
+    import multiprocessing as mp
+    ctx = mp.get_context("fork")
+    path, start = tmp_path / "shared.bin", ctx.Barrier(4)
+    payloads = [bytes([65 + i]) * 2048 for i in range(4)]
+    procs = [ctx.Process(target=_write_slowly, args=(path, p, start)) for p in payloads]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+    assert path.read_bytes() in payloads
+    assert [p.name for p in tmp_path.iterdir()] == ["shared.bin"]
+
+
 def test_max_docs_and_max_tokens(sample_texts, gpt2_enc, tmp_path):
     main(["--input", SAMPLE, "--out_dir", str(tmp_path / "d"), "--max_docs", "10", "--num_workers", "1"])
     meta, shards = read_all(tmp_path / "d")

@@ -3,9 +3,12 @@ weights, and its tokenizer encodes exactly like tiktoken; the official layout ro
 import io
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
+from dataclasses import dataclass, replace
+from typing import Optional
 
 import pytest
 import torch
@@ -18,7 +21,8 @@ from safetensors.torch import load_file  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, DeepseekV3ForCausalLM  # noqa: E402
 
 import export  # noqa: E402
-from conftest import ROOT, TINY, tiny_model  # noqa: E402
+from conftest import ROOT, TINY, save_ckpt, tiny_model  # noqa: E402
+from model import precompute_rope  # noqa: E402
 from sample import generate_tokens  # noqa: E402
 
 TOL = 1e-4
@@ -58,6 +62,8 @@ CONFIGS = {
     "q8_g2_mtp0": dict(q_lora_rank=8, n_expert_groups=2, n_limited_groups=1, n_mtp=0, n_routed_experts=16,
                        n_activated_experts=4, n_shared_experts=2),
     "yarn": dict(max_seq_len=32, original_seq_len=8, rope_factor=4.0, route_scale=2.5, yarn=True),
+    # mscale 0: no attention temperature at all (transformers would otherwise infer one from the factor)
+    "yarn_mscale0": dict(max_seq_len=32, original_seq_len=8, rope_factor=4.0, mscale=0.0, yarn=True),
 }
 
 
@@ -79,6 +85,9 @@ def test_hf_logits_match(tmp_path, name):
     assert info["mtp"] == ("separate" if cfg.n_mtp else None)
     assert (tmp_path / "mtp.safetensors").exists() == bool(cfg.n_mtp)
     assert conf["num_nextn_predict_layers"] == cfg.n_mtp
+    # the attention temperature is all in the softmax scale, as in model.py: none on transformers' cos/sin
+    assert hf.model.rotary_emb.attention_scaling == pytest.approx(1.0, abs=1e-12)
+    assert hf.model.layers[0].self_attn.scaling == pytest.approx(m.layers[0].attn.softmax_scale, rel=1e-12)
     torch.manual_seed(1)
     idx = torch.randint(0, cfg.vocab_size, (2, cfg.max_seq_len))
     with torch.no_grad():
@@ -132,6 +141,84 @@ def test_official_layout_round_trips(tmp_path):
     assert set(back) == set(ours)
     for k, v in ours.items():
         assert torch.equal(back[k].float(), v.to(back[k].dtype).float()), k
+
+
+@dataclass
+class OfficialModelArgs:
+    """The fields of ModelArgs in DeepSeek-V3's inference/model.py (newest version, with scale_fmt), with its
+    defaults: generate.py builds it as ModelArgs(**json.load(f)), so an unknown key is a TypeError."""
+    max_batch_size: int = 8
+    max_seq_len: int = 4096 * 4
+    dtype: str = "bf16"
+    scale_fmt: Optional[str] = None
+    vocab_size: int = 102400
+    dim: int = 2048
+    inter_dim: int = 10944
+    moe_inter_dim: int = 1408
+    n_layers: int = 27
+    n_dense_layers: int = 1
+    n_heads: int = 16
+    n_routed_experts: int = 64
+    n_shared_experts: int = 2
+    n_activated_experts: int = 6
+    n_expert_groups: int = 1
+    n_limited_groups: int = 1
+    score_func: str = "softmax"
+    route_scale: float = 1.
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    original_seq_len: int = 4096
+    rope_theta: float = 10000.0
+    rope_factor: float = 40
+    beta_fast: int = 32
+    beta_slow: int = 1
+    mscale: float = 1.
+
+
+def official_yarn(args):
+    """The official code's rule: YaRN frequencies and the mscale^2 softmax factor iff max_seq_len > original_seq_len."""
+    return args.max_seq_len > args.original_seq_len
+
+
+def official_softmax_scale(args):
+    scale = (args.qk_nope_head_dim + args.qk_rope_head_dim) ** -0.5
+    if official_yarn(args):
+        scale *= (0.1 * args.mscale * math.log(args.rope_factor) + 1.0) ** 2
+    return scale
+
+
+@pytest.mark.parametrize("yarn", [False, True])
+def test_official_config_loads_into_model_args(tmp_path, yarn):
+    """config.json builds the official ModelArgs, and the official YaRN rule gives our model's RoPE tables and
+    softmax scale: a yarn=False model trained at max_seq_len > original_seq_len must not turn YaRN on there."""
+    m = random_model(max_seq_len=32, original_seq_len=8, rope_factor=4.0, beta_fast=16, beta_slow=2, mscale=0.7,
+                     route_scale=2.5, yarn=yarn)
+    cfg = m.cfg
+    export.export(cfg, m.state_dict(), tmp_path, to="official", dtype="bfloat16")
+    with open(tmp_path / "config.json") as f:
+        args = OfficialModelArgs(**json.load(f))
+    assert args.dtype == "bf16" and args.max_batch_size == 8  # bf16 compute: fp8 would expect scale tensors
+    for f in ("max_seq_len", "vocab_size", "dim", "inter_dim", "moe_inter_dim", "n_layers", "n_dense_layers",
+              "n_heads", "n_routed_experts", "n_shared_experts", "n_activated_experts", "n_expert_groups",
+              "n_limited_groups", "score_func", "route_scale", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
+              "qk_rope_head_dim", "v_head_dim", "rope_theta", "rope_factor", "beta_fast", "beta_slow", "mscale"):
+        assert getattr(args, f) == getattr(cfg, f), f
+    assert official_yarn(args) == yarn
+    assert args.original_seq_len == (8 if yarn else 32)
+    assert official_softmax_scale(args) == pytest.approx(m.layers[0].attn.softmax_scale, rel=1e-12)
+    # the official precompute_freqs_cis switches YaRN by the same rule; ours, switched that way, gives our tables
+    theirs = precompute_rope(replace(cfg, yarn=official_yarn(args), original_seq_len=args.original_seq_len))
+    for a, b in zip(precompute_rope(cfg), theirs):
+        assert torch.equal(a, b)
+    if not yarn:  # a model that never exceeds original_seq_len keeps its value
+        small = random_model(max_seq_len=32, original_seq_len=64)
+        export.export(small.cfg, small.state_dict(), tmp_path / "small", to="official")
+        with open(tmp_path / "small" / "config.json") as f:
+            args = OfficialModelArgs(**json.load(f))
+        assert args.original_seq_len == 64 and not official_yarn(args)
 
 
 @pytest.fixture(scope="module")
@@ -224,8 +311,25 @@ def test_hellaswag_scores_equal_through_transformers(trained_run, shared_data):
         assert torch.equal(a, b)
 
 
+def run_export(*args):
+    return subprocess.run([sys.executable, "export.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=120)
+
+
 def test_cli_errors_are_one_line(tmp_path):
-    p = subprocess.run([sys.executable, "export.py", f"--out_dir={tmp_path / 'nothing'}", f"--hf_dir={tmp_path / 'x'}"],
-                       cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=120)
+    p = run_export(f"--out_dir={tmp_path / 'nothing'}", f"--hf_dir={tmp_path / 'x'}")
     assert p.returncode == 1 and p.stderr.strip().startswith("export.py: error: no checkpoint at")
     assert len(p.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("to", ["hf", "official"])
+def test_cli_hf_dir_is_a_file_is_one_line(tmp_path, to):
+    """--hf_dir naming an existing file: one error line, exit 1, and the file is left as it was."""
+    run = save_ckpt(tmp_path / "run", random_model())
+    target = tmp_path / "model.bin"
+    target.write_bytes(b"someone's file\n\x00\x01")
+    p = run_export(f"--out_dir={run}", f"--hf_dir={target}", f"--to={to}", "--tokenizer=False")
+    err = p.stderr.strip()
+    assert p.returncode == 1 and "Traceback" not in err, err
+    assert len(err.splitlines()) == 1 and err.startswith("export.py: error: ") and str(target) in err, err
+    assert target.read_bytes() == b"someone's file\n\x00\x01"

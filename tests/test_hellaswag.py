@@ -3,6 +3,8 @@ validation, the CLI, and the real validation file. CPU, fp32."""
 import io
 import json
 import re
+import subprocess
+import sys
 import urllib.error
 from collections import Counter
 
@@ -12,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import hellaswag as H
-from conftest import save_ckpt, tiny_model as _tiny
+from conftest import ROOT, downloads, hellaswag_standin, save_ckpt, tiny_model as _tiny
 
 
 def tiny_model(max_seq_len=128, seed=0):
@@ -115,6 +117,7 @@ def test_sharding_under_distributed(tmp_path, monkeypatch):
         monkeypatch.setattr(H.dist, "get_rank", lambda: rank)
         monkeypatch.setattr(H.dist, "get_world_size", lambda: 2)
         monkeypatch.setattr(H.dist, "all_reduce", lambda t: per_rank.setdefault(rank, t.tolist()))
+        monkeypatch.setattr(H.dist, "broadcast_object_list", lambda objs, src: None)  # rank 0 found the file
         H.evaluate(StubModel(), str(path), "cpu", enc=StubEnc(), batch_size=2)
     assert per_rank[0] == [0, 3, 3] and per_rank[1] == [2, 2, 2]  # rank 0: items 0, 2, 4; rank 1: items 1, 3
 
@@ -291,3 +294,24 @@ def test_cli_missing_checkpoint(tmp_path, hs_file):
     assert msg.startswith("hellaswag.py: error: no checkpoint at") and "\n" not in msg
     with pytest.raises(SystemExit, match="config error: unknown config key 'limt'"):
         H.main(["--limt=3"])
+
+
+def test_torchrun_two_ranks_with_an_empty_cache(tiny_ckpt, tmp_path):
+    """The README's `torchrun ... hellaswag.py` on 2 gloo ranks with no cached file: rank 0 downloads (a local
+    stand-in), rank 1 waits for it, and the items are split between them. Before, both downloaded into the same
+    temp file and one of them could die on the rename. The result equals a single-process run's."""
+    script, env = hellaswag_standin(tmp_path)
+    args = [f"--out_dir={tiny_ckpt}", "--device=cpu", "--progress=False"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           "hellaswag.py", *args, f"--out_json={tmp_path / 'ddp.json'}"]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert [line.split()[0] for line in downloads(tmp_path)] == ["0"]
+    cached = tmp_path / "cache" / "nanodeepseek" / "hellaswag"
+    assert [f.name for f in cached.iterdir()] == ["hellaswag_val.jsonl"]
+    single = subprocess.run([sys.executable, str(script), "hellaswag.py", *args, f"--out_json={tmp_path / 'one.json'}"],
+                            cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert len(downloads(tmp_path)) == 1  # the second run reads the cached file
+    ddp, one = (json.loads((tmp_path / f).read_text()) for f in ("ddp.json", "one.json"))
+    assert ddp["n"] == one["n"] == 8 and (ddp["acc"], ddp["acc_norm"]) == (one["acc"], one["acc_norm"])

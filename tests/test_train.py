@@ -3,6 +3,7 @@ DDP, the learning-rate schedules, a NaN on one rank stopping every rank, clear e
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, downloads, hellaswag_standin
 
 TINY = ["--device=cpu", "--dtype=float32", "--compile=False", "--vocab_size=512", "--dim=32", "--n_layers=2",
         "--n_heads=2", "--inter_dim=64", "--moe_inter_dim=16", "--kv_lora_rank=16", "--qk_nope_head_dim=8",
@@ -144,30 +145,55 @@ def test_ddp_two_processes_match_single_process(tmp_path, small_shards, optimize
             assert torch.equal(cs["model"][k], cd["model"][k]), k  # same global counts -> same sign updates
 
 
-def reference_lr(it, lr, min_lr, warmup, decay_iters, schedule, wsd_frac=0.2):
-    """The schedules written out plainly: linear warmup from lr/(warmup+1), then cosine (or WSD: constant, then
-    linear over the last wsd_frac of decay_iters) down to min_lr, and min_lr after decay_iters."""
-    if it < warmup:
-        return lr * (it + 1) / (warmup + 1)
-    if it >= decay_iters:
-        return min_lr
-    if schedule == "wsd":
-        start = int(decay_iters * (1 - wsd_frac))
-        return lr if it < start else lr + (min_lr - lr) * (it - start) / (decay_iters - start)
-    return min_lr + 0.5 * (1 + math.cos(math.pi * (it - warmup) / (decay_iters - warmup))) * (lr - min_lr)
+# lr at steps 0..11 for learning_rate 1e-3, min_lr 1e-4, warmup_iters 3, lr_decay_iters 11, worked out by hand:
+# warmup lr * (it + 1) / 4; cosine over steps 3..11: 1e-4 + 4.5e-4 * (1 + cos(pi * (it - 3) / 8)); then min_lr.
+# WSD with wsd_decay_frac 0.5: flat until step int(11 * 0.5) = 5, then linear to 1e-4 at step 11 (-1.5e-4 a step).
+_C = [1e-4 + 4.5e-4 * (1 + c) for c in (1.0, 0.9238795325112867, 0.7071067811865476, 0.3826834323650898, 0.0,
+                                         -0.3826834323650898, -0.7071067811865476, -0.9238795325112867)]
+EXPECTED_LR = {
+    "cosine": [2.5e-4, 5e-4, 7.5e-4] + _C + [1e-4],
+    "wsd": [2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3, 8.5e-4, 7e-4, 5.5e-4, 4e-4, 2.5e-4, 1e-4],
+}
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "wsd"])
 def test_lr_schedules(tmp_path, small_shards, schedule):
-    """The lr train.py logs at every step equals the schedule (warmup 3, decay to step 10, 12 steps)."""
+    """The lr train.py logs at every step equals the schedule's closed-form values (12 steps)."""
     out = tmp_path / schedule
     run_train(out, small_shards, "--max_iters=12", "--eval_interval=100", "--learning_rate=1e-3", "--min_lr=1e-4",
-              "--warmup_iters=3", "--lr_decay_iters=10", f"--lr_schedule={schedule}", "--wsd_decay_frac=0.5")
-    logged = [r["lr"] for r in read_log(out)]
-    expected = [reference_lr(it, 1e-3, 1e-4, 3, 10, schedule, 0.5) for it in range(12)]
-    assert logged == pytest.approx(expected, rel=1e-12)
-    if schedule == "wsd":
-        assert logged[3:5] == [1e-3, 1e-3] and logged[-1] == 1e-4
+              "--warmup_iters=3", "--lr_decay_iters=11", f"--lr_schedule={schedule}", "--wsd_decay_frac=0.5")
+    assert _C[4] == pytest.approx(5.5e-4) and _C[0] == pytest.approx(1e-3)  # half way, and the top, of the cosine
+    assert [r["lr"] for r in read_log(out)] == pytest.approx(EXPECTED_LR[schedule], rel=1e-12)
+
+
+def test_grad_clip_zero_means_off(tmp_path, small_shards):
+    """grad_clip=0 trains exactly like a clip that never bites (1e9), and the loss falls; before, 0 clipped every
+    gradient to norm 0, so the model never moved. The logged grad norm is the real one either way."""
+    common = ["--max_iters=6", "--lr_decay_iters=6", "--eval_interval=100"]
+    run_train(tmp_path / "off", small_shards, "--grad_clip=0.0", *common)
+    run_train(tmp_path / "huge", small_shards, "--grad_clip=1e9", *common)
+    off, huge = read_log(tmp_path / "off"), read_log(tmp_path / "huge")
+    assert [(r["loss"], r["grad_norm"]) for r in off] == [(r["loss"], r["grad_norm"]) for r in huge]
+    assert all(0 < r["grad_norm"] < 1e9 for r in off)
+    assert off[-1]["ce"] < off[0]["ce"] - 0.03, (off[0]["ce"], off[-1]["ce"])  # 6.25 -> 6.18 here
+
+
+def test_resume_after_a_crash_keeps_one_log_record_per_step(tmp_path, small_shards):
+    """A run that dies after its last checkpoint has logged steps that the resumed run trains again. The resumed
+    run drops those records, so log.jsonl and eval.jsonl hold each step once, equal to an uninterrupted run's."""
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    common = ["--lr_decay_iters=12", "--eval_interval=4"]
+    run_train(straight, small_shards, "--max_iters=12", *common)
+    run_train(crashed, small_shards, "--max_iters=8", *common)
+    at_step_8 = (crashed / "ckpt.pt").read_bytes()
+    run_train(crashed, small_shards, "--max_iters=12", "--init_from=resume", *common)
+    (crashed / "ckpt.pt").write_bytes(at_step_8)  # as if it had died after logging step 12, before its checkpoint
+    run_train(crashed, small_shards, "--max_iters=12", "--init_from=resume", *common)
+    a, b = read_log(straight), read_log(crashed)
+    assert [r["step"] for r in b] == list(range(1, 13))
+    assert [r["loss"] for r in b] == [r["loss"] for r in a]
+    evals = [json.loads(line) for line in open(crashed / "eval.jsonl")]
+    assert [e["step"] for e in evals] == [0, 4, 8, 12]
 
 
 def test_non_finite_loss_stops_without_checkpoint(tmp_path, small_shards):
@@ -187,26 +213,88 @@ def trained_tiny(tmp_path_factory, small_shards):
     return out
 
 
-@pytest.mark.parametrize("case", ["other_model_config", "missing_data", "unknown_key", "wrong_type",
-                                  "compile_without_bf16", "resume_without_checkpoint", "batch_not_divisible",
-                                  "unknown_optimizer", "resume_with_other_optimizer"])
+CLEAR_ERRORS = {
+    "other_model_config": (["--init_from=resume", "--dim=48"], ["another model config", "dim: checkpoint 32 vs now 48"]),
+    "missing_data": (["--data_dir={tmp}/no_such_dir"], ["meta.json missing"]),
+    "unknown_key": (["--learnig_rate=1e-3"], ["did you mean 'learning_rate'"]),
+    "wrong_type": (["--batch_size=big"], ["expects int"]),
+    "compile_without_bf16": (["--compile=True", "--dtype=float32"], ["needs dtype='bfloat16'"]),
+    "resume_without_checkpoint": (["--init_from=resume", "--out_dir={tmp}/empty"],
+                                  ["init_from='resume' but there is no checkpoint"]),
+    "batch_not_divisible": (["--total_batch_size=500"], ["total_batch_size=500 is not a multiple"]),
+    "unknown_optimizer": (["--optimizer=sgd"], ["optimizer must be one of ('adamw', 'muon'), not 'sgd'"]),
+    "resume_with_other_optimizer": (["--init_from=resume", "--optimizer=muon"],
+                                    ["optimizer state (optimizer='adamw') does not fit", "resume with optimizer='adamw'"]),
+    "negative_grad_clip": (["--grad_clip=-1.0"], ["grad_clip must be >= 0 (0 turns clipping off), got -1.0"]),
+    "float16": (["--dtype=float16"], ["dtype='float16' is not supported for training", "use dtype='bfloat16'"]),
+    "eval_interval_0": (["--eval_interval=0"], ["eval_interval must be at least 1, got 0"]),
+    "eval_iters_0": (["--eval_iters=0"], ["eval_iters must be at least 1, got 0"]),
+    "batch_size_0": (["--batch_size=0"], ["batch_size must be at least 1, got 0"]),
+    "log_interval_0": (["--log_interval=0"], ["log_interval must be at least 1, got 0"]),
+    "unknown_lr_schedule": (["--lr_schedule=linear"], ["lr_schedule must be one of ('cosine', 'wsd'), not 'linear'"]),
+    "unknown_init_from": (["--init_from=gpt2"], ["init_from must be one of ('scratch', 'resume'), not 'gpt2'"]),
+    "device_gpu": (["--device=gpu"], ["device must be 'cpu', 'cuda' or 'cuda:N', not 'gpu'"]),
+    "device_cuda_without_cuda": (["--device=cuda"], ["device='cuda' but this PyTorch", "sees no CUDA GPU"]),
+    "n_activated_experts_0": (["--n_activated_experts=0"], ["n_activated_experts"]),
+    "prompt_beyond_vocab": (["--sample_tokens=4"], ["sample_prompt encodes to token id", "vocab_size is 512"]),
+    "hellaswag_missing_file": (["--hellaswag_interval=1", "--hellaswag_path={tmp}/none.jsonl"],
+                               ["no HellaSwag file at"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CLEAR_ERRORS))
 def test_clear_errors(case, tmp_path, small_shards, trained_tiny):
-    args, expected = {
-        "other_model_config": ([f"--out_dir={trained_tiny}", "--init_from=resume", "--dim=48"],
-                               ["another model config", "dim: checkpoint 32 vs now 48"]),
-        "missing_data": ([f"--data_dir={tmp_path / 'no_such_dir'}"], ["meta.json missing"]),
-        "unknown_key": (["--learnig_rate=1e-3"], ["did you mean 'learning_rate'"]),
-        "wrong_type": (["--batch_size=big"], ["expects int"]),
-        "compile_without_bf16": (["--compile=True", "--dtype=float32"], ["needs dtype='bfloat16'"]),
-        "resume_without_checkpoint": (["--init_from=resume"], ["init_from='resume' but there is no checkpoint"]),
-        "batch_not_divisible": (["--total_batch_size=500"], ["total_batch_size=500 is not a multiple"]),
-        "unknown_optimizer": (["--optimizer=sgd"], ["optimizer must be 'adamw' or 'muon', not 'sgd'"]),
-        "resume_with_other_optimizer": ([f"--out_dir={trained_tiny}", "--init_from=resume", "--optimizer=muon"],
-                                        ["optimizer state (optimizer='adamw') does not fit", "resume with optimizer='adamw'"]),
-    }[case]
-    p = run_train(tmp_path / "x", small_shards, "--max_iters=4", *args, check=False)
-    assert p.returncode == 1 and "Traceback" not in p.stderr
-    assert all(e in p.stderr.strip().splitlines()[-1] for e in expected), p.stderr[-500:]
+    """A user mistake stops train.py with one line and exit 1, before it writes anything: the run's out_dir is
+    left as it was (here: a trained checkpoint and its logs, byte for byte)."""
+    if case == "device_cuda_without_cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    args, expected = CLEAR_ERRORS[case]
+    out = tmp_path / "out"
+    shutil.copytree(trained_tiny, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    p = run_train(out, small_shards, "--max_iters=4", *args, check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    last = p.stderr.strip().splitlines()[-1]
+    assert all(e in last for e in expected), last
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_torchrun_with_hellaswag_and_an_empty_cache(tmp_path, shards):
+    """The README's multi-GPU command on 2 gloo ranks, as on a fresh machine: HellaSwag on from step 0 and no cached
+    file. Rank 0 downloads once while rank 1 waits, then both score their half. Before, every rank downloaded into
+    the same temp file and all but the first to finish died at step 0."""
+    script, env = hellaswag_standin(tmp_path)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), "train.py",
+           *TINY, "--vocab_size=50304", f"--out_dir={out}", f"--data_dir={shards}", "--max_iters=2",
+           "--eval_interval=2", "--hellaswag_interval=2", "--sample_tokens=4"]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert [line.split()[0] for line in downloads(tmp_path)] == ["0"]  # one download, by rank 0
+    evals = [json.loads(line) for line in open(out / "eval.jsonl")]
+    assert [e["step"] for e in evals] == [0, 2] and all(0 <= e["hellaswag_acc"] <= 1 for e in evals)
+    assert p.stdout.count("(n=8)") == 2 and "done: 2 steps" in p.stdout
+    cache = tmp_path / "cache" / "nanodeepseek" / "hellaswag"
+    assert [f.name for f in cache.iterdir()] == ["hellaswag_val.jsonl"]
+    assert (cache / "hellaswag_val.jsonl").read_bytes() == (tmp_path / "standin_hellaswag.jsonl").read_bytes()
+
+
+def test_torchrun_with_hellaswag_offline_stops_every_rank_in_one_line(tmp_path, shards):
+    """Offline with HellaSwag on and no cached file: rank 0's failed download is every rank's error, at start-up,
+    in one line; no rank waits forever for rank 0 and nothing is written."""
+    script, env = hellaswag_standin(tmp_path, n_items=0)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), "train.py",
+           *TINY, "--vocab_size=50304", f"--out_dir={out}", f"--data_dir={shards}", "--max_iters=2",
+           "--hellaswag_interval=2"]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode != 0 and "[rank0]: Traceback" not in p.stderr and "[rank1]: Traceback" not in p.stderr
+    assert len(downloads(tmp_path)) == 1
+    stops = [line for line in p.stderr.splitlines() if line.startswith("train.py: error:")]
+    assert len(stops) == 2 and stops[0] == stops[1], p.stderr[-3000:]  # both ranks, the same line
+    assert "cannot download HellaSwag" in stops[0] and "--data_path" in stops[0]
+    assert not out.exists() or not any(out.iterdir())
 
 
 @pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "config").glob("*.py")))
