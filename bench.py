@@ -267,7 +267,12 @@ def main(argv=None):
     c = configure(_DEFAULTS, argv, description=__doc__.strip().split("\n\n")[0], quiet=True,
                   skip_unknown_file_keys=True)
     globals().update(c)
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        sys.exit(f"bench.py: error: device must be 'cpu', 'cuda' or 'cuda:N', not {device!r}")
+    if baseline_model not in ("gpt", "dense"):  # checked before the model is timed, not after
+        sys.exit(f"bench.py: error: baseline_model must be 'gpt' or 'dense', not {baseline_model!r}")
     if dev.type == "cuda" and not torch.cuda.is_available():
         sys.exit("bench.py: error: CUDA is not available here: use --device=cpu")
     if compile and dtype != "bfloat16":
@@ -308,8 +313,6 @@ def main(argv=None):
         runs["baseline"] = train_step(dense, lambda i, t: dense_fwd(i, t)[1]["loss"], B, T, cfg.vocab_size, dev, ctx)
         res["baseline"] = {"flops_per_token": dense.flops_per_token(T), "model": "dense"}
     elif baseline:
-        if baseline_model != "gpt":
-            sys.exit(f"bench.py: error: baseline_model must be 'gpt' or 'dense', not {baseline_model!r}")
         hidden = matched_mlp_hidden(cfg, flops, 64 if dev.type == "cuda" else 8)
         torch.manual_seed(seed)
         dense = DenseGPT(cfg.vocab_size, cfg.dim, cfg.n_layers, cfg.n_heads, hidden).to(dev)

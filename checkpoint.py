@@ -8,7 +8,7 @@ A checkpoint (out_dir/ckpt.pt) is a dict of tensors and plain Python values only
   optimizer       the optimizer's state dict
   config          every train.py setting of the run
   step, tokens, best_val_loss
-  rng             torch / cuda / numpy / python RNG states, as tensors and lists (see rng_state)
+  rng             torch (CPU) / numpy / python RNG states, as tensors and lists (see rng_state)
   data            one ShardReader state per DDP rank
   ddp_fingerprints  per-rank parameter checksums (DDP runs), None otherwise
 Everything is read with torch.load(weights_only=True), which refuses pickled code: opening a ckpt.pt that
@@ -136,19 +136,19 @@ def fingerprint(model):
 # ---- RNG state, stored as tensors and plain lists so that the safe loader accepts it ------------------------
 
 def rng_state():
+    """The CPU-side generators. No CUDA state: training draws nothing from the CUDA RNG (no dropout; sampling
+    uses a generator of its own), and a per-GPU list restored by index broke a resume that sees fewer GPUs."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                       "has_gauss": int(has_gauss), "gauss": float(gauss)},
             "python": random.getstate()}
 
 
 def set_rng_state(s):
-    """Restore rng_state(). Every state is a CPU ByteTensor or plain data, whatever device the run uses."""
+    """Restore rng_state(). Every state is a CPU ByteTensor or plain data, whatever device the run uses. The
+    "cuda" entry of older checkpoints is ignored (see rng_state)."""
     torch.set_rng_state(s["torch"].cpu())
-    if s["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([t.cpu() for t in s["cuda"]])
     n = s["numpy"]
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     version, internal, gauss = s["python"]

@@ -87,3 +87,11 @@ def test_bench_rejects_a_missing_or_bad_model_config(tmp_path):
     bad.write_text("dim = 36\n")
     with pytest.raises(SystemExit, match="bench.py: error: bad ModelConfig: dim must be a multiple of 8"):
         bench.main([str(bad), "--device=cpu"])
+
+
+def test_bench_bad_device_and_baseline_are_one_line_before_any_timing(capsys):
+    with pytest.raises(SystemExit, match="bench.py: error: device must be 'cpu', 'cuda' or 'cuda:N', not 'gpu'"):
+        bench.main(["--device=gpu"])
+    with pytest.raises(SystemExit, match="baseline_model must be 'gpt' or 'dense', not 'mlp'"):
+        bench.main(["--device=cpu", "--baseline_model=mlp"])
+    assert "bench.py:" not in capsys.readouterr().out  # stopped before the header line, i.e. before any work

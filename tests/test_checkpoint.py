@@ -61,6 +61,32 @@ def test_resume_onto_another_device_restores_cpu_rng_state(tmp_path):
     assert np.array_equal(np.random.rand(3), expected[1]) and random.random() == expected[2]
 
 
+def test_resume_on_a_machine_with_fewer_gpus(tmp_path, monkeypatch):
+    """A checkpoint written on 8 GPUs (an older one held one CUDA RNG state per visible GPU) resumes on a machine
+    with 1 GPU. Restoring those states by index raised IndexError; training draws nothing from the CUDA RNG, so the
+    CPU streams are restored and the CUDA ones left alone."""
+    m, opt = trained_state()
+    torch.manual_seed(321)
+    state = {**C.rng_state(), "cuda": [torch.get_rng_state()] * 8}
+    expected = torch.rand(3)
+    path = str(tmp_path / "ckpt.pt")
+    C.save_checkpoint(path, full_ckpt(m, opt, rng=state))
+    cuda_calls = []
+
+    def one_gpu(states):  # torch.cuda.set_rng_state_all on a 1-GPU machine
+        cuda_calls.append(len(states))
+        if len(states) > 1:
+            raise IndexError("list index out of range")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", one_gpu)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda *a, **k: cuda_calls.append(1))
+    fresh = tiny_model()
+    C.resume(path, fresh, torch.optim.AdamW(fresh.param_groups(0.1), lr=1e-3), tiny_cfg(), world_size=1)
+    assert torch.equal(torch.rand(3), expected) and cuda_calls == []
+    assert torch.equal(fresh.embed.weight, m.embed.weight)
+
+
 def test_resume_checks_config_and_world_size(tmp_path):
     m, opt = trained_state()
     path = str(tmp_path / "ckpt.pt")

@@ -315,3 +315,15 @@ def test_torchrun_two_ranks_with_an_empty_cache(tiny_ckpt, tmp_path):
     assert len(downloads(tmp_path)) == 1  # the second run reads the cached file
     ddp, one = (json.loads((tmp_path / f).read_text()) for f in ("ddp.json", "one.json"))
     assert ddp["n"] == one["n"] == 8 and (ddp["acc"], ddp["acc_norm"]) == (one["acc"], one["acc_norm"])
+
+
+def test_model_with_a_vocab_smaller_than_the_tokenizers_is_one_line(tmp_path):
+    """A checkpoint with vocab_size 128 cannot read GPT-2 ids: one line (before, an IndexError from the embedding,
+    a device-side assert on CUDA), and no result file."""
+    ckpt = save_ckpt(tmp_path / "small_vocab", _tiny(0, vocab_size=128, n_layers=2, max_seq_len=128), step=1)
+    path = write_jsonl(tmp_path / "items.jsonl", STUB_ITEMS)
+    with pytest.raises(SystemExit) as e:
+        H.main([f"--out_dir={ckpt}", f"--data_path={path}", "--device=cpu", "--progress=False"])
+    msg = str(e.value.code)
+    assert msg.startswith("hellaswag.py: error: the model's vocab_size is 128, smaller than the tokenizer's 50257")
+    assert "\n" not in msg and not (ckpt / "hellaswag.json").exists()
