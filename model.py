@@ -66,30 +66,59 @@ class ModelConfig:
     balance_alpha: float = 1e-4      # alpha of the complementary sequence-wise balance loss
     init_std: float = 0.006
 
+    # Lower bounds, each what the code needs. Routed experts are always >= 1: an all-dense model keeps valid MoE
+    # fields and sets n_dense_layers = n_layers + n_mtp (n_routed_experts=0 would divide by zero in the reports).
+    _AT_LEAST = dict(vocab_size=1, dim=1, n_layers=1, n_dense_layers=0, n_heads=1, inter_dim=1, moe_inter_dim=1,
+                     q_lora_rank=0, kv_lora_rank=1, qk_nope_head_dim=1, qk_rope_head_dim=2, v_head_dim=1,
+                     n_routed_experts=1, n_shared_experts=0, n_activated_experts=1, n_expert_groups=1,
+                     n_limited_groups=1, max_seq_len=1, original_seq_len=1, rope_factor=1.0, mscale=0.0, n_mtp=0,
+                     mtp_lambda=0.0, balance_alpha=0.0)
+    # strict: route_scale/init_std 0 zero the routed output/weights; RoPE frequencies theta^(-2i/d) must fall
+    # with i, and YaRN divides by log(rope_theta) and takes log(1 / beta)
+    _ABOVE = dict(route_scale=0.0, rope_theta=1.0, beta_fast=0, beta_slow=0, init_std=0.0)
+
     def __post_init__(self):
+        for problem in self._problems():
+            raise ValueError(f"bad ModelConfig: {problem}")
+
+    def _problems(self):
+        """One-line problems, '<field> must be <bound>, got <value>', in order: each check may rely on the
+        ones before it (e.g. the modulo by n_expert_groups runs only once that is >= 1)."""
+        hint = {"n_routed_experts": " (an all-dense model keeps it and sets n_dense_layers = n_layers + n_mtp)"}
+        for name in (f.name for f in fields(self)):
+            v = getattr(self, name)
+            finite = " finite and" if isinstance(v, float) else ""
+            if name in self._AT_LEAST and not (math.isfinite(v) and v >= self._AT_LEAST[name]):
+                yield f"{name} must be{finite} >= {self._AT_LEAST[name]:g}{hint.get(name, '')}, got {v!r}"
+            if name in self._ABOVE and not (math.isfinite(v) and v > self._ABOVE[name]):
+                yield f"{name} must be{finite} > {self._ABOVE[name]:g}, got {v!r}"
+        E, G = self.n_routed_experts, self.n_expert_groups
         checks = [
-            (self.n_routed_experts % self.n_expert_groups == 0, "n_routed_experts must be divisible by n_expert_groups"),
-            (1 <= self.n_limited_groups <= self.n_expert_groups, "n_limited_groups must be in [1, n_expert_groups]"),
-            (self.n_activated_experts <= self.n_routed_experts, "n_activated_experts must be <= n_routed_experts"),
-            (self.n_expert_groups == 1 or self.n_routed_experts // self.n_expert_groups >= 2,
-             "group-limited routing needs >= 2 experts per group (groups are scored by their top-2)"),
-            (self.n_activated_experts <= self.n_limited_groups * self.n_routed_experts // self.n_expert_groups,
-             "the kept groups hold fewer experts than n_activated_experts"),
-            (self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim must be even (RoPE rotates pairs)"),
-            (self.score_func == "sigmoid", "score_func must be 'sigmoid' (DeepSeek-V3's router; V2's softmax "
-                                           "routing with its max-score group rule is not implemented)"),
-            (0 <= self.n_dense_layers <= self.n_layers + self.n_mtp, "n_dense_layers must be in [0, n_layers + n_mtp]"),
+            (self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", "even (RoPE rotates pairs)"),
+            (self.n_dense_layers <= self.n_layers + self.n_mtp, "n_dense_layers",
+             f"<= n_layers + n_mtp = {self.n_layers + self.n_mtp}"),
+            (self.n_activated_experts <= E, "n_activated_experts", f"<= n_routed_experts = {E}"),
+            (E % G == 0, "n_routed_experts", f"divisible by n_expert_groups = {G}"),
+            (self.n_limited_groups <= G, "n_limited_groups", f"<= n_expert_groups = {G}"),
+            (G == 1 or E // G >= 2, "n_expert_groups",
+             f"<= n_routed_experts / 2 = {E // 2}, for >= 2 experts per group (a group is scored by its top-2)"),
+            (self.n_activated_experts <= self.n_limited_groups * (E // G), "n_activated_experts",
+             f"<= n_limited_groups * experts per group = {self.n_limited_groups} * {E // G} = "
+             f"{self.n_limited_groups * (E // G)}"),
+            (self.score_func == "sigmoid", "score_func", "'sigmoid' (DeepSeek-V3's router; V2's softmax routing "
+                                                        "with its max-score group rule is not implemented)"),
+            (isinstance(self.yarn, bool), "yarn", "True or False"),
+            (self.beta_fast >= self.beta_slow, "beta_fast", f">= beta_slow = {self.beta_slow}"),
             # grouped_mm needs 16-byte aligned row strides: in bf16 these widths must be multiples of 8
-            (self.dim % 8 == 0, f"dim must be a multiple of 8 (grouped_mm alignment), got {self.dim}"),
-            (self.moe_inter_dim % 8 == 0,
-             f"moe_inter_dim must be a multiple of 8 (grouped_mm alignment), got {self.moe_inter_dim}"),
-            (not self.yarn or self.max_seq_len > self.original_seq_len,
-             f"yarn=True extends original_seq_len={self.original_seq_len} to max_seq_len, so max_seq_len must be "
-             f"larger (got {self.max_seq_len})"),
+            (self.dim % 8 == 0, "dim", "a multiple of 8 (grouped_mm alignment)"),
+            (self.moe_inter_dim % 8 == 0, "moe_inter_dim", "a multiple of 8 (grouped_mm alignment)"),
+            (not self.yarn or self.max_seq_len > self.original_seq_len, "max_seq_len",
+             f"> original_seq_len = {self.original_seq_len} with yarn=True (YaRN extends original_seq_len to "
+             f"max_seq_len)"),
         ]
-        for ok, msg in checks:
+        for ok, name, bound in checks:
             if not ok:
-                raise ValueError(f"bad ModelConfig: {msg}")
+                yield f"{name} must be {bound}, got {getattr(self, name)!r}"
 
     @property
     def qk_head_dim(self):

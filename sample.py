@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from checkpoint import load_model
 from configurator import configure, config_keys
-from data.fineweb import DataError, get_tokenizer
+from data.fineweb import DataError, check_token_ids, get_tokenizer
 from model import autocast_context
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -224,6 +224,21 @@ def text_stream(enc):
     return lambda tok=None: utf8.decode(b"" if tok is None else enc.decode_single_token_bytes(tok), final=tok is None)
 
 
+def check_device(device):
+    """torch.device(device), or a one-line ValueError: sampling runs on the CPU or on a CUDA device that exists."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:  # torch's message lists two dozen device types
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unknown --device={device!r}: use cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("CUDA is not available here: use --device=cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"no --device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
 def read_prompt(start):
     if not start.startswith("FILE:"):
         return start
@@ -239,17 +254,22 @@ def main(argv=None):
                                     description="\n\n".join(__doc__.strip().split("\n\n")[:2]), quiet=True))
     log = partial(print, file=sys.stderr)
     try:
-        ctx = autocast_context(torch.device(c.device).type, c.dtype)
-        if c.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError("CUDA is not available here: use --device=cpu")
+        ctx = autocast_context(check_device(c.device).type, c.dtype)
         if c.compile and c.dtype != "bfloat16":
             raise ValueError("--compile needs --dtype=bfloat16: compiled, the MoE's grouped_mm accepts bf16 only")
         if c.temperature < 0 or c.max_new_tokens < -1 or c.num_samples < 1:
             raise ValueError("need temperature >= 0, max_new_tokens >= 0 (or -1) and num_samples >= 1")
+        # checked here, not where they are used: that is after the prompt went to stdout, and it raises from torch
+        if c.top_k < 0:
+            raise ValueError(f"--top_k must be >= 0 (0: off), got {c.top_k}")
+        if not 0 < c.top_p <= 1:
+            raise ValueError(f"--top_p must be in (0, 1] (1: off), got {c.top_p}")
         model, ckpt = load_model(c.out_dir, c.device)
         enc = get_tokenizer()
         prompt = read_prompt(c.start)
-        prompt_ids = enc.encode(prompt, allowed_special={"<|endoftext|>"}) or [enc.eot_token]
+        # a model with a smaller vocabulary than the tokenizer's cannot embed every id (IndexError in the prefill)
+        prompt_ids = check_token_ids(enc.encode(prompt, allowed_special={"<|endoftext|>"}) or [enc.eot_token],
+                                     model.cfg.vocab_size, "the prompt")
         if c.max_new_tokens == -1:  # an explicit number is checked, never silently cut
             c.max_new_tokens = max(0, min(200, model.cfg.max_seq_len - len(prompt_ids)))
         check_request(model.cfg, len(prompt_ids), c.max_new_tokens, c.speculative)

@@ -22,8 +22,10 @@
     head; its residual stream stays fp32 like the trunk's; loss = mtp_lambda / D * sum_k CE_k.
 12. Init N(0, init_std) for matrices, norms 1, bias 0.
 13. Parameter report: total, active per token, per component; FLOPs per token by hand.
-Plus the configuration checks: grouped_mm alignment (dim, moe_inter_dim multiples of 8), sigmoid routing only.
+Plus the configuration checks: every field's bound and the routing constraints (one-line ValueError when the
+config is made), grouped_mm alignment (dim, moe_inter_dim multiples of 8), sigmoid routing only.
 """
+import dataclasses
 import math
 import subprocess
 import sys
@@ -33,8 +35,8 @@ import torch
 import torch.nn.functional as F
 
 import model
-from conftest import ROOT, tiny_cfg, tiny_model as model_of
-from model import (ModelConfig, Transformer, MoE, MLA, Gate, RMSNorm, apply_rope, precompute_rope,
+from conftest import ROOT, TINY, tiny_cfg, tiny_model as model_of
+from model import (ModelConfig, MoE, MLA, Gate, RMSNorm, apply_rope, precompute_rope,
                    moe_dispatch, sequence_balance_loss)
 from sample import generate_tokens, sample_probs
 
@@ -156,7 +158,7 @@ def test_rope_interleaved_layout_and_yarn_switch():
     ms = 0.1 * math.log(4) + 1
     yarn_mla = MLA(tiny_cfg(max_seq_len=128, original_seq_len=64, rope_factor=4, yarn=True))
     assert yarn_mla.softmax_scale == pytest.approx((8 + 4) ** -0.5 * ms * ms)
-    with pytest.raises(ValueError, match="yarn=True extends original_seq_len=64"):
+    with pytest.raises(ValueError, match="max_seq_len must be > original_seq_len = 64 with yarn=True"):
         tiny_cfg(max_seq_len=64, original_seq_len=64, yarn=True)
 
 
@@ -179,11 +181,25 @@ def _attention_scores(attn: MLA, x, cos, sin):
     c, k_pe = attn.wkv_a(x).split([attn.kv_lora_rank, attn.rope], -1)
     k_nope = attn.wkv_b(attn.kv_norm(c)).view(B, T, attn.n_heads, -1)[..., :attn.nope]
     q_pe, k_pe = apply_rope(q_pe, cos, sin), apply_rope(k_pe.unsqueeze(2), cos, sin)
-    return (torch.einsum("bthd,bshd->bhts", q_nope, k_nope) + torch.einsum("bthd,bshd->bhts", q_pe, k_pe)), \
-        (q_nope, k_nope)
+    return torch.einsum("bthd,bshd->bhts", q_nope, k_nope) + torch.einsum("bthd,bshd->bhts", q_pe, k_pe)
 
 
-def test_rope_only_on_rope_slice_and_relative_positions():
+def _sdpa_qk(attn: MLA, x, cos, sin, monkeypatch):
+    """The queries and keys (B, T, heads, qk_head_dim) that MLA's training path itself hands to SDPA."""
+    seen, real = [], F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        seen.append((q.detach().transpose(1, 2), k.detach().transpose(1, 2)))
+        return real(q, k, v, **kw)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(F, "scaled_dot_product_attention", spy)
+        attn(x, cos, sin)
+    assert len(seen) == 1
+    return seen[0]
+
+
+def test_rope_only_on_rope_slice_and_relative_positions(monkeypatch):
     torch.manual_seed(0)
     cfg = tiny_cfg(max_seq_len=32)
     attn = MLA(cfg)
@@ -191,11 +207,16 @@ def test_rope_only_on_rope_slice_and_relative_positions():
         torch.nn.init.normal_(p, std=0.3)
     cos, sin = precompute_rope(cfg)
     x = torch.randn(1, 6, cfg.dim)
-    s0, (qn0, kn0) = _attention_scores(attn, x, cos[:6], sin[:6])
-    s7, (qn7, kn7) = _attention_scores(attn, x, cos[7:13], sin[7:13])  # same tokens, shifted by 7 positions
-    assert torch.equal(qn0, qn7) and torch.equal(kn0, kn7)  # nope dims never see position
+    # the model's own q/k for the same tokens at positions 0..5 and 7..12: nope dims never see position, rope dims do
+    nope = cfg.qk_nope_head_dim
+    (q0, k0), (q7, k7) = _sdpa_qk(attn, x, cos[:6], sin[:6], monkeypatch), _sdpa_qk(attn, x, cos[7:13], sin[7:13],
+                                                                                      monkeypatch)
+    assert torch.equal(q0[..., :nope], q7[..., :nope]) and torch.equal(k0[..., :nope], k7[..., :nope])
+    assert not torch.allclose(q0[..., nope:], q7[..., nope:]) and not torch.allclose(k0[..., nope:], k7[..., nope:])
+    s0 = _attention_scores(attn, x, cos[:6], sin[:6])
+    s7 = _attention_scores(attn, x, cos[7:13], sin[7:13])     # same tokens, shifted by 7 positions
     torch.testing.assert_close(s0, s7, rtol=1e-4, atol=1e-5)   # scores depend on relative position only
-    assert not torch.allclose(s0, _attention_scores(attn, x, cos[:6].flip(0), sin[:6].flip(0))[0])
+    assert not torch.allclose(s0, _attention_scores(attn, x, cos[:6].flip(0), sin[:6].flip(0)))
     # MLA's own forward agrees with these scores: compare against softmax(scores) @ v by hand
     y = attn(x, cos[:6], sin[:6])
     c = attn.kv_norm(attn.wkv_a(x)[..., :cfg.kv_lora_rank])
@@ -206,22 +227,51 @@ def test_rope_only_on_rope_slice_and_relative_positions():
     torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-5)
 
 
-def test_k_pe_is_one_head_shared_by_all_heads():
+def test_k_pe_is_one_head_shared_by_all_heads(monkeypatch):
+    """k_pe is ONE qk_rope_head_dim head computed from the block input (wkv_a's last rows, roped, never normed):
+    every head's key has that same rope part, on the training path (the keys SDPA gets) and in the decode cache."""
     torch.manual_seed(0)
     cfg = tiny_cfg()
     attn = MLA(cfg)
+    for p in attn.parameters():
+        torch.nn.init.normal_(p, std=0.3)
     cos, sin = precompute_rope(cfg)
-    x = torch.randn(2, 5, cfg.dim)
-    y = attn(x, cos[:5], sin[:5])
-    # changing the k_pe rows of wkv_a changes every head's output; the k_pe slice has exactly qk_rope_head_dim rows
+    B, T, H, nope, rope = 2, 5, cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
+    x = torch.randn(B, T, cfg.dim)
+    assert attn.wkv_a.weight.shape == (cfg.kv_lora_rank + rope, cfg.dim)  # room for one rope head, not H
+
+    def k_pe_by_hand():  # rotate wkv_a(x)'s rope slice as complex pairs, by position * frequency (no apply_rope)
+        raw = attn.wkv_a(x)[..., cfg.kv_lora_rank:].detach()
+        freqs = 1.0 / (cfg.rope_theta ** (torch.arange(0, rope, 2).float() / rope))
+        rot = torch.polar(torch.ones(T, rope // 2), torch.outer(torch.arange(T).float(), freqs))
+        return torch.view_as_real(torch.view_as_complex(raw.view(B, T, rope // 2, 2)) * rot).flatten(-2)
+
+    def check_shared(k):  # every head's rope part is the hand-made k_pe
+        ref = k_pe_by_hand()
+        for h in range(H):
+            torch.testing.assert_close(k[:, :, h, nope:], ref, rtol=1e-5, atol=1e-6)
+
+    _, k = _sdpa_qk(attn, x, cos[:T], sin[:T], monkeypatch)
+    check_shared(k)
+    # head 0's own weights (its query rows of wq, its k_nope/v rows of wkv_b) move its keys, not the shared rope part
+    with torch.no_grad():
+        attn.wq.weight.view(H, nope + rope, cfg.dim)[0] += 1.0
+        attn.wkv_b.weight.view(H, nope + cfg.v_head_dim, cfg.kv_lora_rank)[0] += 1.0
+    _, k2 = _sdpa_qk(attn, x, cos[:T], sin[:T], monkeypatch)
+    assert not torch.allclose(k2[:, :, 0, :nope], k[:, :, 0, :nope])
+    torch.testing.assert_close(k2[..., nope:], k[..., nope:], rtol=0, atol=0)
+    check_shared(k2)
+    # wkv_a's rope rows move every head's rope key, all alike
     with torch.no_grad():
         attn.wkv_a.weight[cfg.kv_lora_rank:] += 0.5
-    y2 = attn(x, cos[:5], sin[:5])
-    per_head = (y2 - y)  # through wo; check via absorbed cache size instead:
-    assert not torch.allclose(y, y2)
-    cache = Transformer(cfg).init_cache(2)
-    assert cache[0][0].shape[-1] == cfg.kv_lora_rank and cache[0][1].shape[-1] == cfg.qk_rope_head_dim
-    assert per_head.shape == y.shape
+    _, k3 = _sdpa_qk(attn, x, cos[:T], sin[:T], monkeypatch)
+    assert not torch.allclose(k3[..., nope:], k2[..., nope:])
+    check_shared(k3)
+    # the absorbed decode path caches exactly that one k_pe per token
+    cache = (torch.zeros(B, cfg.max_seq_len, cfg.kv_lora_rank), torch.zeros(B, cfg.max_seq_len, rope))
+    with torch.no_grad():
+        attn(x, cos[:T], sin[:T], cache, 0)
+    torch.testing.assert_close(cache[1][:, :T], k_pe_by_hand(), rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -508,8 +558,11 @@ def test_mtp_label_alignment_and_shared_embedding_head():
     m.zero_grad()
     l1.backward()
     assert m.embed.weight.grad.abs().sum() > 0 and m.head.weight.grad.abs().sum() > 0
-    assert all(p.grad is None or p.grad.abs().sum() == 0 for n, p in m.layers[-1].ffn.experts.named_parameters()) \
-        is False  # the trunk feeds h^0, so it gets MTP gradients too
+    # the trunk feeds h^0 (before the main final norm), so the MTP loss trains it too: every trunk layer gets a
+    # gradient, the last one's routed experts included; the main model's final norm gets none
+    assert all(layer.attn.wkv_a.weight.grad.abs().sum() > 0 for layer in m.layers)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.layers[-1].ffn.experts.parameters())
+    assert m.norm.weight.grad is None
 
 
 def test_balance_loss_part_is_alpha_weighted_and_zero_in_eval():
@@ -576,6 +629,103 @@ def test_grouped_mm_alignment_is_checked(field, value):
     with pytest.raises(ValueError, match=f"{field} must be a multiple of 8.*got {value}") as e:
         tiny_cfg(**{field: value})
     assert "\n" not in str(e.value)
+
+
+# (overrides on TINY, the field the error names, the bound it states). TINY: 8 routed experts, 2 active, 1 group,
+# n_layers 3 + n_mtp 1, so n_dense_layers may be 0..4.
+BAD_CONFIGS = [
+    ({"vocab_size": 0}, "vocab_size", ">= 1"),
+    ({"dim": 0}, "dim", ">= 1"),                                 # 0 would pass the multiple-of-8 check
+    ({"n_layers": 0}, "n_layers", ">= 1"),
+    ({"n_dense_layers": -1}, "n_dense_layers", ">= 0"),
+    ({"n_dense_layers": 5}, "n_dense_layers", "<= n_layers + n_mtp = 4"),
+    ({"n_heads": 0}, "n_heads", ">= 1"),
+    ({"inter_dim": 0}, "inter_dim", ">= 1"),
+    ({"moe_inter_dim": 0}, "moe_inter_dim", ">= 1"),
+    ({"q_lora_rank": -1}, "q_lora_rank", ">= 0"),
+    ({"kv_lora_rank": 0}, "kv_lora_rank", ">= 1"),
+    ({"qk_nope_head_dim": 0}, "qk_nope_head_dim", ">= 1"),
+    ({"qk_rope_head_dim": 0}, "qk_rope_head_dim", ">= 2"),       # even, but no pair to rotate
+    ({"qk_rope_head_dim": 3}, "qk_rope_head_dim", "even"),
+    ({"v_head_dim": 0}, "v_head_dim", ">= 1"),
+    ({"n_routed_experts": 0, "n_activated_experts": 0, "n_dense_layers": 4}, "n_routed_experts",
+     ">= 1 (an all-dense model keeps it and sets n_dense_layers = n_layers + n_mtp)"),
+    ({"n_shared_experts": -1}, "n_shared_experts", ">= 0"),
+    ({"n_activated_experts": 0}, "n_activated_experts", ">= 1"),
+    ({"n_activated_experts": 9}, "n_activated_experts", "<= n_routed_experts = 8"),
+    ({"n_expert_groups": 0}, "n_expert_groups", ">= 1"),
+    ({"n_expert_groups": 3}, "n_routed_experts", "divisible by n_expert_groups = 3"),
+    ({"n_limited_groups": 0}, "n_limited_groups", ">= 1"),
+    ({"n_expert_groups": 2, "n_limited_groups": 3}, "n_limited_groups", "<= n_expert_groups = 2"),
+    ({"n_expert_groups": 8}, "n_expert_groups", ">= 2 experts per group"),
+    ({"n_routed_experts": 16, "n_expert_groups": 4, "n_activated_experts": 5}, "n_activated_experts",
+     "<= n_limited_groups * experts per group = 1 * 4 = 4"),
+    ({"score_func": "softmax"}, "score_func", "'sigmoid'"),
+    ({"route_scale": 0.0}, "route_scale", "> 0"),
+    ({"route_scale": float("nan")}, "route_scale", "> 0"),
+    ({"max_seq_len": 0}, "max_seq_len", ">= 1"),
+    ({"yarn": "yes"}, "yarn", "True or False"),
+    ({"yarn": True, "original_seq_len": 32}, "max_seq_len", "> original_seq_len = 32 with yarn=True"),
+    ({"original_seq_len": 0}, "original_seq_len", ">= 1"),
+    ({"rope_theta": 1.0}, "rope_theta", "> 1"),
+    ({"rope_factor": 0.5}, "rope_factor", ">= 1"),
+    ({"beta_fast": 0}, "beta_fast", "> 0"),
+    ({"beta_slow": -1}, "beta_slow", "> 0"),
+    ({"beta_fast": 1, "beta_slow": 32}, "beta_fast", ">= beta_slow = 32"),
+    ({"mscale": -1.0}, "mscale", ">= 0"),
+    ({"n_mtp": -1}, "n_mtp", ">= 0"),
+    ({"mtp_lambda": -0.1}, "mtp_lambda", ">= 0"),
+    ({"balance_alpha": -1e-4}, "balance_alpha", ">= 0"),
+    ({"init_std": 0.0}, "init_std", "> 0"),
+    ({"init_std": float("inf")}, "init_std", "finite"),
+]
+
+
+@pytest.mark.parametrize("overrides, field, bound", BAD_CONFIGS,
+                         ids=[",".join(f"{k}={v}" for k, v in o.items()) for o, _, _ in BAD_CONFIGS])
+def test_bad_config_is_one_line_value_error(overrides, field, bound):
+    """Every field's bound is checked when the config is made, before any module is built: one ValueError line
+    that names the field, its value and the bound (not a reshape/ZeroDivisionError inside the first forward)."""
+    value = {**TINY, **overrides}.get(field, getattr(ModelConfig, field))  # the class holds the defaults
+    with pytest.raises(ValueError) as e:
+        tiny_cfg(**overrides)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert msg.startswith(f"bad ModelConfig: {field} must be ") and bound in msg, msg
+    assert msg.endswith(f", got {value!r}"), msg
+
+
+@pytest.mark.parametrize("overrides", [
+    {"n_dense_layers": 0}, {"n_dense_layers": 4},              # all MoE; all dense (n_layers + n_mtp)
+    {"n_layers": 1, "n_dense_layers": 0, "n_mtp": 0}, {"q_lora_rank": 0}, {"n_shared_experts": 0},
+    {"qk_rope_head_dim": 2}, {"n_activated_experts": 1}, {"n_activated_experts": 8},
+    {"n_routed_experts": 16, "n_expert_groups": 8, "n_limited_groups": 1, "n_activated_experts": 2},  # 2 per group
+    {"n_routed_experts": 16, "n_expert_groups": 4, "n_limited_groups": 4, "n_activated_experts": 16},
+    {"mtp_lambda": 0.0, "balance_alpha": 0.0, "route_scale": 0.5},
+    {"yarn": True, "max_seq_len": 64, "original_seq_len": 32, "rope_factor": 1.0, "beta_fast": 1, "beta_slow": 1,
+     "mscale": 0.0},
+], ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")  # n_shared_experts=0: an empty SwiGLU
+def test_configs_at_their_bounds_build_and_run(overrides):
+    """The bounds are no tighter than the code: a config at each bound trains a step and decodes correctly."""
+    m = model_of(**overrides)
+    x = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    _, losses = m(x[:, :-1], x[:, 1:])
+    losses["loss"].backward()
+    assert torch.isfinite(losses["loss"])
+    assert m.param_report()["total"] > 0 and m.flops_per_token() > 0
+    m.eval()
+    with torch.no_grad():
+        full, _ = m(x)
+        cached, _ = m.decode(x, m.init_cache(2), 0)
+    torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "config").glob("*.py")), ids=lambda p: p.name)
+def test_shipped_configs_pass_the_checks(path):
+    from configurator import configure
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    ModelConfig(**configure(defaults, [str(path)], quiet=True, skip_unknown_file_keys=True))
 
 
 def test_torch_without_grouped_mm_gets_one_line():

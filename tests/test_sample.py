@@ -1,10 +1,13 @@
 """sample.py: cached and speculative generation against slow references, and the command line (CPU, tiny models)."""
+import subprocess
+import sys
+
 import pytest
 import torch
 
 import sample
 from checkpoint import load_model
-from conftest import save_ckpt, tiny_model
+from conftest import ROOT, save_ckpt, tiny_model
 
 
 def tiny(seed=0, **kw):
@@ -187,7 +190,9 @@ def test_request_errors():
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpts")
-    return {D: str(save_ckpt(root / f"mtp{D}", tiny(vocab_size=50304, n_mtp=D), step=0)) for D in (0, 2)}
+    paths = {D: str(save_ckpt(root / f"mtp{D}", tiny(vocab_size=50304, n_mtp=D), step=0)) for D in (0, 2)}
+    paths["v128"] = str(save_ckpt(root / "v128", tiny(vocab_size=128), step=0))  # smaller vocab than GPT-2's
+    return paths
 
 
 def test_text_stream_joins_to_decode(gpt2_enc):
@@ -232,20 +237,88 @@ def test_cli_speculative_greedy_output_equals_plain(ckpts, capsys, gpt2_enc):
     assert "accepted" in err and "drafts" in err
 
 
-@pytest.mark.parametrize("case", ["no_mtp", "missing", "too_long", "bad_dtype", "bad_file"])
-def test_cli_errors_are_one_line(case, ckpts, tmp_path, capsys, gpt2_enc):
-    args = {"no_mtp": [f"--out_dir={ckpts[0]}", "--speculative=True"],
-            "missing": [f"--out_dir={tmp_path / 'nowhere'}"],
-            "too_long": [f"--out_dir={ckpts[2]}", "--start=" + "hello " * 40, "--max_new_tokens=30"],
-            "bad_dtype": [f"--out_dir={ckpts[2]}", "--dtype=float8"],
-            "bad_file": [f"--out_dir={ckpts[2]}", f"--start=FILE:{tmp_path / 'none.txt'}"]}[case]
-    expect = {"no_mtp": "n_mtp=0", "missing": "no checkpoint", "too_long": "max_seq_len=64",
-              "bad_dtype": "dtype must be one of", "bad_file": "prompt file"}[case]
+CLI_ERRORS = {  # case: (arguments, what the one line must say)
+    "no_mtp": (["--speculative=True"], "n_mtp=0"),
+    "missing": (["--out_dir=NOWHERE"], "no checkpoint"),
+    "too_long": (["--start=" + "hello " * 40, "--max_new_tokens=30"], "max_seq_len=64"),
+    "bad_dtype": (["--dtype=float8"], "dtype must be one of"),
+    "bad_file": (["--start=FILE:NOWHERE/none.txt"], "prompt file"),
+    "top_k_negative": (["--top_k=-5"], "--top_k must be >= 0"),
+    "top_p_zero": (["--top_p=0"], "--top_p must be in (0, 1]"),
+    "top_p_negative": (["--top_p=-0.5"], "--top_p must be in (0, 1]"),
+    "top_p_above_one": (["--top_p=1.5"], "--top_p must be in (0, 1]"),
+    "device_gpu": (["--device=gpu"], "--device='gpu'"),
+    "device_meta": (["--device=meta"], "--device='meta'"),
+    "no_cuda": (["--device=cuda"], "CUDA is not available"),
+    "cuda_index": (["--device=cuda:3"], "--device='cuda:3'"),
+    "prompt_past_vocab": (["--start=hello world"], "vocab_size is 128"),
+    "empty_prompt_past_vocab": (["--start="], "vocab_size is 128"),  # falls back to <|endoftext|> = 50256
+}
+
+
+def _cli_args(case, ckpts, tmp_path):
+    args, expect = CLI_ERRORS[case]
+    ckpt = ckpts[0] if case == "no_mtp" else ckpts["v128"] if "vocab" in case else ckpts[2]
+    args = [a.replace("NOWHERE", str(tmp_path / "nowhere")) for a in args]
+    extra = ["--max_new_tokens=10"] * (case != "too_long")
+    return [f"--out_dir={ckpt}"] * (case != "missing") + args + extra, expect
+
+
+@pytest.mark.parametrize("case", list(CLI_ERRORS))
+def test_cli_errors_are_one_line(case, ckpts, tmp_path, capsys, monkeypatch):
+    """A user error ends main with SystemExit(one line): Python prints that line to stderr and exits 1. Nothing
+    is generated and nothing else is printed first, and the exception is never a traceback from deep inside."""
+    if case in ("no_cuda", "cuda_index"):  # the same answer on a machine with or without GPUs
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: case == "cuda_index")
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: int(case == "cuda_index"))
+    args, expect = _cli_args(case, ckpts, tmp_path)
     with pytest.raises(SystemExit) as e:
-        sample.main(args + ["--max_new_tokens=10"] * (case != "too_long"))
-    msg = str(e.value.code)
-    assert msg.startswith("sample.py: error: ") and expect in msg and "\n" not in msg
-    assert capsys.readouterr().out == ""
+        sample.main(args)
+    msg = e.value.code
+    assert isinstance(msg, str)  # a str code: printed to stderr, exit status 1 (an int 0 would be success)
+    assert msg.startswith("sample.py: error: ") and expect in msg and "\n" not in msg, msg
+    assert capsys.readouterr() == ("", "")  # no prompt, no samples, no settings line before the error
+
+
+@pytest.mark.parametrize("case", ["top_k_negative", "device_gpu", "prompt_past_vocab"])
+def test_cli_error_exit_status_without_traceback(case, ckpts, tmp_path):
+    """The same errors through a real process: exit status 1, one line on stderr, no traceback, no stdout."""
+    args, expect = _cli_args(case, ckpts, tmp_path)
+    p = subprocess.run([sys.executable, "sample.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1
+    assert p.stdout == "" and "Traceback" not in p.stderr
+    assert p.stderr.splitlines() == [p.stderr.strip()] and p.stderr.startswith("sample.py: error: ")
+    assert expect in p.stderr
+
+
+@pytest.mark.parametrize("mode", [["--temperature=0"], ["--temperature=1.0", "--top_k=0"],
+                                  ["--temperature=0", "--speculative=True"],
+                                  ["--temperature=1.0", "--speculative=True"]],
+                         ids=["greedy", "sampled", "speculative_greedy", "speculative_sampled"])
+def test_cli_never_emits_ids_past_the_tokenizer(mode, tmp_path, capsys, gpt2_enc, monkeypatch):
+    """The head's padded rows (50257..50303) are untrained and have no text; here they win every argmax, yet the CLI
+    only ever emits ids the tokenizer can decode. A model with a smaller vocabulary (128) samples among its own."""
+    big = tiny(vocab_size=50304, n_mtp=2)
+    with torch.no_grad():
+        big.head.weight[gpt2_enc.n_vocab:] *= 1000
+    prompt = gpt2_enc.encode("Once upon a time")
+    assert all(t >= gpt2_enc.n_vocab for t in greedy(big, prompt, 5))  # unrestricted, it would emit only those
+    emitted, real = [], sample.generate_tokens
+
+    def spy(*args, **kw):
+        for tok in real(*args, **kw):
+            emitted.append(tok)
+            yield tok
+
+    monkeypatch.setattr(sample, "generate_tokens", spy)
+    for model, start in ((big, "Once upon a time"), (tiny(vocab_size=128, n_mtp=2), "a")):
+        emitted.clear()
+        path = save_ckpt(tmp_path / str(model.cfg.vocab_size), model, step=0)
+        sample.main([f"--out_dir={path}", f"--start={start}", "--num_samples=1", "--max_new_tokens=12",
+                     "--stop_at_eot=False", *mode])
+        out, _ = capsys.readouterr()
+        assert len(emitted) == 12 and max(emitted) < min(gpt2_enc.n_vocab, model.cfg.vocab_size)
+        assert out == gpt2_enc.decode(gpt2_enc.encode(start) + emitted) + "\n---------------\n"
 
 
 def test_cli_default_length_fits_the_model(ckpts, capsys, gpt2_enc):
