@@ -21,7 +21,7 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from data.fineweb import atomic_write
+from data.loader import atomic_write
 from model import ModelConfig, Transformer
 
 

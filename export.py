@@ -61,16 +61,13 @@ It has no MTP modules, so none are written; its Gate creates the selection bias 
 other widths load it with strict=False or add the bias there.
 """
 import json
-import math
 import os
 import sys
 import time
 
-import torch
-
 from checkpoint import load_model
 from configurator import configure, config_keys
-from data.fineweb import DataError
+from data.loader import EOT, DataError, bytes_to_unicode
 from model import DTYPES
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -82,8 +79,7 @@ mtp = 'auto'                     # auto | True | False: where to write the MTP m
 tokenizer = True                 # write the tokenizer files (--to=hf)
 # -----------------------------------------------------------------------------------------------------------------
 _SETTINGS = config_keys(globals())
-EOT = "<|endoftext|>"
-EOT_ID = 50256
+EOT_TEXT = "<|endoftext|>"
 # the fields of the official inference/model.py ModelArgs that describe the network (its generate.py builds
 # ModelArgs(**json.load(f)), so config.json holds these and its "dtype", nothing else)
 OFFICIAL_FIELDS = ["max_seq_len", "vocab_size", "dim", "inter_dim", "moe_inter_dim", "n_layers", "n_dense_layers",
@@ -161,7 +157,7 @@ def hf_state_dict(state, cfg, with_mtp=True):
 
 def hf_config(cfg, torch_dtype="float32"):
     """config.json for transformers' DeepseekV3Config (the released DeepSeek-V3 config's field names)."""
-    eot = EOT_ID if EOT_ID < cfg.vocab_size else None  # a toy vocabulary (tests) has no <|endoftext|> row
+    eot = EOT if EOT < cfg.vocab_size else None  # a toy vocabulary (tests) has no <|endoftext|> row
     rope_scaling = None
     if cfg.yarn:
         # attention_factor 1.0: model.py puts the whole YaRN temperature into the softmax scale (mscale_all_dim)
@@ -218,20 +214,6 @@ def hf_config(cfg, torch_dtype="float32"):
 # -----------------------------------------------------------------------------------------------------------------
 # tokenizer: GPT-2 byte-level BPE rebuilt from tiktoken's mergeable ranks
 
-def byte_to_unicode():
-    """GPT-2's reversible byte -> printable character table: printable Latin-1 bytes stand for themselves, the
-    other 68 (controls, space, ...) take the characters 256, 257, ... in byte order."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), ord("\xff") + 1)]
-    table, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
-
-
 def recover_merges(ranks):
     """tiktoken ranks (bytes -> id) -> GPT-2 merges [(left bytes, right bytes)] in rank order. A token of rank r
     is the merge of the two parts that BPE reaches on its bytes using only merges of rank < r."""
@@ -261,9 +243,9 @@ def write_tokenizer(enc, dest, max_len):
     _require("tokenizers", "tokenizers")
     from tokenizers import Tokenizer, AddedToken, decoders, models, pre_tokenizers, processors
     ranks = enc._mergeable_ranks
-    if len(ranks) != EOT_ID or enc.eot_token != EOT_ID:
+    if len(ranks) != EOT or enc.eot_token != EOT:
         raise ExportError(f"expected tiktoken's GPT-2 encoding (50256 ranks + <|endoftext|>), got {len(ranks)} ranks")
-    u = byte_to_unicode()
+    u = bytes_to_unicode()
     to_str = lambda b: "".join(u[x] for x in b)
     vocab = {to_str(tok): rank for tok, rank in ranks.items()}
     merges = [(to_str(a), to_str(b)) for a, b in recover_merges(ranks)]
@@ -272,10 +254,10 @@ def write_tokenizer(enc, dest, max_len):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    tok.add_special_tokens([AddedToken(EOT, special=True, normalized=False)])
-    assert tok.token_to_id(EOT) == EOT_ID
+    tok.add_special_tokens([AddedToken(EOT_TEXT, special=True, normalized=False)])
+    assert tok.token_to_id(EOT_TEXT) == EOT
     tok.save(os.path.join(dest, "tokenizer.json"))
-    special = {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT}
+    special = {"bos_token": EOT_TEXT, "eos_token": EOT_TEXT, "unk_token": EOT_TEXT}
     tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", **special, "model_max_length": max_len,
                "add_prefix_space": False, "clean_up_tokenization_spaces": False, "add_bos_token": False,
                "add_eos_token": False}
@@ -388,7 +370,7 @@ def export(model_cfg, state, dest, to="hf", dtype="float32", mtp="auto", enc=Non
                     {"bos_token_id": cfg_json["bos_token_id"], "eos_token_id": cfg_json["eos_token_id"]})
         if write_tok:
             if enc is None:
-                from data.fineweb import get_tokenizer
+                from data.loader import get_tokenizer
                 enc = get_tokenizer()
             write_tokenizer(enc, dest, model_cfg.max_seq_len)
     else:

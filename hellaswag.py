@@ -38,7 +38,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from configurator import configure, config_keys
-from data.fineweb import atomic_write
+from data.loader import atomic_write
 from model import DTYPES, autocast_context
 
 # -----------------------------------------------------------------------------------------------------------
@@ -172,8 +172,8 @@ def load_examples(path=None, limit=None):
 
 
 def get_tokenizer():
-    """GPT-2 BPE: data/fineweb.py's loader (the bundled tokenizer file, no network); HellaSwagError if it fails."""
-    from data.fineweb import DataError, get_tokenizer as bundled
+    """GPT-2 BPE: data/loader.py's loader (the bundled tokenizer file, no network); HellaSwagError if it fails."""
+    from data.loader import DataError, get_tokenizer as bundled
     try:
         return bundled()
     except DataError as e:  # already one line, saying what to do

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from checkpoint import load_model
 from configurator import configure, config_keys
-from data.fineweb import DataError, check_token_ids, get_tokenizer
+from data.loader import DataError, check_token_ids, get_tokenizer
 from model import autocast_context
 
 # -----------------------------------------------------------------------------------------------------------------

@@ -27,7 +27,8 @@ from tqdm import tqdm
 
 from checkpoint import fingerprint, resume, rng_state, save_checkpoint
 from configurator import configure, config_keys
-from data.fineweb import SAMPLE_DIR, DataError, ShardReader, atomic_write, check_token_ids, get_tokenizer, prepare_sample
+from data.fineweb import SAMPLE_DIR, prepare_sample
+from data.loader import DataError, ShardReader, atomic_write, check_token_ids, get_tokenizer
 from muon import build_optimizer
 from model import ModelConfig, Transformer, autocast_context, gpu_peak_flops
 from sample import generate_tokens

@@ -1,4 +1,4 @@
-"""FineWeb-Edu (or local text files) -> GPT-2 token shards, and the reader that trains on them.
+"""FineWeb-Edu (or local text files) -> GPT-2 token shards: the data preparation script.
 
     python data/fineweb.py                                  # HuggingFaceFW/fineweb-edu, subset sample-10BT
     python data/fineweb.py --subset sample-100BT            # another subset
@@ -23,27 +23,19 @@ Local files (--input; a directory stands for its supported files, recursively, i
 Offline: the Hub path checks first that the Hub can be reached (at once if HF_HUB_OFFLINE or HF_DATASETS_OFFLINE
 is set, else a 2 s connection test) and stops with a one-line error pointing to --input if not.
 
-Resuming: each shard is written to a temp file (<name>.<pid>.<random>.tmp) and renamed when whole, then meta.json (also written atomically)
+Resuming: each shard is written to a temp file and renamed when whole, then meta.json (also written atomically)
 records how many documents are in the finished shards. Rerunning the same command skips those documents
 without tokenizing them and continues with the next shard; the result is byte-identical to an uninterrupted
-run. A file named *.npy is always a complete shard.
-
-The reader (ShardReader, used by train.py) memory-maps the shards of one split and cuts them into windows of
-seq_len + 1 tokens at stride seq_len (x = w[:-1], y = w[1:], so the x parts never overlap); a window never
-crosses a shard boundary, so up to seq_len tokens at the end of each shard are unused.
+run. A file named *.npy is always a complete shard. train.py reads the shards with data/loader.py's ShardReader.
 """
 import argparse
-import base64
-import binascii
 import contextlib
 import csv
-import functools
 import gzip
 import itertools
 import json
 import multiprocessing
 import os
-import secrets
 import socket
 import sys
 import threading
@@ -54,71 +46,18 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script (python data/fineweb.py), too
+from data.loader import HERE, DataError, atomic_write, first_line, get_tokenizer  # noqa: E402
+
 HUB_DATASET = "HuggingFaceFW/fineweb-edu"
 INPUT_SUFFIXES = (".parquet", ".jsonl", ".json", ".csv", ".txt")
 GZ_SUFFIXES = (".jsonl", ".json", ".csv", ".txt")  # these may also come gzip-compressed, as NAME.jsonl.gz etc.
-HERE = Path(__file__).resolve().parent
 DEFAULT_OUT_DIR = HERE / "fineweb_edu"
 
 # files that ship with the repository (data/README.md: source, licence, how to regenerate them)
-TOKENIZER_FILE = HERE / "gpt2.tiktoken.gz"             # GPT-2's BPE ranks in tiktoken's format, gzipped
 SAMPLE_FILE = HERE / "fineweb_edu_sample.jsonl.gz"     # 150 FineWeb-Edu documents (ODC-By 1.0)
 SAMPLE_DIR = HERE / "fineweb_edu_sample"               # where prepare_sample() puts its shards (git-ignored)
 SAMPLE_SHARD_SIZE = 20000                              # ~89k tokens -> 1 val + 4 train shards
-
-# GPT-2's pre-tokenizer regex, in the form tiktoken uses for its "gpt2" encoding (same splits, faster)
-GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
-GPT2_N_MERGEABLE = 50256  # byte tokens + merges; <|endoftext|> is 50256
-REGENERATE = ("restore it (git checkout -- data/gpt2.tiktoken.gz) or rebuild it from GPT-2's vocab.bpe and "
-              "encoder.json (python data/make_bundle.py --gpt2_dir DIR)")
-
-
-class DataError(Exception):
-    """A problem with the data or its inputs; the message says what is wrong and what to do, in one line."""
-
-
-def first_line(error):
-    """The first line of an exception's message, so that errors we pass on stay one line long."""
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"
-
-
-@functools.lru_cache(maxsize=None)
-def get_tokenizer(path=TOKENIZER_FILE):
-    """GPT-2's BPE as a tiktoken Encoding (vocab 50257, eot 50256), built from the bundled gpt2.tiktoken.gz: no
-    network, no cache dir; the same ids as tiktoken.get_encoding("gpt2"). Loaded once per process.
-    A DataError (one line) if tiktoken is missing or the file is missing or corrupt."""
-    try:
-        import tiktoken
-    except ImportError as e:
-        raise DataError("the tiktoken package is missing: pip install tiktoken") from e
-    path = Path(path)
-    try:
-        ranks = {}
-        with gzip.open(path, "rt", encoding="ascii") as f:
-            for line in f:
-                token, rank = line.split()
-                ranks[base64.b64decode(token, validate=True)] = int(rank)
-    except FileNotFoundError as e:
-        raise DataError(f"the bundled GPT-2 tokenizer file {path} is missing: {REGENERATE}") from e
-    except (OSError, EOFError, UnicodeDecodeError, ValueError, binascii.Error) as e:  # bad gzip, line or base64
-        raise DataError(f"the bundled GPT-2 tokenizer file {path} is corrupt ({first_line(e)}): {REGENERATE}") from e
-    if sorted(ranks.values()) != list(range(GPT2_N_MERGEABLE)):
-        raise DataError(f"the bundled GPT-2 tokenizer file {path} is corrupt (expected {GPT2_N_MERGEABLE} distinct "
-                        f"tokens with ranks 0..{GPT2_N_MERGEABLE - 1}, got {len(ranks)}): {REGENERATE}")
-    return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PAT, mergeable_ranks=ranks,
-                             special_tokens={"<|endoftext|>": GPT2_N_MERGEABLE}, explicit_n_vocab=GPT2_N_MERGEABLE + 1)
-
-
-def check_token_ids(ids, vocab_size, what="the text"):
-    """ids unchanged if every id fits a model of vocab_size, else a one-line DataError: a model trained with a
-    smaller vocabulary than the tokenizer's would index past its embedding (IndexError, or a device-side assert)."""
-    top = max(ids, default=-1)
-    if top >= vocab_size:
-        raise DataError(f"{what} encodes to token id {top}, but the model's vocab_size is {vocab_size}: it was "
-                        f"trained with a smaller vocabulary than the GPT-2 tokenizer's {GPT2_N_MERGEABLE + 1}; use "
-                        "text the model can read or a model with vocab_size >= 50257")
-    return ids
 
 
 def tokenize(text):
@@ -134,19 +73,15 @@ HUB_CHECK_SECONDS = 2.0
 
 
 def hub_offline_reason():
-    """None if the Hugging Face Hub looks reachable, else why not (one phrase). Honours HF_HUB_OFFLINE /
-    HF_DATASETS_OFFLINE at once; otherwise opens a TCP connection to the Hub's host (HF_ENDPOINT, default
-    huggingface.co:443), or to the HTTPS proxy if one is set, and gives up after HUB_CHECK_SECONDS (name lookup
-    included), instead of letting datasets retry for half a minute."""
+    """None if the Hugging Face Hub looks reachable, else why not (one phrase): HF_HUB_OFFLINE / HF_DATASETS_OFFLINE
+    answer at once; otherwise a TCP connection to the HTTPS proxy or the Hub (HF_ENDPOINT), given up after
+    HUB_CHECK_SECONDS, a hanging name lookup included (datasets would retry for half a minute)."""
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         if os.environ.get(var, "").strip().upper() in ("1", "ON", "YES", "TRUE"):
             return f"{var}={os.environ[var]} is set"
-    proxy = next((os.environ[v] for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
-                  if os.environ.get(v)), None)
-    if proxy:
-        url = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
-    else:
-        url = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    target = (os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy") or os.environ.get("HF_ENDPOINT")
+              or "https://huggingface.co")
+    url = urllib.parse.urlsplit(target if "://" in target else f"http://{target}")
     host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
     result = []
 
@@ -155,14 +90,12 @@ def hub_offline_reason():
             socket.create_connection((host, port), timeout=HUB_CHECK_SECONDS).close()
             result.append(None)
         except OSError as e:
-            result.append(first_line(e))
+            result.append(f"cannot connect to {host}:{port}: {first_line(e)}")
 
     t = threading.Thread(target=connect, daemon=True)  # a thread, so that a hanging name lookup is cut off too
     t.start()
     t.join(HUB_CHECK_SECONDS)
-    if not result:
-        return f"no connection to {host}:{port} within {HUB_CHECK_SECONDS:g} s"
-    return result[0] and f"cannot connect to {host}:{port}: {result[0]}"
+    return result[0] if result else f"no connection to {host}:{port} within {HUB_CHECK_SECONDS:g} s"
 
 
 def hub_documents(subset):
@@ -285,25 +218,6 @@ def _file_documents(path):
 
 # ----------------------------------------------------------------------------------------------------------------
 # the shard writer
-
-def atomic_write(path, write, mode="wb"):
-    """Write a file through write(f) to a temp file beside it, flush it to disk, then rename it over path: a file
-    with the final name is always whole, and a failed write leaves the previous file and no temp file. The temp
-    name is unique to this call, so writers racing for the same path (e.g. DDP ranks) never clobber each other's
-    temp file: the last rename wins and every reader sees one whole file. Every file the project writes (shards,
-    meta.json, checkpoints, downloads, results) goes through here."""
-    path = str(path)
-    tmp = f"{path}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    try:
-        with open(tmp, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())  # the data must be on disk before the rename makes it look finished
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
 
 def write_shard(path, tokens):
     atomic_write(path, lambda f: np.save(f, tokens))
@@ -443,107 +357,6 @@ def prepare_sample(out_dir=SAMPLE_DIR):
 
 # ----------------------------------------------------------------------------------------------------------------
 # the reader
-
-class ShardReader:
-    """Token windows from the uint16 .npy shards of one split.
-
-    The split's windows (seq_len + 1 tokens at stride seq_len, never across a shard boundary) are numbered in
-    file order. Each epoch visits them in one order: a permutation seeded with seed + epoch (shuffle=True) or
-    file order (shuffle=False); rank r of world_size takes every world_size-th window of it, and the last
-    n_windows % world_size windows of the order are dropped so that every rank gets the same number. When a
-    rank's windows run out, the next epoch starts, within the same batch if need be.
-    next_batch() -> x, y: int64 (batch_size, seq_len) CPU tensors, y = x shifted by one token.
-    """
-
-    def __init__(self, data_dir, split, batch_size, seq_len, rank=0, world_size=1, seed=1337, vocab_size=None,
-                 shuffle=True):
-        data_dir = Path(data_dir)
-        how = "run python data/fineweb.py (or --input FILES --out_dir DIR) to make it"
-        if not (data_dir / "meta.json").is_file():
-            raise DataError(f"no token shards in {data_dir} (meta.json missing): {how}")
-        try:
-            meta = json.loads((data_dir / "meta.json").read_text())
-        except json.JSONDecodeError as e:
-            raise DataError(f"{data_dir / 'meta.json'} is not valid JSON ({e}): {how} again") from e
-        if meta.get("dtype") != "uint16":
-            raise DataError(f"{data_dir / 'meta.json'} says dtype {meta.get('dtype')!r}; this reader needs uint16")
-        if not meta.get("complete"):
-            raise DataError(f"the shards in {data_dir} are unfinished (meta.json: complete=false): "
-                            "rerun the python data/fineweb.py command that made them to finish them")
-        if vocab_size is not None and meta["vocab_size"] > vocab_size:
-            raise DataError(f"the shards in {data_dir} use vocab_size {meta['vocab_size']} but the model's "
-                            f"vocab_size is {vocab_size}: make the model's vocab_size at least {meta['vocab_size']}")
-        entries = [s for s in meta["shards"] if s["split"] == split]
-        if not entries:
-            raise DataError(f"no {split!r} shards in {data_dir}/meta.json (too little data for a {split} shard?): "
-                            f"{how} with more data or a smaller --shard_size")
-        self.shards = []  # memory-mapped: opening reads only the .npy header, which is what we check here
-        for s in entries:
-            path = data_dir / s["file"]
-            if not path.is_file():
-                raise DataError(f"shard {path} listed in meta.json is missing: {how} again")
-            try:
-                tokens = np.load(path, mmap_mode="r")
-            except (ValueError, OSError) as e:  # e.g. a header that promises more bytes than the file has
-                raise DataError(f"shard {path} is truncated or corrupt ({first_line(e)}): {how} again") from e
-            if tokens.dtype != np.uint16 or tokens.ndim != 1:
-                raise DataError(f"shard {path} holds {tokens.dtype} of shape {tokens.shape}, not 1-D uint16: "
-                                f"{how} again")
-            if len(tokens) != s["tokens"]:
-                raise DataError(f"shard {path} has {len(tokens)} tokens but meta.json says {s['tokens']} "
-                                f"(truncated or replaced): {how} again")
-            self.shards.append(tokens)
-        windows = [max(len(t) - 1, 0) // seq_len for t in self.shards]
-        # first window number of each shard; window g lives in shard searchsorted(starts, g, 'right') - 1
-        self.starts = np.cumsum([0] + windows[:-1])
-        self.n_windows = sum(windows)
-        if self.n_windows < world_size:
-            raise DataError(f"the {split!r} split of {data_dir} has {sum(s['tokens'] for s in entries)} tokens: "
-                            f"{self.n_windows} windows of seq_len + 1 = {seq_len + 1} tokens, but each of the "
-                            f"{world_size} rank(s) needs at least one window: use a smaller seq_len or more data")
-        self.batch_size, self.seq_len = batch_size, seq_len
-        self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
-        self.reset()
-
-    def start_epoch(self, epoch):
-        self.epoch, self.pos = epoch, 0
-        n = self.n_windows
-        order = np.random.default_rng(self.seed + epoch).permutation(n) if self.shuffle else np.arange(n)
-        self.order = order[self.rank:n - n % self.world_size:self.world_size]
-
-    def reset(self):
-        self.start_epoch(0)
-
-    def next_batch(self):
-        import torch  # here, not at the top: the tokenizer CLI and get_tokenizer() users need no torch (a slow import)
-        T = self.seq_len
-        buf = np.empty((self.batch_size, T + 1), dtype=np.int64)
-        for i in range(self.batch_size):
-            if self.pos == len(self.order):
-                self.start_epoch(self.epoch + 1)
-            g = self.order[self.pos]
-            self.pos += 1
-            s = np.searchsorted(self.starts, g, side="right") - 1
-            offset = (g - self.starts[s]) * T
-            buf[i] = self.shards[s][offset:offset + T + 1]
-        w = torch.from_numpy(buf)
-        return w[:, :-1].contiguous(), w[:, 1:].contiguous()
-
-    def state_dict(self):
-        return {"epoch": self.epoch, "pos": self.pos, "seed": self.seed, "rank": self.rank,
-                "world_size": self.world_size, "seq_len": self.seq_len, "n_windows": self.n_windows,
-                "shuffle": int(self.shuffle)}
-
-    def load_state_dict(self, state):
-        mine = self.state_dict()
-        wrong = [f"{k}={state.get(k)} (this reader: {mine[k]})" for k in mine if k not in ("epoch", "pos")
-                 and state.get(k) != mine[k]]
-        if wrong:
-            raise DataError(f"data-loader state does not match this reader: {', '.join(wrong)}; resume with the "
-                            "same seed, world_size, rank, seq_len and data, or start the data stream afresh")
-        self.start_epoch(state["epoch"])
-        self.pos = state["pos"]
-
 
 def main(argv=None):
     args = parse_args(argv)

@@ -10,7 +10,7 @@ no file name in the header, so the same inputs always give byte-identical files.
 
 gpt2.tiktoken.gz is tiktoken's `.tiktoken` format: one line per token, `base64(token bytes) rank`, in rank
 order (ranks 0..50255; <|endoftext|> = 50256 is a special token and is not listed). GPT-2 stores its tokens as
-strings in which every byte is shown as a printable unicode character; bytes_to_unicode() below rebuilds that
+strings in which every byte is shown as a printable unicode character; bytes_to_unicode() (data/loader.py) rebuilds that
 table so that each string can be turned back into the bytes it stands for. vocab.bpe is used as a check: its
 i-th merge "a b" must be the token of rank 256 + i, and a + b must be its bytes.
 
@@ -26,24 +26,12 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script (python data/make_bundle.py)
+from data.loader import EOT, bytes_to_unicode  # noqa: E402  (ranks 0..EOT-1; EOT is <|endoftext|>)
+
 HERE = Path(__file__).resolve().parent
 TOKENIZER_OUT = HERE / "gpt2.tiktoken.gz"
 SAMPLE_OUT = HERE / "fineweb_edu_sample.jsonl.gz"
-N_MERGEABLE = 50256  # GPT-2: 256 byte tokens + 50,000 merges; id 50256 is <|endoftext|>
-
-
-def bytes_to_unicode():
-    """GPT-2's byte -> character table. Bytes that are printable and not a space stand for themselves (the
-    ranges '!'..'~', '¡'..'¬', '®'..'ÿ'); every other byte, in increasing order, gets the next code point
-    from 256 upwards. Returns {byte value: character}."""
-    visible = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table = {b: chr(b) for b in visible}
-    extra = 256
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(extra)
-            extra += 1
-    return table
 
 
 def gpt2_ranks(gpt2_dir):
@@ -56,15 +44,15 @@ def gpt2_ranks(gpt2_dir):
         if token == "<|endoftext|>":
             continue
         ranks[bytes(char_to_byte[c] for c in token)] = rank
-    if sorted(ranks.values()) != list(range(N_MERGEABLE)):
-        sys.exit(f"make_bundle.py: {gpt2_dir / 'encoder.json'}: expected ranks 0..{N_MERGEABLE - 1}")
+    if sorted(ranks.values()) != list(range(EOT)):
+        sys.exit(f"make_bundle.py: {gpt2_dir / 'encoder.json'}: expected ranks 0..{EOT - 1}")
     if sorted(ranks.get(bytes([b]), -1) for b in range(256)) != list(range(256)):
         sys.exit("make_bundle.py: the 256 single-byte tokens do not hold ranks 0..255")
 
     lines = (gpt2_dir / "vocab.bpe").read_text(encoding="utf-8").split("\n")
     merges = [line.split(" ") for line in lines[1:] if line]  # line 0 is a '#version' header
-    if len(merges) != N_MERGEABLE - 256:
-        sys.exit(f"make_bundle.py: {gpt2_dir / 'vocab.bpe'}: expected {N_MERGEABLE - 256} merges, got {len(merges)}")
+    if len(merges) != EOT - 256:
+        sys.exit(f"make_bundle.py: {gpt2_dir / 'vocab.bpe'}: expected {EOT - 256} merges, got {len(merges)}")
     for i, (a, b) in enumerate(merges):
         merged = bytes(char_to_byte[c] for c in a + b)
         if ranks.get(merged) != 256 + i:

@@ -42,8 +42,8 @@ def shared_data():
 
 @pytest.fixture(scope="session")
 def gpt2_enc():
-    """The project's GPT-2 tokenizer: data/fineweb.py's loader of the bundled file (no network, never skips)."""
-    from data.fineweb import get_tokenizer
+    """The project's GPT-2 tokenizer: data/loader.py's loader of the bundled file (no network, never skips)."""
+    from data.loader import get_tokenizer
     return get_tokenizer()
 
 

@@ -1,5 +1,5 @@
-"""data/fineweb.py: the bundled tokenizer and sample, the shard writer (content, resume, --input formats, offline
-errors) and ShardReader."""
+"""data/loader.py (the bundled tokenizer, atomic_write, ShardReader) and data/fineweb.py (the bundled sample, the
+shard writer: content, resume, --input formats, offline errors)."""
 import base64
 import csv
 import functools
@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from data import fineweb
-from data.fineweb import DataError, ShardReader, main
+from data import fineweb, loader
+from data.fineweb import main
+from data.loader import DataError, ShardReader
 
 SHARD = fineweb.SAMPLE_SHARD_SIZE  # 20000: ~89k tokens in the bundled sample -> 1 val + 4 train shards
 SAMPLE = str(fineweb.SAMPLE_FILE)
@@ -88,7 +89,7 @@ def test_bundled_tokenizer_basics_without_network(gpt2_enc, tmp_path, monkeypatc
         gpt2_enc.encode("<|endoftext|>")
     for text in VARIED_TEXTS:
         assert gpt2_enc.decode(gpt2_enc.encode_ordinary(text)) == text
-    assert fineweb.get_tokenizer() is fineweb.get_tokenizer()  # loaded once per process
+    assert loader.get_tokenizer() is loader.get_tokenizer()  # loaded once per process
 
     # a fresh load needs no network and no tiktoken cache
     def no_network(*args, **kwargs):
@@ -98,12 +99,12 @@ def test_bundled_tokenizer_basics_without_network(gpt2_enc, tmp_path, monkeypatc
     monkeypatch.setattr(socket, "create_connection", no_network)
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty"))
     t0 = time.time()
-    enc = fineweb.get_tokenizer.__wrapped__()
+    enc = loader.get_tokenizer.__wrapped__()
     assert enc.encode_ordinary("Hello world") == [15496, 995] and time.time() - t0 < 10
 
 
 def test_bundled_files_are_small_and_reproducible(tmp_path, shared_data):
-    assert fineweb.TOKENIZER_FILE.stat().st_size + fineweb.SAMPLE_FILE.stat().st_size < 1_000_000
+    assert loader.TOKENIZER_FILE.stat().st_size + fineweb.SAMPLE_FILE.stat().st_size < 1_000_000
     sys.path.insert(0, str(fineweb.HERE))
     try:
         import make_bundle
@@ -111,17 +112,12 @@ def test_bundled_files_are_small_and_reproducible(tmp_path, shared_data):
         sys.path.remove(str(fineweb.HERE))
     make_bundle.make_tokenizer(shared_data / "gpt2_bpe", tmp_path / "t.gz")
     make_bundle.make_sample(shared_data / "fineweb_edu_sample" / "training_data.csv", tmp_path / "s.gz")
-    assert (tmp_path / "t.gz").read_bytes() == fineweb.TOKENIZER_FILE.read_bytes()
+    assert (tmp_path / "t.gz").read_bytes() == loader.TOKENIZER_FILE.read_bytes()
     assert (tmp_path / "s.gz").read_bytes() == fineweb.SAMPLE_FILE.read_bytes()
 
 
 def test_bytes_to_unicode_table():
-    sys.path.insert(0, str(fineweb.HERE))
-    try:
-        import make_bundle
-    finally:
-        sys.path.remove(str(fineweb.HERE))
-    table = make_bundle.bytes_to_unicode()
+    table = loader.bytes_to_unicode()
     assert len(table) == 256 and len(set(table.values())) == 256
     assert table[ord("A")] == "A" and table[ord(" ")] == "\u0120" and table[ord("\n")] == "\u010a"
     assert all(c.isprintable() and not c.isspace() for c in table.values())
@@ -134,8 +130,8 @@ def write_gz(path, data):
 
 
 def test_bundled_tokenizer_errors_are_one_line(tmp_path, monkeypatch):
-    load = fineweb.get_tokenizer.__wrapped__  # uncached, so that each case really loads its file
-    good = gzip.decompress(fineweb.TOKENIZER_FILE.read_bytes())
+    load = loader.get_tokenizer.__wrapped__  # uncached, so that each case really loads its file
+    good = gzip.decompress(loader.TOKENIZER_FILE.read_bytes())
     cases = {
         "missing": (tmp_path / "nope.tiktoken.gz", "is missing"),
         "not gzip": (tmp_path / "plain.gz", "is corrupt"),
@@ -146,7 +142,7 @@ def test_bundled_tokenizer_errors_are_one_line(tmp_path, monkeypatch):
                     "expected 50256 distinct tokens"),
     }
     (tmp_path / "plain.gz").write_bytes(good[:5000])
-    (tmp_path / "cut.gz").write_bytes(fineweb.TOKENIZER_FILE.read_bytes()[:100_000])
+    (tmp_path / "cut.gz").write_bytes(loader.TOKENIZER_FILE.read_bytes()[:100_000])
     for case, (path, expected) in cases.items():
         with pytest.raises(DataError) as e:
             load(path)
@@ -225,7 +221,7 @@ def _write_slowly(path, payload, start):
         for i in range(0, len(payload), 64):
             f.write(payload[i:i + 64])
             time.sleep(0.002)
-    fineweb.atomic_write(path, write)
+    loader.atomic_write(path, write)
 
 
 def test_atomic_write_survives_concurrent_writers(tmp_path):
