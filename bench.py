@@ -304,13 +304,14 @@ def main(argv=None):
     model = Transformer(cfg).to(dev)
     flops, rep = model.flops_per_token(T), model.param_report()
     fwd = torch.compile(model) if compile else model
-    runs = {"ours": train_step(model, lambda i, t: fwd(i, t)[1]["loss"], B, T, cfg.vocab_size, dev, ctx)}
+    loss = lambda parts: parts["ce"] + parts["mtp"].sum() + parts["balance"]  # the weights do not change the work
+    runs = {"ours": train_step(model, lambda i, t: loss(fwd(i, t)[1]), B, T, cfg.vocab_size, dev, ctx)}
     res["ours"] = {"flops_per_token": flops, "params_total": rep["total"], "params_active": rep["active_with_mtp"]}
     if baseline and baseline_model == "dense":
         torch.manual_seed(seed)
         dense = Transformer(replace(cfg, n_dense_layers=cfg.n_layers + cfg.n_mtp)).to(dev)
         dense_fwd = torch.compile(dense) if compile else dense
-        runs["baseline"] = train_step(dense, lambda i, t: dense_fwd(i, t)[1]["loss"], B, T, cfg.vocab_size, dev, ctx)
+        runs["baseline"] = train_step(dense, lambda i, t: loss(dense_fwd(i, t)[1]), B, T, cfg.vocab_size, dev, ctx)
         res["baseline"] = {"flops_per_token": dense.flops_per_token(T), "model": "dense"}
     elif baseline:
         hidden = matched_mlp_hidden(cfg, flops, 64 if dev.type == "cuda" else 8)

@@ -60,10 +60,8 @@ class ModelConfig:
     beta_fast: int = 32
     beta_slow: int = 1
     mscale: float = 1.0
-    # training-side
+    # training-side (the loss weights are train.py settings: the architecture does not depend on them)
     n_mtp: int = 1                   # D, number of sequential MTP modules (0 disables)
-    mtp_lambda: float = 0.3          # weight of the MTP loss (train.py may schedule it)
-    balance_alpha: float = 1e-4      # alpha of the complementary sequence-wise balance loss
     init_std: float = 0.006
 
     # Lower bounds, each what the code needs. Routed experts are always >= 1: an all-dense model keeps valid MoE
@@ -71,8 +69,7 @@ class ModelConfig:
     _AT_LEAST = dict(vocab_size=1, dim=1, n_layers=1, n_dense_layers=0, n_heads=1, inter_dim=1, moe_inter_dim=1,
                      q_lora_rank=0, kv_lora_rank=1, qk_nope_head_dim=1, qk_rope_head_dim=2, v_head_dim=1,
                      n_routed_experts=1, n_shared_experts=0, n_activated_experts=1, n_expert_groups=1,
-                     n_limited_groups=1, max_seq_len=1, original_seq_len=1, rope_factor=1.0, mscale=0.0, n_mtp=0,
-                     mtp_lambda=0.0, balance_alpha=0.0)
+                     n_limited_groups=1, max_seq_len=1, original_seq_len=1, rope_factor=1.0, mscale=0.0, n_mtp=0)
     # strict: route_scale/init_std 0 zero the routed output/weights; RoPE frequencies theta^(-2i/d) must fall
     # with i, and YaRN divides by log(rope_theta) and takes log(1 / beta)
     _ABOVE = dict(route_scale=0.0, rope_theta=1.0, beta_fast=0, beta_slow=0, init_std=0.0)
@@ -126,6 +123,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d):
+        # checkpoints written before the loss weights moved to train.py carry them: they are not architecture
+        d = {k: v for k, v in d.items() if k not in ("mtp_lambda", "balance_alpha")}
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -489,33 +488,28 @@ class Transformer(nn.Module):
             balance = balance + b
         return h, balance
 
-    def forward(self, idx, targets=None, mtp_lambda=None):
+    def forward(self, idx, targets=None):
         """idx (B, T) token ids; targets (B, T) = idx shifted by one (targets[:, i] = t_{i+1}).
-        Returns logits (B, T, vocab) and, with targets, a dict of losses:
-          loss = ce + mtp_lambda * mtp + balance, with
-          ce      main next-token cross-entropy,
-          mtp     mean over depths k of CE_k (depth k at position i predicts t_{i+k+1}),
-          balance balance_alpha * sequence-wise balance loss, summed over MoE layers (MTP blocks included)."""
+        Returns logits (B, T, vocab) and, with targets, the parts of the V3 loss (train.py weighs them):
+          ce      main next-token cross-entropy (scalar),
+          mtp     CE_k of each MTP depth k = 1..D, shape (D,) (depth k at position i predicts t_{i+k+1}),
+          balance the sequence-wise balance loss summed over the MoE layers, MTP blocks included (scalar)."""
         h, balance = self._trunk(idx)
         logits = self.head(self.norm(h))
         if targets is None:
             return logits, None
-        cfg = self.cfg
         ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-        mtp = logits.new_zeros((), dtype=torch.float32)
+        mtp = []
         T = idx.size(1)
         for k, module in enumerate(self.mtp, start=1):
             # Depth k runs on the shortened window i = 0..T-k-1 (V3 eq. 21-25): its inputs are h^{k-1}_i and
             # Emb(t_{i+k}) = Emb(idx[:, i+k]); its label is t_{i+k+1} = targets[:, i+k].
             h, b = module(h[:, :T - k], self.embed(idx[:, k:]), self.rope_cos[:T - k], self.rope_sin[:T - k])
             logits_k = self.head(module.norm(h))
-            mtp = mtp + F.cross_entropy(logits_k.flatten(0, 1).float(), targets[:, k:].flatten())
+            mtp.append(F.cross_entropy(logits_k.flatten(0, 1).float(), targets[:, k:].flatten()))
             balance = balance + b
-        if cfg.n_mtp:
-            mtp = mtp / cfg.n_mtp
-        balance = cfg.balance_alpha * balance
-        lam = cfg.mtp_lambda if mtp_lambda is None else mtp_lambda
-        return logits, {"loss": ce + lam * mtp + balance, "ce": ce, "mtp": mtp, "balance": balance}
+        mtp = torch.stack(mtp) if mtp else ce.new_zeros(0)
+        return logits, {"ce": ce, "mtp": mtp, "balance": balance}
 
     # ---- auxiliary-loss-free balancing ----------------------------------------------------------
 

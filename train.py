@@ -69,9 +69,11 @@ weight_decay = 0.1
 beta1 = 0.9                      # AdamW's betas
 beta2 = 0.95
 grad_clip = 1.0                   # max global gradient norm; 0 = no clipping (the norm is still logged)
-# DeepSeek-V3 schedules
+# the DeepSeek-V3 objective (see v3_loss) and its schedules
+mtp_lambda = 0.3                 # weight of the MTP loss
 mtp_lambda_late = 0.1            # MTP weight after mtp_late_iter (V3: 0.3 -> 0.1 when LR decay starts)
 mtp_late_iter = -1               # -1: keep mtp_lambda for the whole run
+balance_alpha = 1e-4             # alpha of the complementary sequence-wise balance loss
 bias_update_speed = 1e-3         # gamma of the aux-loss-free balancer (0 freezes the expert bias)
 bias_freeze_iter = -1            # V3 freezes the bias for the last tokens; -1: never
 # system
@@ -97,7 +99,8 @@ for _name in ("batch_size", "total_batch_size", "eval_interval", "eval_iters", "
     if globals()[_name] < 1:
         fail(f"{_name} must be at least 1, got {globals()[_name]}")
 for _name in ("max_iters", "warmup_iters", "lr_decay_iters", "sample_tokens", "hellaswag_interval", "hellaswag_limit",
-              "learning_rate", "min_lr", "weight_decay", "bias_update_speed"):
+              "learning_rate", "min_lr", "weight_decay", "bias_update_speed", "mtp_lambda", "mtp_lambda_late",
+              "balance_alpha"):
     if globals()[_name] < 0:
         fail(f"{_name} must be >= 0, got {globals()[_name]}")
 if grad_clip < 0:
@@ -231,6 +234,16 @@ if wandb_log and master:
     wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 
 
+def v3_loss(parts, mtp_lambda):
+    """DeepSeek-V3's training objective, weighed here and only here (the model returns the parts):
+        L = CE_main + mtp_lambda / D * sum_k CE_k + balance_alpha * sum over MoE layers of L_Bal
+    CE_k is MTP depth k's cross-entropy (V3 eq. 25: lambda averaged over the D depths) and L_Bal the complementary
+    sequence-wise balance loss (eq. 17-20), which only backs up the bias balancer, so alpha is tiny.
+    Returns (L, the MTP mean) as tensors."""
+    mtp = parts["mtp"].sum() / max(cfg.n_mtp, 1)
+    return parts["ce"] + mtp_lambda * mtp + balance_alpha * parts["balance"], mtp
+
+
 def get_lr(it):
     if it < warmup_iters:
         return learning_rate * (it + 1) / (warmup_iters + 1)
@@ -254,8 +267,8 @@ def evaluate():
     for _ in tqdm(range(eval_iters), desc=f"val @ step {step}", unit="batch", leave=False, disable=not master):
         x, y = (t.to(device) for t in val_data.next_batch())
         with ctx:
-            _, losses = model(x, y)
-        sums += torch.stack([losses["ce"], losses["mtp"]])
+            _, parts = model(x, y)
+        sums += torch.stack([parts["ce"], parts["mtp"].sum() / max(cfg.n_mtp, 1)])
     if ddp:
         dist.all_reduce(sums)
     model.train()
@@ -351,36 +364,37 @@ while True:
     lr = get_lr(step)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    lam = mtp_lambda_late if 0 <= mtp_late_iter <= step else cfg.mtp_lambda
-    parts = torch.zeros(4, device=device)  # loss, ce, mtp, balance, averaged over micro-steps
+    lam = mtp_lambda_late if 0 <= mtp_late_iter <= step else mtp_lambda
+    logged = torch.zeros(4, device=device)  # loss, ce, mtp, alpha * balance, averaged over micro-steps
     for micro in range(grad_accum):
         if ddp:  # all-reduce gradients only on the last micro-step
             model.require_backward_grad_sync = micro == grad_accum - 1
         with ctx:
-            _, losses = model(x, y, mtp_lambda=lam)
+            _, parts = model(x, y)
+        loss, mtp = v3_loss(parts, lam)
         data_state, x, y = next_batch()  # overlaps with the backward pass on GPU
-        (losses["loss"] / grad_accum).backward()
-        parts += torch.stack([losses[k].detach().float() for k in ("loss", "ce", "mtp", "balance")]) / grad_accum
+        (loss / grad_accum).backward()
+        logged += torch.stack([loss, parts["ce"], mtp, balance_alpha * parts["balance"]]).detach() / grad_accum
     # clip_grad_norm_ with max_norm 0 would zero every gradient: 0 means off, as in nanoGPT (norm still logged)
     grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else math.inf)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     gamma = 0.0 if 0 <= bias_freeze_iter <= step else bias_update_speed
     load_max, load_min = raw_model.update_expert_bias(gamma, dist.all_reduce if ddp else None)
-    bad_step = torch.where((bad_step < 0) & ~torch.isfinite(parts[0]), step, bad_step)  # no host sync here
+    bad_step = torch.where((bad_step < 0) & ~torch.isfinite(logged[0]), step, bad_step)  # no host sync here
     step += 1
     tokens_seen += total_batch_size
     t_steps += 1
 
     if step % log_interval == 0 or step == max_iters:
         if ddp:
-            dist.all_reduce(parts)
-            parts /= world
+            dist.all_reduce(logged)
+            logged /= world
         stop_if_non_finite(bad_step)
         dt = time.time() - t0
         train_time += dt
         tok_s = t_steps * total_batch_size / dt
-        loss, ce, mtp, bal = parts.tolist()
+        loss, ce, mtp, bal = logged.tolist()
         mfu = raw_model.estimate_mfu(tok_s / world, peak) if peak else None
         rec = {"step": step, "loss": loss, "ce": ce, "mtp": mtp, "balance": bal, "lr": lr,
                "grad_norm": grad_norm.item(), "tok_per_s": tok_s, "mfu": mfu, "tokens": tokens_seen,

@@ -79,6 +79,12 @@ def tiny_model(seed=0, **overrides):
     return Transformer(tiny_cfg(**overrides))
 
 
+def loss_of(parts):
+    """A scalar to backpropagate from the model's loss parts, for tests that need gradients from every part (the
+    real weighting is train.py's v3_loss)."""
+    return parts["ce"] + parts["mtp"].sum() + parts["balance"]
+
+
 def save_ckpt(path, model, **extra):
     """A checkpoint in train.py's format (the fields sample.py / hellaswag.py read) at path/ckpt.pt."""
     from checkpoint import save_checkpoint

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import checkpoint as C
-from conftest import save_ckpt, tiny_cfg, tiny_model
+from conftest import loss_of, save_ckpt, tiny_cfg, tiny_model
 
 
 def trained_state(seed=0):
@@ -15,7 +15,7 @@ def trained_state(seed=0):
     m = tiny_model(seed)
     opt = torch.optim.AdamW(m.param_groups(0.1), lr=1e-3)
     x = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(seed))
-    m(x[:, :-1], x[:, 1:])[1]["loss"].backward()
+    loss_of(m(x[:, :-1], x[:, 1:])[1]).backward()
     opt.step()
     return m, opt
 
@@ -174,3 +174,18 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     ckpt = torch.load(path, weights_only=True)
     assert ckpt["step"] == 1 and torch.equal(ckpt["w"], torch.ones(3))
     assert os.listdir(tmp_path) == ["ckpt.pt"]  # no half-written temp file left behind
+
+
+def test_checkpoint_with_loss_weights_in_its_model_config_still_loads(tmp_path):
+    """Checkpoints written while mtp_lambda and balance_alpha were ModelConfig fields carry them in model_config;
+    they are training settings now (train.py), so loading drops them and the weights load as before."""
+    m, opt = trained_state()
+    ckpt = full_ckpt(m, opt)
+    ckpt["model_config"].update(mtp_lambda=0.3, balance_alpha=1e-4)
+    path = str(tmp_path / "ckpt.pt")
+    C.save_checkpoint(path, ckpt)
+    loaded, _ = C.load_model(path)
+    assert loaded.cfg == m.cfg and torch.equal(loaded.embed.weight, m.embed.weight)
+    fresh = tiny_model(seed=1)
+    C.resume(path, fresh, torch.optim.AdamW(fresh.param_groups(0.1), lr=1e-3), tiny_cfg(), world_size=1)
+    assert torch.equal(fresh.head.weight, m.head.weight)

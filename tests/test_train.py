@@ -324,13 +324,13 @@ import torch.distributed as dist
 rank = os.environ["RANK"]
 if rank == "1":
     forward, calls = model.Transformer.forward, []
-    def poisoned(self, idx, targets=None, mtp_lambda=None):
-        logits, losses = forward(self, idx, targets, mtp_lambda)
-        if losses is not None and self.training:
+    def poisoned(self, idx, targets=None):
+        logits, parts = forward(self, idx, targets)
+        if parts is not None and self.training:
             calls.append(1)
             if len(calls) > 2:
-                losses["loss"] = losses["loss"] * float("nan")
-        return logits, losses
+                parts["ce"] = parts["ce"] * float("nan")
+        return logits, parts
     model.Transformer.forward = poisoned
 sys.argv = ["train.py"] + sys.argv[1:]
 try:
