@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from configurator import configure, config_keys
-from muon import build_optimizer
+from optim import build_optimizer
 from model import DTYPES, MoE, ModelConfig, Transformer, autocast_context, gpu_peak_flops
 
 # -----------------------------------------------------------------------------------------------------------------

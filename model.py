@@ -621,10 +621,3 @@ class Transformer(nn.Module):
     def estimate_mfu(self, tokens_per_sec, peak_flops, seq_len=None):
         """Model FLOPs utilisation: achieved training FLOP/s over the hardware peak."""
         return self.flops_per_token(seq_len) * tokens_per_sec / peak_flops
-
-    def param_groups(self, weight_decay):
-        """AdamW groups: decay on matrices (dim >= 2, expert stacks and embeddings included), none on norm
-        gains. The expert bias is a buffer, so it can never reach the optimizer."""
-        decay = [p for p in self.parameters() if p.requires_grad and p.dim() >= 2]
-        no_decay = [p for p in self.parameters() if p.requires_grad and p.dim() < 2]
-        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

@@ -29,7 +29,7 @@ from checkpoint import fingerprint, resume, rng_state, save_checkpoint
 from configurator import configure, config_keys
 from data.fineweb import SAMPLE_DIR, prepare_sample
 from data.loader import DataError, ShardReader, atomic_write, check_token_ids, get_tokenizer
-from muon import build_optimizer
+from optim import build_optimizer
 from model import ModelConfig, Transformer, autocast_context, gpu_peak_flops
 from sample import generate_tokens
 
@@ -55,7 +55,7 @@ wandb_run_name = 'run'
 batch_size = 16                  # sequences per micro-step per process
 total_batch_size = 524288        # tokens per optimizer step; gradient accumulation = this / (batch_size*max_seq_len*world)
 # optimizer and the learning-rate schedule
-optimizer = 'adamw'              # 'adamw' | 'muon': Muon for the hidden matrices, AdamW for the rest (muon.py); both
+optimizer = 'adamw'              # 'adamw' | 'muon': Muon for the hidden matrices, AdamW for the rest (optim.py); both
                                  # use learning_rate and weight_decay (Muon's updates are scaled to AdamW's RMS)
 muon_momentum = 0.95
 learning_rate = 6e-4

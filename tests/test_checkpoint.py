@@ -7,13 +7,14 @@ import pytest
 import torch
 
 import checkpoint as C
+from optim import adamw_groups, build_optimizer
 from conftest import loss_of, save_ckpt, tiny_cfg, tiny_model
 
 
 def trained_state(seed=0):
     """A model and optimizer one AdamW step into training (so the optimizer has moments to save)."""
     m = tiny_model(seed)
-    opt = torch.optim.AdamW(m.param_groups(0.1), lr=1e-3)
+    opt = build_optimizer(m, "adamw", 1e-3, 0.1, (0.9, 0.999))
     x = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(seed))
     loss_of(m(x[:, :-1], x[:, 1:])[1]).backward()
     opt.step()
@@ -52,7 +53,7 @@ def test_resume_onto_another_device_restores_cpu_rng_state(tmp_path):
     random.seed(0)
 
     meta_model = tiny_model().to("meta")
-    meta_opt = torch.optim.AdamW(meta_model.param_groups(0.1), lr=1e-3)
+    meta_opt = torch.optim.AdamW(adamw_groups(list(meta_model.parameters()), 0.1), lr=1e-3)
     rest = C.resume(path, meta_model, meta_opt, tiny_cfg(), world_size=1)
     assert rest["step"] == 7 and rest["data"] == [{"pos": 3}] and "model" not in rest and "optimizer" not in rest
     moments = [t for s in meta_opt.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0]
@@ -82,7 +83,7 @@ def test_resume_on_a_machine_with_fewer_gpus(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", one_gpu)
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda *a, **k: cuda_calls.append(1))
     fresh = tiny_model()
-    C.resume(path, fresh, torch.optim.AdamW(fresh.param_groups(0.1), lr=1e-3), tiny_cfg(), world_size=1)
+    C.resume(path, fresh, build_optimizer(fresh, "adamw", 1e-3, 0.1, (0.9, 0.999)), tiny_cfg(), world_size=1)
     assert torch.equal(torch.rand(3), expected) and cuda_calls == []
     assert torch.equal(fresh.embed.weight, m.embed.weight)
 
@@ -187,5 +188,5 @@ def test_checkpoint_with_loss_weights_in_its_model_config_still_loads(tmp_path):
     loaded, _ = C.load_model(path)
     assert loaded.cfg == m.cfg and torch.equal(loaded.embed.weight, m.embed.weight)
     fresh = tiny_model(seed=1)
-    C.resume(path, fresh, torch.optim.AdamW(fresh.param_groups(0.1), lr=1e-3), tiny_cfg(), world_size=1)
+    C.resume(path, fresh, build_optimizer(fresh, "adamw", 1e-3, 0.1, (0.9, 0.999)), tiny_cfg(), world_size=1)
     assert torch.equal(fresh.head.weight, m.head.weight)

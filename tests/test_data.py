@@ -1,6 +1,5 @@
 """data/loader.py (the bundled tokenizer, atomic_write, ShardReader) and data/fineweb.py (the bundled sample, the
 shard writer: content, resume, --input formats, offline errors)."""
-import base64
 import csv
 import functools
 import gzip

@@ -125,18 +125,6 @@ def test_param_report_and_flops_by_hand():
     assert m.estimate_mfu(1000.0, 1e12, T) == pytest.approx(m.flops_per_token(T) * 1000 / 1e12)
 
 
-def test_param_groups_decay_only_matrices_and_never_bias():
-    m = model_of()
-    groups = m.param_groups(0.1)
-    decay, no_decay = groups[0]["params"], groups[1]["params"]
-    assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
-    assert all(p.dim() >= 2 for p in decay) and all(p.dim() == 1 for p in no_decay)
-    assert len(decay) + len(no_decay) == len(list(m.parameters()))
-    bias_ptrs = {g.bias.data_ptr() for g in m.gates()}
-    assert not bias_ptrs & {p.data_ptr() for p in m.parameters()}
-    assert all(not g.bias.requires_grad for g in m.gates())
-
-
 # ---------------------------------------------------------------------------------------------
 # RoPE (invariant 2) and attention scale (4)
 
@@ -590,7 +578,7 @@ def test_sample_probs_top_k_top_p():
 
 def test_tiny_model_overfits_one_batch():
     m = model_of(vocab_size=128, dim=64, n_layers=2, n_heads=4, max_seq_len=32)
-    opt = torch.optim.AdamW(m.param_groups(0.0), lr=3e-3)
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3, weight_decay=0.0)
     seq = torch.randint(0, 128, (4, 33), generator=torch.Generator().manual_seed(1))
     first = None
     for step in range(150):

@@ -1,7 +1,6 @@
 """train.py end to end on CPU (as a subprocess, the way users run it): loss falls, exact resume, real 2-process
 DDP, the learning-rate schedules, a NaN on one rank stopping every rank, clear errors."""
 import json
-import math
 import os
 import shutil
 import signal

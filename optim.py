@@ -17,7 +17,7 @@ own matrix, orthogonalised on its own, all of them in the same batched matmuls.
 
 Recent torch ships torch.optim.Muon, but it accepts 2-D parameters only. One implementation serves better than
 torch's for the 2-D matrices plus ours for the stacks: the same code path and state for every hidden matrix, and
-Newton-Schulz in fp32 on the CPU (torch's runs in bf16, which is slow there). tests/test_muon.py checks that a
+Newton-Schulz in fp32 on the CPU (torch's runs in bf16, which is slow there). tests/test_optim.py checks that a
 2-D step equals torch.optim.Muon's (with adjust_lr_fn="match_rms_adamw") when both run Newton-Schulz in bf16.
 """
 import math
@@ -88,6 +88,13 @@ def muon_takes(name, p):
     return p.dim() >= 2 and name not in ("embed.weight", "head.weight") and not name.endswith(".gate.weight")
 
 
+def adamw_groups(params, weight_decay):
+    """AdamW's groups: weight decay on matrices (dim >= 2: expert stacks and the embedding included), none on norm
+    gains. The expert bias is a buffer, not a parameter, so no optimizer can ever touch it."""
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
 class Optimizers:
     """Two torch optimizers used as one by train.py: param_groups lists both (so the lr schedule reaches every
     group), and the state dict holds both."""
@@ -118,16 +125,15 @@ class Optimizers:
 
 
 def build_optimizer(model, name, lr, weight_decay, betas, momentum=0.95):
-    """optimizer='adamw': one fused AdamW over every parameter, weight decay on the matrices (model.param_groups).
-    optimizer='muon': Muon (same lr and weight decay, thanks to rms_scale) for what muon_takes, AdamW for the rest."""
-    if name == "adamw":
-        return torch.optim.AdamW(model.param_groups(weight_decay), lr=lr, betas=betas, fused=True)
-    if name != "muon":
+    """optimizer='adamw': one fused AdamW over every parameter (adamw_groups). optimizer='muon': Muon (same lr and
+    weight decay, thanks to rms_scale) for what muon_takes, AdamW for the rest. Which tensor goes where is decided
+    in this file only."""
+    if name not in ("adamw", "muon"):
         raise ValueError(f"optimizer must be 'adamw' or 'muon', not {name!r}")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if name == "adamw":
+        return torch.optim.AdamW(adamw_groups([p for _, p in named], weight_decay), lr=lr, betas=betas, fused=True)
     hidden = [p for n, p in named if muon_takes(n, p)]
-    rest = [p for n, p in named if not muon_takes(n, p)]
-    adamw = torch.optim.AdamW([{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
-                               {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}],
-                              lr=lr, betas=betas, fused=True)
+    adamw = torch.optim.AdamW(adamw_groups([p for n, p in named if not muon_takes(n, p)], weight_decay), lr=lr,
+                              betas=betas, fused=True)
     return Optimizers(Muon(hidden, lr=lr, weight_decay=weight_decay, momentum=momentum), adamw)

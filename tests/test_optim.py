@@ -1,13 +1,12 @@
-"""muon.py: Newton-Schulz orthogonalisation (2-D and batched per-expert 3-D), the update's RMS, equality with
+"""optim.py: Newton-Schulz orthogonalisation (2-D and batched per-expert 3-D), the update's RMS, equality with
 torch.optim.Muon on matrices, and which parameter goes to which optimizer."""
 import copy
-import math
 
 import pytest
 import torch
 
 from conftest import loss_of, tiny_model
-from muon import Muon, Optimizers, build_optimizer, muon_takes, newton_schulz, rms_scale
+from optim import Muon, Optimizers, build_optimizer, muon_takes, newton_schulz
 
 
 def singular_values(x):
@@ -64,7 +63,7 @@ def test_update_rms_matches_adamw_scale(shape, monkeypatch):
     """Moonlight's scaling: lr * 0.2 * sqrt(max(rows, cols)) times an orthogonal matrix has an RMS of exactly
     0.2 * lr, whatever the shape, so AdamW's learning rate carries over. With Newton-Schulz's singular values in
     its band, the RMS is within that band around 0.2 * lr."""
-    import muon
+    import optim as muon
     lr = 0.01
 
     def update_rms():
@@ -157,3 +156,14 @@ def test_muon_state_round_trips_and_refuses_adamw_state():
     adamw = build_optimizer(m1, "adamw", 1e-2, 0.1, (0.9, 0.95))
     with pytest.raises(ValueError, match="optimizer='muon'"):
         o1.load_state_dict(adamw.state_dict())
+
+
+def test_adamw_decays_only_matrices_and_never_sees_the_expert_bias():
+    m = tiny_model()
+    opt = build_optimizer(m, "adamw", 1e-3, 0.1, (0.9, 0.95))
+    decay, no_decay = opt.param_groups[0], opt.param_groups[1]
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(m.parameters()))
+    in_opt = {p.data_ptr() for g in opt.param_groups for p in g["params"]}
+    assert all(g.bias.data_ptr() not in in_opt and not g.bias.requires_grad for g in m.gates())
