@@ -4,7 +4,7 @@ nanoDeepSeek model: a small, faithful DeepSeek-V3 in one file.
 The DeepSeek-V3 ideas, each in one place below, named as in the paper and the official
 `inference/model.py` (so state-dict keys convert to the released layout by renaming nothing):
   - RMSNorm ............................ `RMSNorm` (fp32 compute, eps 1e-6)
-  - decoupled RoPE (+ optional YaRN) .... `precompute_rope`, `apply_rope`
+  - decoupled RoPE (+ optional YaRN) .... `precompute_freqs_cis`, `apply_rotary_emb`
   - Multi-head Latent Attention ......... `MLA` (SDPA training path, absorbed latent-cache decode path)
   - DeepSeekMoE routing ................. `Gate` (sigmoid affinities, selection-only bias, group-limited top-k)
   - DeepSeekMoE experts + dispatch ...... `MoE`, `moe_dispatch` (sort -> grouped matmul -> combine)
@@ -174,9 +174,11 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), (x.size(-1),), self.weight.float(), self.eps).type_as(x)
 
 
-def precompute_rope(cfg: ModelConfig):
-    """cos/sin tables (max_seq_len, qk_rope_head_dim/2) for the decoupled RoPE, with YaRN when cfg.yarn is set
-    (official `precompute_freqs_cis`, which switches it on by max_seq_len > original_seq_len). Returns (cos, sin)."""
+def precompute_freqs_cis(cfg: ModelConfig):
+    """The official `precompute_freqs_cis`, kept as real tables: cos and sin (max_seq_len, qk_rope_head_dim/2) of
+    the decoupled RoPE angles (the real and imaginary parts of its freqs_cis; real tensors compile and autocast
+    simply), with YaRN when cfg.yarn is set (the official code switches YaRN on by max_seq_len > original_seq_len
+    alone; here it is explicit)."""
     d, base = cfg.qk_rope_head_dim, cfg.rope_theta
     freqs = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
     if cfg.yarn:
@@ -192,9 +194,9 @@ def precompute_rope(cfg: ModelConfig):
     return angles.cos(), angles.sin()
 
 
-def apply_rope(x, cos, sin):
-    """Rotate x (..., T, heads, d) by position. Interleaved pairs (x[2i], x[2i+1]) are treated as one complex
-    number, the official layout (not NeoX's split halves). cos/sin: (T, d/2). Computed in fp32."""
+def apply_rotary_emb(x, cos, sin):
+    """The official `apply_rotary_emb`: rotate x (..., T, heads, d) by position. Interleaved pairs (x[2i], x[2i+1])
+    are one complex number, the official layout (not NeoX's split halves). cos/sin: (T, d/2). Computed in fp32."""
     xf = x.float().unflatten(-1, (-1, 2))
     x0, x1 = xf[..., 0], xf[..., 1]
     cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
@@ -242,10 +244,10 @@ class MLA(nn.Module):
         q = self.wq(x) if hasattr(self, "wq") else self.wq_b(self.q_norm(self.wq_a(x)))
         q = q.view(B, T, self.n_heads, self.nope + self.rope)
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
-        q_pe = apply_rope(q_pe, cos, sin)
+        q_pe = apply_rotary_emb(q_pe, cos, sin)
         c, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.rope], dim=-1)
         c = self.kv_norm(c)
-        k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin)  # (B, T, 1, rope): one head, shared by all heads
+        k_pe = apply_rotary_emb(k_pe.unsqueeze(2), cos, sin)  # (B, T, 1, rope): one head, shared by all heads
 
         if cache is None:
             # Training: materialise per-head K/V and use fused causal SDPA.
@@ -456,7 +458,7 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.dim)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)  # untied from embed, as in V3
         self.mtp = nn.ModuleList(MTPModule(cfg.n_layers + k, cfg) for k in range(cfg.n_mtp))
-        cos, sin = precompute_rope(cfg)
+        cos, sin = precompute_freqs_cis(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.init_weights()

@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DeepseekV3ForCausa
 
 import export  # noqa: E402
 from conftest import ROOT, TINY, save_ckpt, tiny_model  # noqa: E402
-from model import precompute_rope  # noqa: E402
+from model import precompute_freqs_cis  # noqa: E402
 from sample import generate_tokens  # noqa: E402
 
 TOL = 1e-4
@@ -210,8 +210,8 @@ def test_official_config_loads_into_model_args(tmp_path, yarn):
     assert args.original_seq_len == (8 if yarn else 32)
     assert official_softmax_scale(args) == pytest.approx(m.layers[0].attn.softmax_scale, rel=1e-12)
     # the official precompute_freqs_cis switches YaRN by the same rule; ours, switched that way, gives our tables
-    theirs = precompute_rope(replace(cfg, yarn=official_yarn(args), original_seq_len=args.original_seq_len))
-    for a, b in zip(precompute_rope(cfg), theirs):
+    theirs = precompute_freqs_cis(replace(cfg, yarn=official_yarn(args), original_seq_len=args.original_seq_len))
+    for a, b in zip(precompute_freqs_cis(cfg), theirs):
         assert torch.equal(a, b)
     if not yarn:  # a model that never exceeds original_seq_len keeps its value
         small = random_model(max_seq_len=32, original_seq_len=64)

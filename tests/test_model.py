@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 import model
 from conftest import ROOT, TINY, loss_of, tiny_cfg, tiny_model as model_of
-from model import (ModelConfig, MoE, MLA, Gate, RMSNorm, apply_rope, precompute_rope,
+from model import (ModelConfig, MoE, MLA, Gate, RMSNorm, apply_rotary_emb, precompute_freqs_cis,
                    moe_dispatch, sequence_balance_loss)
 from sample import generate_tokens, sample_probs
 
@@ -130,17 +130,17 @@ def test_param_report_and_flops_by_hand():
 
 def test_rope_interleaved_layout_and_yarn_switch():
     cfg = tiny_cfg(qk_rope_head_dim=8)
-    cos, sin = precompute_rope(cfg)
+    cos, sin = precompute_freqs_cis(cfg)
     x = torch.randn(1, 5, 2, 8)
-    out = apply_rope(x, cos[:5], sin[:5])
+    out = apply_rotary_emb(x, cos[:5], sin[:5])
     # reference: complex multiplication of interleaved pairs (official view_as_complex layout)
     freqs = 1.0 / (cfg.rope_theta ** (torch.arange(0, 8, 2).float() / 8))
     rot = torch.polar(torch.ones(5, 4), torch.outer(torch.arange(5).float(), freqs))
     ref = torch.view_as_real(torch.view_as_complex(x.view(1, 5, 2, 4, 2)) * rot[None, :, None, :]).flatten(-2)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     # YaRN only when asked for (yarn=True); it then slows the low frequencies and scales the softmax
-    plain = precompute_rope(tiny_cfg(max_seq_len=128, original_seq_len=64, qk_rope_head_dim=8))
-    yarn = precompute_rope(tiny_cfg(max_seq_len=128, original_seq_len=64, qk_rope_head_dim=8, rope_factor=4, yarn=True))
+    plain = precompute_freqs_cis(tiny_cfg(max_seq_len=128, original_seq_len=64, qk_rope_head_dim=8))
+    yarn = precompute_freqs_cis(tiny_cfg(max_seq_len=128, original_seq_len=64, qk_rope_head_dim=8, rope_factor=4, yarn=True))
     assert not torch.allclose(plain[0][:64], yarn[0][:64])
     assert torch.allclose(plain[0][:64, 0], yarn[0][:64, 0])  # highest frequency untouched
     ms = 0.1 * math.log(4) + 1
@@ -153,7 +153,7 @@ def test_rope_interleaved_layout_and_yarn_switch():
 def test_long_context_pretraining_does_not_switch_yarn_on():
     """max_seq_len above original_seq_len (default 4096) alone keeps plain RoPE and the plain softmax scale."""
     cfg = tiny_cfg(max_seq_len=8192, qk_rope_head_dim=8)
-    cos, sin = precompute_rope(cfg)
+    cos, sin = precompute_freqs_cis(cfg)
     freqs = 1.0 / (cfg.rope_theta ** (torch.arange(0, 8, 2).float() / 8))
     angles = torch.outer(torch.arange(8192).float(), freqs)
     torch.testing.assert_close(cos, angles.cos())
@@ -168,7 +168,7 @@ def _attention_scores(attn: MLA, x, cos, sin):
     q_nope, q_pe = q.split([attn.nope, attn.rope], -1)
     c, k_pe = attn.wkv_a(x).split([attn.kv_lora_rank, attn.rope], -1)
     k_nope = attn.wkv_b(attn.kv_norm(c)).view(B, T, attn.n_heads, -1)[..., :attn.nope]
-    q_pe, k_pe = apply_rope(q_pe, cos, sin), apply_rope(k_pe.unsqueeze(2), cos, sin)
+    q_pe, k_pe = apply_rotary_emb(q_pe, cos, sin), apply_rotary_emb(k_pe.unsqueeze(2), cos, sin)
     return torch.einsum("bthd,bshd->bhts", q_nope, k_nope) + torch.einsum("bthd,bshd->bhts", q_pe, k_pe)
 
 
@@ -193,7 +193,7 @@ def test_rope_only_on_rope_slice_and_relative_positions(monkeypatch):
     attn = MLA(cfg)
     for p in attn.parameters():
         torch.nn.init.normal_(p, std=0.3)
-    cos, sin = precompute_rope(cfg)
+    cos, sin = precompute_freqs_cis(cfg)
     x = torch.randn(1, 6, cfg.dim)
     # the model's own q/k for the same tokens at positions 0..5 and 7..12: nope dims never see position, rope dims do
     nope = cfg.qk_nope_head_dim
@@ -223,12 +223,12 @@ def test_k_pe_is_one_head_shared_by_all_heads(monkeypatch):
     attn = MLA(cfg)
     for p in attn.parameters():
         torch.nn.init.normal_(p, std=0.3)
-    cos, sin = precompute_rope(cfg)
+    cos, sin = precompute_freqs_cis(cfg)
     B, T, H, nope, rope = 2, 5, cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
     x = torch.randn(B, T, cfg.dim)
     assert attn.wkv_a.weight.shape == (cfg.kv_lora_rank + rope, cfg.dim)  # room for one rope head, not H
 
-    def k_pe_by_hand():  # rotate wkv_a(x)'s rope slice as complex pairs, by position * frequency (no apply_rope)
+    def k_pe_by_hand():  # rotate wkv_a(x)'s rope slice as complex pairs, by position * frequency (no apply_rotary_emb)
         raw = attn.wkv_a(x)[..., cfg.kv_lora_rank:].detach()
         freqs = 1.0 / (cfg.rope_theta ** (torch.arange(0, rope, 2).float() / rope))
         rot = torch.polar(torch.ones(T, rope // 2), torch.outer(torch.arange(T).float(), freqs))
