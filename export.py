@@ -392,18 +392,18 @@ def folder_bytes(path):
 
 def main(argv=None):
     settings = {k: v for k, v in globals().items() if k in _SETTINGS}
-    cfg = configure(settings, sys.argv[1:] if argv is None else argv, description=__doc__.strip().split("\n\n")[0],
-                    quiet=True)
+    args = configure(settings, sys.argv[1:] if argv is None else argv, description=__doc__.strip().split("\n\n")[0],
+                     quiet=True)
     t0 = time.time()
     try:
-        model_cfg, state = load(cfg["out_dir"])
-        info = export(model_cfg, state, cfg["hf_dir"], to=cfg["to"], dtype=cfg["dtype"], mtp=cfg["mtp"],
-                      write_tok=cfg["tokenizer"])
+        model_cfg, state = load(args["out_dir"])
+        info = export(model_cfg, state, args["hf_dir"], to=args["to"], dtype=args["dtype"], mtp=args["mtp"],
+                      write_tok=args["tokenizer"])
     except (ExportError, FileNotFoundError, ValueError, DataError) as e:
         sys.exit(f"export.py: error: {e}")
     dt = time.time() - t0
-    print(f"exported {cfg['out_dir']} -> {cfg['hf_dir']} ({cfg['to']}, {cfg['dtype']}): {info['tensors']} tensors, "
-          f"{info['bytes'] / 2**20:.1f} MiB of weights, folder {folder_bytes(cfg['hf_dir']) / 2**20:.1f} MiB, "
+    print(f"exported {args['out_dir']} -> {args['hf_dir']} ({args['to']}, {args['dtype']}): {info['tensors']} tensors, "
+          f"{info['bytes'] / 2**20:.1f} MiB of weights, folder {folder_bytes(args['hf_dir']) / 2**20:.1f} MiB, "
           f"MTP layers: {info['mtp'] or 'not written'}, {dt:.1f} s", file=sys.stderr)
 
 

@@ -278,14 +278,14 @@ def evaluate(model, path, device, enc=None, limit=None, batch_size=8, progress=F
 # -----------------------------------------------------------------------------------------------------------
 # CLI
 
-def run(cfg):
+def run(args):
     from checkpoint import load_model
-    if cfg["dtype"] not in DTYPES:
-        raise ValueError(f"--dtype must be one of {list(DTYPES)}, got {cfg['dtype']!r}")
-    if cfg["limit"] < 0 or cfg["batch_size"] < 1:
+    if args["dtype"] not in DTYPES:
+        raise ValueError(f"--dtype must be one of {list(DTYPES)}, got {args['dtype']!r}")
+    if args["limit"] < 0 or args["batch_size"] < 1:
         raise ValueError("--limit must be >= 0 (0: all items) and --batch_size >= 1")
     ddp = int(os.environ.get("RANK", -1)) != -1 and int(os.environ.get("WORLD_SIZE", 1)) > 1
-    dev = cfg["device"]
+    dev = args["device"]
     if ddp:
         if dev.startswith("cuda"):
             dev = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
@@ -293,25 +293,25 @@ def run(cfg):
         dist.init_process_group(backend="nccl" if dev.startswith("cuda") else "gloo")
     try:
         master = not ddp or dist.get_rank() == 0
-        ckpt_path = cfg["out_dir"]
+        ckpt_path = args["out_dir"]
         if os.path.isdir(ckpt_path):
             ckpt_path = os.path.join(ckpt_path, "ckpt.pt")
         dev_type = torch.device(dev).type
-        autocast = autocast_context(dev_type, cfg["dtype"] if dev_type == "cuda" else "float32")
+        autocast = autocast_context(dev_type, args["dtype"] if dev_type == "cuda" else "float32")
         model, ckpt = load_model(ckpt_path, dev)
         step = ckpt.get("step")
         enc = get_tokenizer()
         t0 = time.time()
         with autocast:
-            res = evaluate(model, cfg["data_path"] or None, dev, enc=enc, limit=cfg["limit"] or None,
-                           batch_size=cfg["batch_size"], progress=cfg["progress"])
+            res = evaluate(model, args["data_path"] or None, dev, enc=enc, limit=args["limit"] or None,
+                           batch_size=args["batch_size"], progress=args["progress"])
         dt = time.time() - t0
         if master:
             print(f"hellaswag: acc {res['acc']:.4f} acc_norm {res['acc_norm']:.4f} over {res['n']} items (step {step})")
-            out = cfg["out_json"] or os.path.join(os.path.dirname(ckpt_path) or ".", "hellaswag.json")
+            out = args["out_json"] or os.path.join(os.path.dirname(ckpt_path) or ".", "hellaswag.json")
             record = {**res, "step": step, "checkpoint": ckpt_path,
-                      "data_path": cfg["data_path"] or default_data_path(), "limit": cfg["limit"] or None,
-                      "dtype": cfg["dtype"] if dev_type == "cuda" else "float32", "device": dev,
+                      "data_path": args["data_path"] or default_data_path(), "limit": args["limit"] or None,
+                      "dtype": args["dtype"] if dev_type == "cuda" else "float32", "device": dev,
                       "seconds": round(dt, 2), "items_per_sec": round(res["n"] / max(dt, 1e-9), 2)}
             os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
             atomic_write(out, lambda f: f.write(json.dumps(record, indent=2) + "\n"), mode="w")
@@ -323,10 +323,10 @@ def run(cfg):
 
 
 def main(argv=None):
-    cfg = configure(config_keys(globals()), sys.argv[1:] if argv is None else argv,
-                    description=__doc__.strip().split("\n\n")[0], quiet=True)
+    args = configure(config_keys(globals()), sys.argv[1:] if argv is None else argv,
+                     description=__doc__.strip().split("\n\n")[0], quiet=True)
     try:
-        return run(cfg)
+        return run(args)
     except (HellaSwagError, FileNotFoundError, ValueError) as e:
         sys.exit(f"hellaswag.py: error: {e}")
 

@@ -137,28 +137,6 @@ class ModelConfig:
 # see the README). CUDA has cuDNN/efficient kernels for unequal dims.
 PAD_V_DEVICES = {"cpu"}
 
-# Mixed precision and MFU, shared by every script
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "B200": 2250e12, "A100": 312e12, "A10G": 125e12,
-              "L4": 121e12, "4090": 165e12}  # dense bf16 tensor-core peak FLOP/s, by GPU name
-
-
-def autocast_context(device_type, dtype):
-    """Forward-pass precision: autocast to 'bfloat16' / 'float16', or plain fp32 for 'float32'."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
-    return nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=DTYPES[dtype])
-
-
-def gpu_peak_flops(device):
-    """PEAK_FLOPS of a CUDA device, found by its name; 0.0 for the CPU or an unknown GPU (then no MFU)."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return 0.0
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), 0.0)
-
-
 # ----------------------------------------------------------------------------------------------
 # Norm and RoPE
 
@@ -623,3 +601,27 @@ class Transformer(nn.Module):
     def estimate_mfu(self, tokens_per_sec, peak_flops, seq_len=None):
         """Model FLOPs utilisation: achieved training FLOP/s over the hardware peak."""
         return self.flops_per_token(seq_len) * tokens_per_sec / peak_flops
+
+
+# ----------------------------------------------------------------------------------------------
+# System helpers shared by every script: mixed precision and the GPU peak for MFU
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "B200": 2250e12, "A100": 312e12, "A10G": 125e12,
+              "L4": 121e12, "4090": 165e12}  # dense bf16 tensor-core peak FLOP/s, by GPU name
+
+
+def autocast_context(device_type, dtype):
+    """Forward-pass precision: autocast to 'bfloat16' / 'float16', or plain fp32 for 'float32'."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    return nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=DTYPES[dtype])
+
+
+def gpu_peak_flops(device):
+    """PEAK_FLOPS of a CUDA device, found by its name; 0.0 for the CPU or an unknown GPU (then no MFU)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 0.0
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), 0.0)
