@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from configurator import configure, config_keys
+from configurator import UserError, configure, config_keys
 from optim import build_optimizer
 from model import DTYPES, MoE, ModelConfig, Transformer, autocast_context, gpu_peak_flops
 
@@ -280,7 +280,7 @@ def main(argv=None):
     try:
         ctx = autocast_context(dev.type, dtype)
         cfg = ModelConfig(**{f.name: c[f.name] for f in fields(ModelConfig)})
-    except ValueError as e:
+    except UserError as e:
         sys.exit(f"bench.py: error: {e}")
     if optimizer not in ("adamw", "muon"):
         sys.exit(f"bench.py: error: optimizer must be 'adamw' or 'muon', not {optimizer!r}")

@@ -10,17 +10,19 @@ A checkpoint (out_dir/ckpt.pt) is a dict of tensors and plain Python values only
   step, tokens, best_val_loss
   rng             torch (CPU) / numpy / python RNG states, as tensors and lists (see rng_state)
   data            one ShardReader state per DDP rank
-  ddp_fingerprints  per-rank parameter checksums (DDP runs), None otherwise
 Everything is read with torch.load(weights_only=True), which refuses pickled code: opening a ckpt.pt that
 someone else made cannot run anything. Files are read to the CPU; the caller moves what belongs on a device.
 """
 import os
+import pickle
 import random
+import zipfile
 from dataclasses import asdict
 
 import numpy as np
 import torch
 
+from configurator import UserError
 from data.loader import atomic_write
 from model import ModelConfig, Transformer
 
@@ -32,25 +34,21 @@ def save_checkpoint(path, ckpt):
 
 def load_checkpoint(path):
     """The checkpoint dict of `path` (a ckpt.pt or a directory holding one), on the CPU, read with the safe
-    loader. FileNotFoundError / ValueError with a one-line message for a missing, unsafe or foreign file."""
+    loader. A one-line UserError for a missing, unsafe or foreign file."""
     if os.path.isdir(path):
         path = os.path.join(path, "ckpt.pt")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path}: train one first (python train.py ...) or pass --out_dir")
+        raise UserError(f"no checkpoint at {path}: train one first (python train.py ...) or pass --out_dir")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is not a checkpoint
+        raise UserError(f"cannot read checkpoint {path}: not a torch.save file (truncated or foreign); is it a "
+                        "train.py ckpt.pt?")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        unsafe = [ln for ln in lines if "allowed global" in ln or "Unsupported global" in ln]
-        if unsafe:  # the safe unpickler met a reference to Python code: refuse, run nothing
-            raise ValueError(f"refusing to load {path}: it holds pickled Python objects, which could run code "
-                             f"({unsafe[0][:160]}); a train.py checkpoint holds only tensors and plain values") from None
-        noise = ("Weights only", "Please file", "Check the documentation")  # torch's advice to run unsafe code
-        reason = next((ln for ln in lines if not ln.startswith(noise)), lines[0] if lines else "")
-        raise ValueError(f"cannot read checkpoint {path} ({type(e).__name__}: {reason[:200]}); is it a train.py "
-                         "ckpt.pt?") from None
+    except pickle.UnpicklingError:  # the safe unpickler met a reference to Python code: refuse, run nothing
+        raise UserError(f"refusing to load {path}: it holds pickled Python objects, which could run code; a "
+                        "train.py checkpoint holds only tensors and plain values") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
-        raise ValueError(f"{path} is not a nanoDeepSeek checkpoint (missing 'model' / 'model_config')")
+        raise UserError(f"{path} is not a nanoDeepSeek checkpoint (missing 'model' / 'model_config')")
     return ckpt
 
 
@@ -65,19 +63,8 @@ def load_model(path, device="cpu"):
     return model.to(device).eval(), ckpt
 
 
-def clean_state_keys(state):
-    """Drop the wrappers' prefixes from state-dict keys: DDP adds 'module.', torch.compile '_orig_mod.', in
-    either nesting order (train.py wraps the compiled model in DDP: 'module._orig_mod.')."""
-    def clean(k):
-        while k.startswith(("module.", "_orig_mod.")):
-            k = k.removeprefix("module.").removeprefix("_orig_mod.")
-        return k
-    return {clean(k): v for k, v in state.items()}
-
-
 def load_state(model, state, source="checkpoint"):
     """Strict state-dict load with a one-line error naming the mismatch (e.g. a checkpoint of another config)."""
-    state = clean_state_keys(state)
     mine = model.state_dict()
     missing = [k for k in mine if k not in state]
     unexpected = [k for k in state if k not in mine]
@@ -85,7 +72,7 @@ def load_state(model, state, source="checkpoint"):
     if missing or unexpected or shape:
         detail = (f"{len(missing)} missing (e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}), "
                   f"{len(shape)} with other shapes (e.g. {shape[:2]})")
-        raise ValueError(f"{source} does not fit this model config: {detail}")
+        raise UserError(f"{source} does not fit this model config: {detail}")
     model.load_state_dict(state)
 
 
@@ -95,7 +82,7 @@ def check_model_config(ckpt, cfg, path):
     diff = [(k, saved[k], v) for k, v in asdict(cfg).items() if saved[k] != v]
     if diff:
         pretty = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, a, b in diff)
-        raise ValueError(f"{path} was trained with another model config ({pretty}); resume with the same model "
+        raise UserError(f"{path} was trained with another model config ({pretty}); resume with the same model "
                          "settings or use another out_dir")
 
 
@@ -105,18 +92,18 @@ def resume(path, model, optimizer, cfg, world_size):
     is on: load_state_dict copies weights, and the optimizer casts its state, onto the parameters' device, and
     the RNG states must stay CPU ByteTensors. Returns the rest (step, tokens, data-loader states, ...)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"init_from='resume' but there is no checkpoint at {path}")
+        raise UserError(f"init_from='resume' but there is no checkpoint at {path}")
     ckpt = load_checkpoint(path)
     check_model_config(ckpt, cfg, path)
     if len(ckpt["data"]) != world_size:
-        raise ValueError(f"{path} was written by {len(ckpt['data'])} processes, now there are {world_size}: "
+        raise UserError(f"{path} was written by {len(ckpt['data'])} processes, now there are {world_size}: "
                          "resume with the same number of processes to continue the data stream exactly")
     load_state(model, ckpt.pop("model"), path)
     try:
         optimizer.load_state_dict(ckpt.pop("optimizer"))
     except (ValueError, KeyError):
         saved = ckpt["config"].get("optimizer", "adamw")
-        raise ValueError(f"{path}: its optimizer state (optimizer={saved!r}) does not fit this run's optimizer: "
+        raise UserError(f"{path}: its optimizer state (optimizer={saved!r}) does not fit this run's optimizer: "
                          f"resume with optimizer={saved!r}") from None
     set_rng_state(ckpt["rng"])
     return ckpt

@@ -23,6 +23,12 @@ import types
 _TYPES = (int, float, bool, str, type(None))
 
 
+class UserError(ValueError):
+    """A mistake in what the user asked for: a setting, a path, a file, a checkpoint of another config. Every script
+    prints its message as one line (it says what is wrong and what to do) instead of a traceback; any other
+    exception is a bug and keeps its traceback."""
+
+
 def config_keys(namespace):
     """The overridable settings of a module namespace: public names holding plain values."""
     return {k: v for k, v in namespace.items() if not k.startswith('_') and isinstance(v, _TYPES)}

@@ -66,8 +66,8 @@ import sys
 import time
 
 from checkpoint import load_model
-from configurator import configure, config_keys
-from data.loader import EOT, DataError, bytes_to_unicode
+from configurator import UserError, configure, config_keys
+from data.loader import EOT, bytes_to_unicode
 from model import DTYPES
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -89,7 +89,7 @@ OFFICIAL_FIELDS = ["max_seq_len", "vocab_size", "dim", "inter_dim", "moe_inter_d
                    "rope_factor", "beta_fast", "beta_slow", "mscale"]
 
 
-class ExportError(Exception):
+class ExportError(UserError):
     """A one-line, user-facing reason the export cannot proceed."""
 
 
@@ -399,7 +399,7 @@ def main(argv=None):
         model_cfg, state = load(args["out_dir"])
         info = export(model_cfg, state, args["hf_dir"], to=args["to"], dtype=args["dtype"], mtp=args["mtp"],
                       write_tok=args["tokenizer"])
-    except (ExportError, FileNotFoundError, ValueError, DataError) as e:
+    except UserError as e:
         sys.exit(f"export.py: error: {e}")
     dt = time.time() - t0
     print(f"exported {args['out_dir']} -> {args['hf_dir']} ({args['to']}, {args['dtype']}): {info['tensors']} tensors, "

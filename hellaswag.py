@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from configurator import configure, config_keys
+from configurator import UserError, configure, config_keys
 from data.loader import atomic_write
 from model import DTYPES, autocast_context
 
@@ -57,7 +57,7 @@ _URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag
 _SHA256 = "0aa3b88843990f3f10a97b9575c94d7b71fb2205240ba04ae4884d9e9c992588"  # 12,246,618 bytes, 10,042 lines
 
 
-class HellaSwagError(Exception):
+class HellaSwagError(UserError):
     """Bad or unavailable data (or tokenizer); the message is one line and says what to do."""
 
 
@@ -281,9 +281,9 @@ def evaluate(model, path, device, enc=None, limit=None, batch_size=8, progress=F
 def run(args):
     from checkpoint import load_model
     if args["dtype"] not in DTYPES:
-        raise ValueError(f"--dtype must be one of {list(DTYPES)}, got {args['dtype']!r}")
+        raise UserError(f"--dtype must be one of {list(DTYPES)}, got {args['dtype']!r}")
     if args["limit"] < 0 or args["batch_size"] < 1:
-        raise ValueError("--limit must be >= 0 (0: all items) and --batch_size >= 1")
+        raise UserError("--limit must be >= 0 (0: all items) and --batch_size >= 1")
     ddp = int(os.environ.get("RANK", -1)) != -1 and int(os.environ.get("WORLD_SIZE", 1)) > 1
     dev = args["device"]
     if ddp:
@@ -327,7 +327,7 @@ def main(argv=None):
                      description=__doc__.strip().split("\n\n")[0], quiet=True)
     try:
         return run(args)
-    except (HellaSwagError, FileNotFoundError, ValueError) as e:
+    except UserError as e:
         sys.exit(f"hellaswag.py: error: {e}")
 
 

@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from configurator import UserError
+
 if not hasattr(F, "grouped_mm"):  # the MoE dispatch below needs it; say so now, not deep inside a forward pass
     raise SystemExit(f"nanoDeepSeek needs torch >= 2.10 (torch.nn.functional.grouped_mm); this is torch "
                      f"{torch.__version__}: pip install -U 'torch>=2.10'")
@@ -76,7 +78,7 @@ class ModelConfig:
 
     def __post_init__(self):
         for problem in self._problems():
-            raise ValueError(f"bad ModelConfig: {problem}")
+            raise UserError(f"bad ModelConfig: {problem}")
 
     def _problems(self):
         """One-line problems, '<field> must be <bound>, got <value>', in order: each check may rely on the
@@ -128,7 +130,7 @@ class ModelConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown ModelConfig field(s) {unknown}: checkpoint from another version of model.py?")
+            raise UserError(f"unknown ModelConfig field(s) {unknown}: checkpoint from another version of model.py?")
         return cls(**d)
 
 
@@ -614,7 +616,7 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "B200": 2250e12, "
 def autocast_context(device_type, dtype):
     """Forward-pass precision: autocast to 'bfloat16' / 'float16', or plain fp32 for 'float32'."""
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+        raise UserError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
     return nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=DTYPES[dtype])
 
 

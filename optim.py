@@ -24,6 +24,8 @@ import math
 
 import torch
 
+from configurator import UserError
+
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # the quintic of Keller Jordan's Muon, also torch.optim.Muon's
 
 
@@ -129,7 +131,7 @@ def build_optimizer(model, name, lr, weight_decay, betas, momentum=0.95):
     weight decay, thanks to rms_scale) for what muon_takes, AdamW for the rest. Which tensor goes where is decided
     in this file only."""
     if name not in ("adamw", "muon"):
-        raise ValueError(f"optimizer must be 'adamw' or 'muon', not {name!r}")
+        raise UserError(f"optimizer must be 'adamw' or 'muon', not {name!r}")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if name == "adamw":
         return torch.optim.AdamW(adamw_groups([p for _, p in named], weight_decay), lr=lr, betas=betas, fused=True)

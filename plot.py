@@ -13,6 +13,8 @@ import json
 import os
 import sys
 
+from configurator import UserError
+
 
 def read_jsonl(path):
     if not os.path.isfile(path):
@@ -31,9 +33,9 @@ def plot(run_dirs, out, names=None, x="tokens", title=None):
     for i, d in enumerate(run_dirs):
         log, ev = read_jsonl(os.path.join(d, "log.jsonl")), read_jsonl(os.path.join(d, "eval.jsonl"))
         if not log and not ev:
-            raise ValueError(f"{d}: no log.jsonl or eval.jsonl (is it a train.py out_dir?)")
+            raise UserError(f"{d}: no log.jsonl or eval.jsonl (is it a train.py out_dir?)")
         if any(x not in r for r in log + ev):
-            raise ValueError(f"{d}: the logs have no {x!r} field (logs of an older train.py?); try --x=tokens")
+            raise UserError(f"{d}: the logs have no {x!r} field (logs of an older train.py?); try --x=tokens")
         runs.append((names[i] if names else os.path.basename(os.path.normpath(d)), log, ev))
 
     has = lambda rows, key: any(r.get(key) is not None for r in rows)
@@ -85,7 +87,7 @@ def main(argv=None):
         sys.exit("plot.py: error: matplotlib is not installed (pip install matplotlib); nothing else needs it")
     try:
         plot(args.run_dirs, args.out, names, args.x, args.title or None)
-    except ValueError as e:
+    except UserError as e:
         sys.exit(f"plot.py: error: {e}")
     print(f"plot.py: wrote {args.out} ({len(args.run_dirs)} runs)")
 

@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import load_model
-from configurator import configure, config_keys
-from data.loader import DataError, check_token_ids, get_tokenizer
+from configurator import UserError, configure, config_keys
+from data.loader import check_token_ids, get_tokenizer
 from model import autocast_context
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -94,12 +94,12 @@ def accept_or_resample(p, q, draft, generator=None):
 def check_request(cfg, prompt_len, max_new_tokens, speculative):
     """ValueError with a one-line message for a request the model cannot serve."""
     if prompt_len == 0:
-        raise ValueError("empty prompt: give at least one token (e.g. <|endoftext|> to start a document)")
+        raise UserError("empty prompt: give at least one token (e.g. <|endoftext|> to start a document)")
     if prompt_len + max_new_tokens > cfg.max_seq_len:
-        raise ValueError(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+        raise UserError(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                          f"max_seq_len={cfg.max_seq_len}: shorten the prompt or generate fewer tokens")
     if speculative and cfg.n_mtp == 0:
-        raise ValueError("--speculative drafts with the MTP modules, but this model has none (n_mtp=0)")
+        raise UserError("--speculative drafts with the MTP modules, but this model has none (n_mtp=0)")
 
 
 def generate_tokens(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None,
@@ -231,11 +231,11 @@ def check_device(device):
     except RuntimeError:  # torch's message lists two dozen device types
         dev = None
     if dev is None or dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"unknown --device={device!r}: use cpu, cuda or cuda:N")
+        raise UserError(f"unknown --device={device!r}: use cpu, cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("CUDA is not available here: use --device=cpu")
+        raise UserError("CUDA is not available here: use --device=cpu")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(f"no --device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        raise UserError(f"no --device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return dev
 
 
@@ -246,7 +246,7 @@ def read_prompt(start):
         with open(start[5:], encoding="utf-8") as f:
             return f.read()
     except OSError as e:
-        raise ValueError(f"cannot read the prompt file {start[5:]!r} ({e.strerror})")
+        raise UserError(f"cannot read the prompt file {start[5:]!r} ({e.strerror})")
 
 
 def main(argv=None):
@@ -256,14 +256,14 @@ def main(argv=None):
     try:
         ctx = autocast_context(check_device(c.device).type, c.dtype)
         if c.compile and c.dtype != "bfloat16":
-            raise ValueError("--compile needs --dtype=bfloat16: compiled, the MoE's grouped_mm accepts bf16 only")
+            raise UserError("--compile needs --dtype=bfloat16: compiled, the MoE's grouped_mm accepts bf16 only")
         if c.temperature < 0 or c.max_new_tokens < -1 or c.num_samples < 1:
-            raise ValueError("need temperature >= 0, max_new_tokens >= 0 (or -1) and num_samples >= 1")
+            raise UserError("need temperature >= 0, max_new_tokens >= 0 (or -1) and num_samples >= 1")
         # checked here, not where they are used: that is after the prompt went to stdout, and it raises from torch
         if c.top_k < 0:
-            raise ValueError(f"--top_k must be >= 0 (0: off), got {c.top_k}")
+            raise UserError(f"--top_k must be >= 0 (0: off), got {c.top_k}")
         if not 0 < c.top_p <= 1:
-            raise ValueError(f"--top_p must be in (0, 1] (1: off), got {c.top_p}")
+            raise UserError(f"--top_p must be in (0, 1] (1: off), got {c.top_p}")
         model, ckpt = load_model(c.out_dir, c.device)
         enc = get_tokenizer()
         prompt = read_prompt(c.start)
@@ -273,7 +273,7 @@ def main(argv=None):
         if c.max_new_tokens == -1:  # an explicit number is checked, never silently cut
             c.max_new_tokens = max(0, min(200, model.cfg.max_seq_len - len(prompt_ids)))
         check_request(model.cfg, len(prompt_ids), c.max_new_tokens, c.speculative)
-    except (FileNotFoundError, ValueError, DataError) as e:
+    except UserError as e:
         sys.exit(f"sample.py: error: {e}")
 
     log(f"sample.py: {c.out_dir} (step {ckpt.get('step', '?')}), {c.device} {c.dtype}, prompt {len(prompt_ids)} "

@@ -26,9 +26,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from checkpoint import fingerprint, resume, rng_state, save_checkpoint
-from configurator import configure, config_keys
+from configurator import UserError, configure, config_keys
 from data.fineweb import SAMPLE_DIR, prepare_sample
-from data.loader import DataError, ShardReader, atomic_write, check_token_ids, get_tokenizer
+from data.loader import ShardReader, atomic_write, check_token_ids, get_tokenizer
 from optim import build_optimizer
 from model import ModelConfig, Transformer, autocast_context, gpu_peak_flops
 from sample import generate_tokens
@@ -91,7 +91,20 @@ globals().update(config)  # the settings live in these globals, and `config` is 
 
 
 def fail(message):
-    sys.exit(f"train.py: error: {message}")  # one line, no traceback: the user's input was wrong
+    sys.exit(f"train.py: error: {message}")  # one line, no traceback, exit status 1
+
+
+def one_line_user_errors(kind, error, traceback):
+    """The one error path for what the modules raise: a UserError (a bad setting, path, file or checkpoint; see
+    configurator.py) ends the run like fail(), on every rank that raises it; anything else is a bug and keeps its
+    traceback."""
+    if issubclass(kind, UserError):
+        print(f"train.py: error: {error}", file=sys.stderr)
+    else:
+        sys.__excepthook__(kind, error, traceback)
+
+
+sys.excepthook = one_line_user_errors
 
 
 # ---- check the settings: a mistake stops here, in one line, before anything is built or written -----------
@@ -142,10 +155,7 @@ if device_type == "cuda":
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
 ctx = autocast_context(device_type, dtype)
-try:
-    cfg = ModelConfig(**{f.name: config[f.name] for f in fields(ModelConfig)})
-except ValueError as e:
-    fail(e)
+cfg = ModelConfig(**{f.name: config[f.name] for f in fields(ModelConfig)})
 
 
 def log(*args):
@@ -161,46 +171,30 @@ if total_batch_size % tokens_per_micro:
 grad_accum = total_batch_size // tokens_per_micro
 log(f"tokens per step: {total_batch_size:,} = {batch_size} x {cfg.max_seq_len} x {world} processes x "
     f"{grad_accum} accumulation steps")
-try:
-    # the bundled FineWeb-Edu sample (config/train_tiny.py's data_dir) is tokenized on first use
-    if os.path.realpath(data_dir) == str(SAMPLE_DIR) and not (SAMPLE_DIR / "meta.json").exists():
-        if master:
-            prepare_sample(SAMPLE_DIR)
-        if ddp:
-            dist.barrier()
-    train_data = ShardReader(data_dir, "train", batch_size, cfg.max_seq_len, rank, world, seed, cfg.vocab_size)
-    val_data = ShardReader(data_dir, "val", batch_size, cfg.max_seq_len, rank, world, seed, cfg.vocab_size,
-                           shuffle=False)
-except DataError as e:
-    fail(e)
+# the bundled FineWeb-Edu sample (config/train_tiny.py's data_dir) is tokenized on first use
+if os.path.realpath(data_dir) == str(SAMPLE_DIR) and not (SAMPLE_DIR / "meta.json").exists():
+    if master:
+        prepare_sample(SAMPLE_DIR)
+    if ddp:
+        dist.barrier()
+train_data = ShardReader(data_dir, "train", batch_size, cfg.max_seq_len, rank, world, seed, cfg.vocab_size)
+val_data = ShardReader(data_dir, "val", batch_size, cfg.max_seq_len, rank, world, seed, cfg.vocab_size, shuffle=False)
 if sample_tokens:  # the prompt must fit the model's vocabulary (a smaller one would index past the embedding)
-    try:
-        enc = get_tokenizer()
-        sample_ids = check_token_ids(enc.encode_ordinary(sample_prompt), cfg.vocab_size, "sample_prompt")
-    except DataError as e:
-        fail(e)
+    enc = get_tokenizer()
+    sample_ids = check_token_ids(enc.encode_ordinary(sample_prompt), cfg.vocab_size, "sample_prompt")
 if hellaswag_interval:  # find (rank 0: download) the file now, not at the first HellaSwag eval hours from now
     import hellaswag
-    try:
-        hellaswag_file = hellaswag.resolve_data_path(hellaswag_path or None)
-    except hellaswag.HellaSwagError as e:
-        fail(e)
+    hellaswag_file = hellaswag.resolve_data_path(hellaswag_path or None)
 
 # ---- model, optimizer, resume -----------------------------------------------------------------------
 raw_model = Transformer(cfg).to(device)  # the module itself: checkpoints, bias updates, sampling
-try:
-    optimizer = build_optimizer(raw_model, optimizer, learning_rate, weight_decay, (beta1, beta2), muon_momentum)
-except ValueError as e:
-    fail(e)
+opt = build_optimizer(raw_model, optimizer, learning_rate, weight_decay, (beta1, beta2), muon_momentum)
 step, tokens_seen, best_val, train_time = 0, 0, float("inf"), 0.0  # train_time: seconds in training steps
 os.makedirs(out_dir, exist_ok=True)
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 if init_from == "resume":
-    try:
-        ckpt = resume(ckpt_path, raw_model, optimizer, cfg, world)
-        train_data.load_state_dict(ckpt["data"][rank])
-    except (FileNotFoundError, ValueError, DataError) as e:
-        fail(e)
+    ckpt = resume(ckpt_path, raw_model, opt, cfg, world)
+    train_data.load_state_dict(ckpt["data"][rank])
     step, tokens_seen, best_val = ckpt["step"], ckpt["tokens"], ckpt["best_val_loss"]
     train_time = ckpt.get("train_time", 0.0)
     log(f"resumed from {ckpt_path} at step {step} ({tokens_seen:,} tokens)")
@@ -308,6 +302,26 @@ def next_batch():
     return state, x, y
 
 
+def write_checkpoint():
+    """Rank 0 writes the model, optimizer, settings, position and every rank's data-loader state. First every
+    loss since the last log must be finite, and under DDP the ranks must agree on every parameter and expert bias
+    (the DDP buffer trap, or any other divergence, would show here, before a bad checkpoint is written)."""
+    stop_if_non_finite(bad_step)
+    data_states = [data_state]
+    if ddp:
+        data_states, prints = [None] * world, [None] * world
+        dist.all_gather_object(data_states, data_state)
+        dist.all_gather_object(prints, fingerprint(raw_model))
+        if any(p != prints[0] for p in prints):
+            fail(f"DDP ranks disagree on parameters/expert biases at step {step}")
+    if master:
+        save_checkpoint(ckpt_path, {
+            "model": raw_model.state_dict(), "optimizer": opt.state_dict(), "model_config": asdict(cfg),
+            "config": config, "step": step, "tokens": tokens_seen, "best_val_loss": best_val, "train_time": train_time,
+            "rng": rng_state(), "data": data_states})
+    log(f"saved {ckpt_path} (step {step})")
+
+
 # ---- the loop -----------------------------------------------------------------------------------------
 bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss, on device
 data_state, x, y = next_batch()
@@ -315,18 +329,17 @@ t0, t_steps = time.time(), 0
 while True:
     last_step = step == max_iters
 
-    # evaluate, sample, checkpoint (not at the step a resumed run starts from: that was done before it stopped)
-    if (step % eval_interval == 0 or last_step) and not (step == start_step and init_from == "resume" and not last_step):
+    # evaluate, sample, checkpoint; not at the step a resumed run starts from: that was done before it stopped
+    eval_step = step % eval_interval == 0 or last_step
+    resumed_here = init_from == "resume" and step == start_step and not last_step
+    if eval_step and not resumed_here:
         train_time += time.time() - t0  # evaluation time is not training time
         val_ce, val_mtp = evaluate()
         line = f"step {step}: val loss {val_ce:.4f}" + (f", val mtp {val_mtp:.4f}" if cfg.n_mtp else "")
         record = {"step": step, "tokens": tokens_seen, "time": train_time, "val_loss": val_ce, "val_mtp": val_mtp}
         if hellaswag_interval and (step % hellaswag_interval == 0 or last_step):
-            try:  # the plain module: the compiled one would recompile for every batch shape
-                with ctx:
-                    hs = hellaswag.evaluate(raw_model, hellaswag_file, device, limit=hellaswag_limit or None)
-            except hellaswag.HellaSwagError as e:  # e.g. a vocab_size smaller than the tokenizer's
-                fail(e)
+            with ctx:  # the plain module: the compiled one would recompile for every batch shape
+                hs = hellaswag.evaluate(raw_model, hellaswag_file, device, limit=hellaswag_limit or None)
             line += f", hellaswag acc {hs['acc']:.4f} acc_norm {hs['acc_norm']:.4f} (n={hs['n']})"
             record.update({"hellaswag_acc": hs["acc"], "hellaswag_acc_norm": hs["acc_norm"]})
         log(line)
@@ -342,27 +355,14 @@ while True:
         improved = val_ce < best_val
         best_val = min(best_val, val_ce)
         if step > 0 and (improved or always_save_checkpoint or last_step):
-            stop_if_non_finite(bad_step)
-            data_states, prints = [data_state], None
-            if ddp:
-                data_states, prints = [None] * world, [None] * world
-                dist.all_gather_object(data_states, data_state)
-                dist.all_gather_object(prints, fingerprint(raw_model))
-                if any(p != prints[0] for p in prints):
-                    fail(f"DDP ranks disagree on parameters/expert biases at step {step}")
-            if master:
-                save_checkpoint(ckpt_path, {
-                    "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "model_config": asdict(cfg),
-                    "config": config, "step": step, "tokens": tokens_seen, "best_val_loss": best_val, "train_time": train_time,
-                    "rng": rng_state(), "data": data_states, "ddp_fingerprints": prints})
-            log(f"saved {ckpt_path} (step {step})")
+            write_checkpoint()
         t0, t_steps = time.time(), 0
     if last_step:
         break
 
     # one optimizer step over grad_accum micro-batches
     lr = get_lr(step)
-    for group in optimizer.param_groups:
+    for group in opt.param_groups:
         group["lr"] = lr
     lam = mtp_lambda_late if 0 <= mtp_late_iter <= step else mtp_lambda
     logged = torch.zeros(4, device=device)  # loss, ce, mtp, alpha * balance, averaged over micro-steps
@@ -377,8 +377,8 @@ while True:
         logged += torch.stack([loss, parts["ce"], mtp, balance_alpha * parts["balance"]]).detach() / grad_accum
     # clip_grad_norm_ with max_norm 0 would zero every gradient: 0 means off, as in nanoGPT (norm still logged)
     grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else math.inf)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
     gamma = 0.0 if 0 <= bias_freeze_iter <= step else bias_update_speed
     load_max, load_min = raw_model.update_expert_bias(gamma, dist.all_reduce if ddp else None)
     bad_step = torch.where((bad_step < 0) & ~torch.isfinite(logged[0]), step, bad_step)  # no host sync here

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from configurator import UserError
+
 HERE = Path(__file__).resolve().parent
 TOKENIZER_FILE = HERE / "gpt2.tiktoken.gz"  # GPT-2's BPE ranks in tiktoken's format, gzipped (data/README.md)
 EOT = 50256  # GPT-2's <|endoftext|>: the id after its 50,256 byte tokens and merges; it starts every document
@@ -31,7 +33,7 @@ REGENERATE = ("restore it (git checkout -- data/gpt2.tiktoken.gz) or rebuild it 
               "encoder.json (python data/make_bundle.py --gpt2_dir DIR)")
 
 
-class DataError(Exception):
+class DataError(UserError):
     """A problem with the data or its inputs; the message says what is wrong and what to do, in one line."""
 
 

@@ -26,7 +26,7 @@ def full_ckpt(m, opt, **extra):
     from dataclasses import asdict
     return {"model": m.state_dict(), "optimizer": opt.state_dict(), "model_config": asdict(m.cfg), "config": {},
             "step": 7, "tokens": 7 * 512, "best_val_loss": float("inf"), "rng": C.rng_state(), "data": [{"pos": 3}],
-            "ddp_fingerprints": None, **extra}
+            **extra}
 
 
 def test_train_checkpoint_opens_with_the_safe_loader(tmp_path):
@@ -97,7 +97,7 @@ def test_resume_checks_config_and_world_size(tmp_path):
         C.resume(path, other, torch.optim.AdamW(other.parameters()), other.cfg, 1)
     with pytest.raises(ValueError, match="written by 1 processes, now there are 2"):
         C.resume(path, m, opt, m.cfg, 2)
-    with pytest.raises(FileNotFoundError, match="init_from='resume' but there is no checkpoint"):
+    with pytest.raises(ValueError, match="init_from='resume' but there is no checkpoint"):
         C.resume(str(tmp_path / "none.pt"), m, opt, m.cfg, 1)
 
 
@@ -119,7 +119,7 @@ def test_load_model_values_and_errors(tmp_path):
     save_ckpt(tmp_path, m)
     loaded, _ = C.load_model(str(tmp_path))
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), m.state_dict().values()))
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(ValueError, match="no checkpoint"):
         C.load_model(str(tmp_path / "nope"))
     other = tiny_model(dim=48)
     C.save_checkpoint(str(tmp_path / "bad.pt"), {"model": other.state_dict(), "model_config": __import__("dataclasses").asdict(m.cfg)})
@@ -150,14 +150,6 @@ def test_a_checkpoint_carrying_code_is_refused_and_nothing_runs(tmp_path):
         C.load_model(str(tmp_path))
     assert "\n" not in str(e.value)
     assert not marker.exists()
-
-
-@pytest.mark.parametrize("prefix", ["", "module.", "_orig_mod.", "module._orig_mod.", "_orig_mod.module."])
-def test_wrapper_prefixes_are_stripped(prefix):
-    """DDP adds 'module.', torch.compile '_orig_mod.'; train.py's DDP(compile(model)) gives 'module._orig_mod.'."""
-    m, fresh = tiny_model(0), tiny_model(1)
-    C.load_state(fresh, {prefix + k: v for k, v in m.state_dict().items()})
-    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), m.state_dict().values()))
 
 
 def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
