@@ -18,26 +18,22 @@ Measures, after warm-up steps, on random tokens:
            instead times this same model with every block dense (n_dense_layers = n_layers + n_mtp: MLA, MTP
            and all, the dense SwiGLU of inter_dim in place of each MoE), the README's MoE-vs-dense ablation;
   decode   tokens/s of cached decoding (absorbed MLA, latent cache) and of recomputing the full forward per
-           token, with the cache bytes per token against multi-head attention;
-  moe      one MoE layer's forward+backward: `moe_dispatch` (grouped matmuls) against a per-expert Python loop;
-  sdpa     MLA's training attention per SDPA backend, with v padded to the qk head dim as one more option.
+           token, with the cache bytes per token against multi-head attention.
+The per-backend timing of MLA's attention is dev/sdpa_backends.py.
 """
 import json as json_lib
 import resource
 import sys
 import time
-import warnings
-from contextlib import nullcontext
 from dataclasses import fields, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from configurator import UserError, configure, config_keys
 from optim import build_optimizer
-from model import DTYPES, MoE, ModelConfig, Transformer, autocast_context, gpu_peak_flops
+from model import ModelConfig, Transformer, autocast_context, gpu_peak_flops
 
 # -----------------------------------------------------------------------------------------------------------------
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
@@ -52,9 +48,6 @@ baseline = True                  # also benchmark a dense baseline
 baseline_model = 'gpt'           # 'gpt': GPT-2-style, FLOP-matched MLP | 'dense': this model with every block dense
 optimizer = 'adamw'              # train.py's optimizer setting (a config file's is read); 'muon' times our model and
                                  # the 'dense' baseline with Muon; the GPT-2-style baseline always uses AdamW
-moe = True                       # one-MoE-layer benchmark: grouped matmuls vs a Python loop over experts
-moe_tokens, moe_dim, moe_experts, moe_topk, moe_inter = 4096, 256, 16, 4, 128
-sdpa = True                      # per-backend timing of MLA's training attention
 peak_flops = 0.0                 # for MFU; 0: look the GPU up in model.PEAK_FLOPS
 seed = 1337
 json = ''                        # write the results to this JSON file (--json=bench.json)
@@ -122,11 +115,6 @@ def timed(fn, n, dev):
     return (time.perf_counter() - t0) / n
 
 
-def median_ms(fn, n, dev):
-    """Median milliseconds of n single timed calls: robust to a busy machine for the short kernels."""
-    return round(1e3 * sorted(timed(fn, 1, dev) for _ in range(n))[n // 2], 3)
-
-
 def train_step(model, forward, B, T, vocab, dev, ctx):
     """A full training step on a fixed random batch, after `warmup` untimed steps (compilation happens there).
     Returns (step function, warm-up seconds, peak memory of the warm-up steps above what was allocated before, GB)."""
@@ -184,81 +172,9 @@ def bench_decode(model, dev, ctx, cache_dtype):
     return n / t_cached, n / t_uncached
 
 
-def moe_loop(moe_layer, x, sort=False):
-    """The dispatch grouped matmuls replace, a Python loop over experts. sort=False: each expert finds its tokens
-    with torch.where (as in the official inference code); sort=True: tokens sorted by expert once and split by
-    per-expert counts (a host sync), as torchtitan's pre-grouped_mm loop."""
-    flat = x.view(-1, x.size(-1))
-    weights, indices, _ = moe_layer.gate(flat)
-    ex, E, K = moe_layer.experts, moe_layer.experts.w1.size(0), indices.size(1)
-    ffn = lambda e, xe: (F.silu(xe @ ex.w1[e].T) * (xe @ ex.w3[e].T)) @ ex.w2[e].T
-    if sort:
-        order = indices.flatten().argsort()
-        xs = flat[order // K].split(torch.bincount(indices.flatten(), minlength=E).tolist())
-        ys = torch.cat([ffn(e, xe) for e, xe in enumerate(xs)])
-        ys = torch.zeros_like(ys).index_copy(0, order, ys).view(*indices.shape, -1)
-        routed = (ys * weights.unsqueeze(-1)).sum(1)
-    else:
-        routed = torch.zeros_like(flat)
-        for e in range(E):
-            tok, slot = torch.where(indices == e)
-            routed = routed.index_add(0, tok, ffn(e, flat[tok]) * weights[tok, slot, None])
-    return (routed + moe_layer.shared_experts(flat)).view_as(x)
-
-
-def bench_moe(dev, ctx):
-    """Forward+backward ms of one MoE layer: grouped matmuls (moe_dispatch) vs the loops over experts."""
-    cfg = ModelConfig(dim=moe_dim, n_routed_experts=moe_experts, n_activated_experts=moe_topk,
-                      moe_inter_dim=moe_inter, n_shared_experts=1)
-    torch.manual_seed(seed)
-    layer = MoE(cfg).to(dev)
-    for p in layer.parameters():
-        nn.init.normal_(p, std=0.02)
-    x = torch.randn(1, moe_tokens, moe_dim, device=dev, requires_grad=True)
-    out = {}
-    for name, fn in (("grouped", lambda: layer(x)[0]), ("loop", lambda: moe_loop(layer, x)),
-                     ("sorted_loop", lambda: moe_loop(layer, x, sort=True))):
-        def step():
-            with ctx:
-                y = fn()
-            y.float().square().mean().backward()
-        step()
-        out[name] = median_ms(step, 7, dev)
-    return out
-
-
-def bench_sdpa(cfg, B, T, dev, pt):
-    """Forward+backward ms of causal attention at MLA's training shapes (heads, qk_head_dim, v_head_dim) for each
-    SDPA backend, and with v zero-padded to qk_head_dim (which makes the flash kernels eligible)."""
-    H, dqk, dv = cfg.n_heads, cfg.qk_head_dim, cfg.v_head_dim
-    g = torch.Generator().manual_seed(seed)
-    q, k = (torch.randn(B, H, T, dqk, generator=g).to(dev, pt).requires_grad_() for _ in range(2))
-    v = torch.randn(B, H, T, dv, generator=g).to(dev, pt).requires_grad_()
-    backends = {"default": None, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-                "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
-    results = {}
-    for pad in (False, True):
-        if pad and dv == dqk:
-            continue
-        for name, backend in backends.items():
-            def step():
-                vv = F.pad(v, (0, dqk - dv)) if pad else v
-                o = F.scaled_dot_product_attention(q, k, vv, is_causal=True)
-                o[..., :dv].float().square().mean().backward()
-            label = name + (" (v padded)" if pad else "")
-            try:
-                with sdpa_kernel(backend) if backend is not None else nullcontext():
-                    step()
-                    results[label] = median_ms(step, 7, dev)
-            except RuntimeError:
-                results[label] = None  # this backend does not take these shapes on this device
-    return results
-
-
 # -----------------------------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    warnings.filterwarnings("ignore", message=".*[Ff]lash attention")  # the sdpa probe trips these on purpose
     argv = sys.argv[1:] if argv is None else list(argv)
     if not any(not a.startswith("-") for a in argv):  # no config file: the default model for this machine
         on_cpu = "--device=cpu" in argv or not torch.cuda.is_available()
@@ -275,10 +191,8 @@ def main(argv=None):
         sys.exit(f"bench.py: error: baseline_model must be 'gpt' or 'dense', not {baseline_model!r}")
     if dev.type == "cuda" and not torch.cuda.is_available():
         sys.exit("bench.py: error: CUDA is not available here: use --device=cpu")
-    if compile and dtype != "bfloat16":
-        sys.exit("bench.py: error: --compile needs --dtype=bfloat16 (compiled, grouped_mm accepts bf16 only)")
     try:
-        ctx = autocast_context(dev.type, dtype)
+        ctx = autocast_context(dev.type, dtype, compile)
         cfg = ModelConfig(**{f.name: c[f.name] for f in fields(ModelConfig)})
     except UserError as e:
         sys.exit(f"bench.py: error: {e}")
@@ -287,7 +201,6 @@ def main(argv=None):
     if baseline and baseline_model == "gpt":
         globals()["optimizer"] = "adamw"  # the GPT-2-style baseline has no Muon routing: time both with AdamW
     B, T = batch_size, cfg.max_seq_len
-    pt = DTYPES[dtype]
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -350,20 +263,6 @@ def main(argv=None):
     print(f"decode    {cached:12,.1f} tok/s with the latent cache, {uncached:,.1f} tok/s recomputing the forward "
           f"({cached / uncached:.1f}x); cache {mla:,} B/token in bf16 vs {mha:,} B for MHA ({mha / mla:.1f}x smaller)",
           flush=True)
-    model = fwd = runs = None  # free ours (and both optimizers) before the kernel benchmarks
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
-
-    if moe:
-        m = bench_moe(dev, ctx)
-        res["moe_layer_ms"] = m
-        print(f"moe layer fwd+bwd ({moe_tokens} tokens, dim {moe_dim}, {moe_experts} experts top-{moe_topk}): "
-              f"grouped_mm {m['grouped']:.1f} ms, loop over experts {m['loop']:.1f} ms ({m['loop'] / m['grouped']:.1f}x), "
-              f"sorted loop {m['sorted_loop']:.1f} ms ({m['sorted_loop'] / m['grouped']:.1f}x)", flush=True)
-    if sdpa:
-        s = bench_sdpa(cfg, B, T, dev, pt)
-        res["sdpa_ms"] = s
-        print("sdpa fwd+bwd (ms): " + ", ".join(f"{k} {'n/a' if v is None else v}" for k, v in s.items()))
     if dev.type == "cpu":
         res["max_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     if json:

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from configurator import UserError, configure, config_keys
 from data.loader import atomic_write
-from model import DTYPES, autocast_context
+from model import DTYPES, autocast_context, init_distributed
 
 # -----------------------------------------------------------------------------------------------------------
 # settings (python hellaswag.py --key=value; --help lists them)
@@ -284,15 +284,9 @@ def run(args):
         raise UserError(f"--dtype must be one of {list(DTYPES)}, got {args['dtype']!r}")
     if args["limit"] < 0 or args["batch_size"] < 1:
         raise UserError("--limit must be >= 0 (0: all items) and --batch_size >= 1")
-    ddp = int(os.environ.get("RANK", -1)) != -1 and int(os.environ.get("WORLD_SIZE", 1)) > 1
-    dev = args["device"]
-    if ddp:
-        if dev.startswith("cuda"):
-            dev = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-            torch.cuda.set_device(dev)
-        dist.init_process_group(backend="nccl" if dev.startswith("cuda") else "gloo")
+    ddp, rank, _, _, dev = init_distributed(args["device"])
     try:
-        master = not ddp or dist.get_rank() == 0
+        master = rank == 0
         ckpt_path = args["out_dir"]
         if os.path.isdir(ckpt_path):
             ckpt_path = os.path.join(ckpt_path, "ckpt.pt")

@@ -13,10 +13,12 @@ The DeepSeek-V3 ideas, each in one place below, named as in the paper and the of
   - Multi-Token Prediction .............. `MTPModule`, `Transformer.forward`
 """
 import math
+import os
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -613,10 +615,14 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "B200": 2250e12, "
               "L4": 121e12, "4090": 165e12}  # dense bf16 tensor-core peak FLOP/s, by GPU name
 
 
-def autocast_context(device_type, dtype):
-    """Forward-pass precision: autocast to 'bfloat16' / 'float16', or plain fp32 for 'float32'."""
+def autocast_context(device_type, dtype, compile=False):
+    """Forward-pass precision: autocast to 'bfloat16' / 'float16', or plain fp32 for 'float32'. compile=True needs
+    bf16: under torch.compile the MoE's grouped_mm accepts bf16 only."""
     if dtype not in DTYPES:
         raise UserError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    if compile and dtype != "bfloat16":
+        raise UserError(f"compile=True needs dtype='bfloat16', not {dtype!r}: under torch.compile the MoE's "
+                        "grouped_mm accepts bf16 only (or set compile=False)")
     return nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=DTYPES[dtype])
 
 
@@ -627,3 +633,16 @@ def gpu_peak_flops(device):
         return 0.0
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_FLOPS.items() if k in name), 0.0)
+
+
+def init_distributed(device):
+    """Under torchrun (RANK set): join the process group (NCCL on CUDA, gloo on the CPU) and take this process's
+    GPU. Returns (ddp, rank, local_rank, world_size, device); outside torchrun (False, 0, 0, 1, device)."""
+    if int(os.environ.get("RANK", -1)) == -1:
+        return False, 0, 0, 1, device
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return True, dist.get_rank(), local_rank, dist.get_world_size(), device

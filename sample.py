@@ -254,9 +254,7 @@ def main(argv=None):
                                     description="\n\n".join(__doc__.strip().split("\n\n")[:2]), quiet=True))
     log = partial(print, file=sys.stderr)
     try:
-        ctx = autocast_context(check_device(c.device).type, c.dtype)
-        if c.compile and c.dtype != "bfloat16":
-            raise UserError("--compile needs --dtype=bfloat16: compiled, the MoE's grouped_mm accepts bf16 only")
+        ctx = autocast_context(check_device(c.device).type, c.dtype, c.compile)
         if c.temperature < 0 or c.max_new_tokens < -1 or c.num_samples < 1:
             raise UserError("need temperature >= 0, max_new_tokens >= 0 (or -1) and num_samples >= 1")
         # checked here, not where they are used: that is after the prompt went to stdout, and it raises from torch

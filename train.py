@@ -30,7 +30,7 @@ from configurator import UserError, configure, config_keys
 from data.fineweb import SAMPLE_DIR, prepare_sample
 from data.loader import ShardReader, atomic_write, check_token_ids, get_tokenizer
 from optim import build_optimizer
-from model import ModelConfig, Transformer, autocast_context, gpu_peak_flops
+from model import ModelConfig, Transformer, autocast_context, gpu_peak_flops, init_distributed
 from sample import generate_tokens
 
 # -----------------------------------------------------------------------------------------------
@@ -136,25 +136,14 @@ if device.startswith("cuda") and not torch.cuda.is_available():
          "(with --dtype=float32 --compile=False) or install a CUDA build of PyTorch")
 
 # ---- setup: processes, device, precision ----------------------------------------------------------
-if compile and dtype != "bfloat16":
-    fail("compile=True needs dtype='bfloat16': under torch.compile the MoE's grouped_mm accepts bf16 only "
-         "(or set compile=False)")
-ddp = int(os.environ.get("RANK", -1)) != -1
-if ddp:
-    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    rank, local_rank, world = dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
-    if device.startswith("cuda"):
-        device = f"cuda:{local_rank}"
-        torch.cuda.set_device(device)
-else:
-    rank, local_rank, world = 0, 0, 1
+ddp, rank, local_rank, world, device = init_distributed(device)
 master = rank == 0
 device_type = "cuda" if device.startswith("cuda") else "cpu"
 torch.manual_seed(seed)
 if device_type == "cuda":
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-ctx = autocast_context(device_type, dtype)
+ctx = autocast_context(device_type, dtype, compile)
 cfg = ModelConfig(**{f.name: config[f.name] for f in fields(ModelConfig)})
 
 

@@ -3,11 +3,10 @@ benchmark, these only keep it correct and runnable)."""
 import json
 
 import pytest
-import torch
 
 import bench
 from conftest import TINY as _TINY
-from model import ModelConfig, MoE, Transformer
+from model import ModelConfig, Transformer
 
 TINY = {**_TINY, "vocab_size": 512, "n_layers": 2}
 
@@ -31,34 +30,19 @@ def test_matched_baseline_has_our_flops_up_to_rounding():
         assert abs(got - target) <= 6 * cfg.n_layers * 2 * cfg.dim * multiple / 2
 
 
-@pytest.mark.parametrize("sort", [False, True])
-def test_moe_loops_equal_the_grouped_dispatch(sort):
-    cfg = ModelConfig(**{**TINY, "n_activated_experts": 3})
-    torch.manual_seed(0)
-    layer = MoE(cfg)
-    for p in layer.parameters():
-        torch.nn.init.normal_(p, std=0.2)
-    layer.gate.bias[0] = -100.0  # an expert with no tokens
-    x = torch.randn(2, 9, cfg.dim)
-    torch.testing.assert_close(bench.moe_loop(layer, x, sort=sort), layer(x)[0], rtol=1e-5, atol=1e-5)
-
-
 def test_bench_runs_end_to_end(tmp_path, capsys):
     config = tmp_path / "tiny.py"
     # a train.py config file: bench.py takes its model settings and batch_size, and skips the training settings
     config.write_text("".join(f"{k} = {v!r}\n" for k, v in TINY.items()) + "batch_size = 2\nlearning_rate = 1e-3\n")
     out = tmp_path / "bench.json"
     bench.main([str(config), "--device=cpu", "--warmup=1", "--steps=1", "--rounds=1",
-                "--decode_tokens=4", "--moe_tokens=64", "--moe_dim=32", "--moe_experts=4", "--moe_topk=2",
-                "--moe_inter=16", f"--json={out}"])
+                "--decode_tokens=4", f"--json={out}"])
     res = json.loads(out.read_text())
     printed = capsys.readouterr().out
-    assert "ratio ours / baseline" in printed and "decode" in printed and "moe layer" in printed
+    assert "ratio ours / baseline" in printed and "decode" in printed
     assert res["ours"]["tok_per_s"] > 0 and res["baseline"]["tok_per_s"] > 0 and res["ratio"] > 0
     assert res["batch_size"] == 2 and res["ours"]["flops_per_token"] == Transformer(ModelConfig(**TINY)).flops_per_token()
     assert res["decode"]["cache_bytes_per_token_bf16"] == 2 * 2 * (16 + 4)
-    assert set(res["moe_layer_ms"]) == {"grouped", "loop", "sorted_loop"}
-    assert res["sdpa_ms"]["math"] is not None and "default (v padded)" in res["sdpa_ms"]
 
 
 def test_bench_dense_baseline_is_this_model_all_dense(tmp_path, capsys):
@@ -69,7 +53,7 @@ def test_bench_dense_baseline_is_this_model_all_dense(tmp_path, capsys):
     config.write_text("".join(f"{k} = {v!r}\n" for k, v in tiny.items()) + "batch_size = 2\n")
     out = tmp_path / "bench.json"
     bench.main([str(config), "--device=cpu", "--baseline_model=dense", "--optimizer=muon", "--warmup=1", "--steps=1",
-                "--rounds=1", "--decode_tokens=2", "--moe=False", "--sdpa=False", f"--json={out}"])
+                "--rounds=1", "--decode_tokens=2", f"--json={out}"])
     res = json.loads(out.read_text())
     assert res["optimizer"] == "muon"  # both models timed with the training optimizer
     assert "this model with every block dense, inter_dim 48" in capsys.readouterr().out
@@ -77,7 +61,7 @@ def test_bench_dense_baseline_is_this_model_all_dense(tmp_path, capsys):
     assert res["baseline"]["flops_per_token"] == pytest.approx(res["ours"]["flops_per_token"], rel=0.01)
     assert res["baseline"]["flops_per_token"] < res["ours"]["flops_per_token"]
     with pytest.raises(SystemExit, match="baseline_model must be 'gpt' or 'dense'"):
-        bench.main([str(config), "--device=cpu", "--baseline_model=mlp", "--moe=False", "--sdpa=False"])
+        bench.main([str(config), "--device=cpu", "--baseline_model=mlp"])
 
 
 def test_bench_rejects_a_missing_or_bad_model_config(tmp_path):
