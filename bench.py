@@ -16,7 +16,7 @@ Measures, after warm-up steps, on random tokens:
            (LayerNorm, multi-head attention with head_dim = dim / n_heads, GELU MLP) whose MLP width is chosen
            so its FLOPs per token equal ours; prints the ratio ours / baseline. --baseline_model=dense
            instead times this same model with every block dense (n_dense_layers = n_layers + n_mtp: MLA, MTP
-           and all, the dense SwiGLU of inter_dim in place of each MoE), the README's MoE-vs-dense ablation;
+           and all, the dense SwiGLU of inter_dim in place of each MoE), the MoE-vs-dense ablation of docs/results.md;
   decode   tokens/s of cached decoding (absorbed MLA, latent cache) and of recomputing the full forward per
            token, with the cache bytes per token against multi-head attention.
 The per-backend timing of MLA's attention is dev/sdpa_backends.py.

@@ -1,8 +1,8 @@
-# The small CPU config (and the base of the README's ablations): a DeepSeek-V3-style MoE that trains in about
+# The small CPU config (and the base of the ablations in docs/results.md): a DeepSeek-V3-style MoE that trains in about
 # 7 minutes on one CPU core, on the OpenStax textbooks (or any corpus tokenized into data_dir):
 #   python data/fineweb.py --input path/to/openstax --out_dir data/openstax --shard_size 2000000
 #   python train.py config/train_small.py
-# Three settings differ from the big config, each chosen by the measurements in the README's Ablations table:
+# Three settings differ from the big config, each chosen by the measurements in docs/results.md (ablations):
 # Muon instead of AdamW, no MTP module (at dim 128 its second 50,304-way head nearly doubles the step time), and a
 # 10x faster expert-bias update (at 1e-3 the routing stays collapsed for a 200-step run).
 out_dir = 'out-small'
@@ -34,7 +34,7 @@ batch_size = 4
 total_batch_size = 1024       # 4 x 256 tokens per step: 200 steps = 204,800 tokens
 max_iters = 200
 optimizer = 'muon'
-learning_rate = 1.2e-2        # Muon here: 1.2e-2 beat 6e-3 (README, Ablations); AdamW's best was 3e-3
+learning_rate = 1.2e-2        # Muon here: 1.2e-2 beat 6e-3 (docs/results.md); AdamW's best was 3e-3
 min_lr = 1.2e-3
 warmup_iters = 20
 lr_decay_iters = 200
