@@ -1,5 +1,5 @@
 # The small CPU config (and the base of the ablations in docs/results.md): a DeepSeek-V3-style MoE that trains in about
-# 7 minutes on one CPU core, on the OpenStax textbooks (or any corpus tokenized into data_dir):
+# 5 minutes on one CPU core, on the OpenStax textbooks (or any corpus tokenized into data_dir):
 #   python data/fineweb.py --input path/to/openstax --out_dir data/openstax --shard_size 2000000
 #   python train.py config/train_small.py
 # Three settings differ from the big config, each chosen by the measurements in docs/results.md (ablations):
