@@ -6,25 +6,17 @@ comparable with GPT-2 124M (acc_norm 0.2955), llm.c's 124M (0.299) and GPT-3 124
     python hellaswag.py --out_dir=out-tiny --limit=200 --device=cpu
     torchrun --standalone --nproc_per_node=8 hellaswag.py --out_dir=out-fineweb   # items sharded rank::world
 
-Scoring (build-nanogpt `render_example` / `get_most_likely_row`): for each item the context is GPT-2 BPE
-encoded, each of the 4 endings as " " + ending, and the two are concatenated. The model's main head scores
-every row; the cross-entropy is summed over the ENDING tokens only. `acc` picks the ending with the lowest
-summed loss, `acc_norm` the one with the lowest mean loss per ending token (ties: the first ending).
-`--batch_size` items (4 rows each) go through one forward, right-padded; with causal attention a pad token
-never influences the real tokens before it, and the mask keeps padded positions out of the loss.
+Scoring (build-nanogpt): each row is the GPT-2 BPE context + the tokens of " " + ending; the main head's
+cross-entropy is summed over the ending tokens only. `acc` picks the ending with the lowest summed loss,
+`acc_norm` the lowest mean loss per ending token (ties: the first ending). Rows are right-padded in batches of
+--batch_size items; causal attention keeps the padding from affecting real tokens, the mask keeps it out of the
+loss. An item longer than max_seq_len loses context from the LEFT so its longest ending fits (an ending alone
+too long keeps its first max_seq_len - 1 tokens); at max_seq_len 1024 nothing is cut (the longest item: 166).
 
-An item longer than the model's max_seq_len has its context truncated from the LEFT so that its longest
-ending fits (all 4 endings keep the same context); if an ending alone does not fit, it keeps its first
-max_seq_len - 1 tokens. With the max_seq_len=1024 models of this repo nothing is ever truncated (the longest
-validation item is 166 tokens).
-
-Data: --data_path=.../hellaswag_val.jsonl, or by default $XDG_CACHE_HOME (~/.cache)/nanodeepseek/hellaswag/,
-downloaded once from the rowanz/hellaswag GitHub URL and checked against its sha256. Every line is validated
-(JSON object with ctx, 4 string endings, int label in 0..3); a bad line is a one-line error naming it.
---limit=N scores the first N items only (and reads no further). Results: a final line on stdout and a JSON
-file (--out_json, default <out_dir>/hellaswag.json). --dtype applies to CUDA (autocast); CPU runs in fp32.
-
-train.py calls `evaluate(model, path, device)` on its already-loaded model every hellaswag_interval steps.
+Data: --data_path, or $XDG_CACHE_HOME (~/.cache)/nanodeepseek/hellaswag/hellaswag_val.jsonl, downloaded once from
+rowanz/hellaswag on GitHub and checked against its sha256. Every line is validated (ctx, 4 string endings, int
+label in 0..3); a bad line is a one-line error naming it. Results: a line on stdout and a JSON file (--out_json,
+default <out_dir>/hellaswag.json). train.py calls `evaluate(model, path, device)` every hellaswag_interval steps.
 """
 import hashlib
 import json
@@ -38,11 +30,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from configurator import UserError, configure, config_keys
-from data.loader import atomic_write
+from data.loader import atomic_write, get_tokenizer  # get_tokenizer: the bundled GPT-2 BPE, no network
 from model import DTYPES, autocast_context, init_distributed
 
 # -----------------------------------------------------------------------------------------------------------
-# settings (python hellaswag.py --key=value; --help lists them)
 out_dir = 'out-fineweb'       # a train.py out_dir (holding ckpt.pt) or the path of a checkpoint file
 data_path = ''                # '' : the cache dir, downloading the official file there on first use
 out_json = ''                 # '' : <out_dir>/hellaswag.json
@@ -58,7 +49,7 @@ _SHA256 = "0aa3b88843990f3f10a97b9575c94d7b71fb2205240ba04ae4884d9e9c992588"  # 
 
 
 class HellaSwagError(UserError):
-    """Bad or unavailable data (or tokenizer); the message is one line and says what to do."""
+    """Bad or unavailable data; the message is one line and says what to do."""
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -69,36 +60,10 @@ def default_data_path():
     return os.path.join(cache, "nanodeepseek", "hellaswag", "hellaswag_val.jsonl")
 
 
-def download(dest, url=None, sha256=None):
-    """Fetch url (default: the official file) to dest atomically, checking its sha256 before the rename; a
-    HellaSwagError naming --data_path if that fails."""
-    url, sha256 = url or _URL, sha256 or _SHA256
-    os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
-
-    def fetch(f):
-        digest = hashlib.sha256()
-        try:
-            with urllib.request.urlopen(url, timeout=60) as r:
-                while chunk := r.read(1 << 20):
-                    f.write(chunk)
-                    digest.update(chunk)
-        except (urllib.error.URLError, OSError, ValueError) as e:
-            reason = getattr(e, "reason", None) or e
-            raise HellaSwagError(f"cannot download HellaSwag from {url} ({type(e).__name__}: {reason}); offline, pass "
-                                 "--data_path=/path/to/hellaswag_val.jsonl (fetched on an online machine)") from e
-        if digest.hexdigest() != sha256:
-            raise HellaSwagError(f"downloaded {url} has sha256 {digest.hexdigest()[:12]}..., expected "
-                                 f"{sha256[:12]}...; retry, or pass --data_path=/path/to/hellaswag_val.jsonl")
-
-    atomic_write(dest, fetch)
-    return dest
-
-
 def resolve_data_path(path=None):
     """The jsonl to read: `path` if given (it must exist), else the cached copy, downloaded on first use.
-    Under torch.distributed, rank 0 looks (and downloads) first while the others wait, then they look: one
-    download, not one per rank racing for the same file. A failure on rank 0 is raised on every rank, so no rank
-    is left waiting in a collective."""
+    Under torch.distributed, rank 0 looks (and downloads) first while the others wait: one download, not one per
+    rank racing for the same file. A failure on rank 0 is raised on every rank, so none waits in a collective."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         error = [None]
         if dist.get_rank() == 0:
@@ -118,9 +83,27 @@ def _resolve(path):
             raise HellaSwagError(f"no HellaSwag file at {path} (--data_path): expected hellaswag_val.jsonl")
         return path
     dest = default_data_path()
-    if not os.path.isfile(dest):
-        print(f"hellaswag: downloading {_URL} -> {dest}", file=sys.stderr)
-        download(dest)
+    if os.path.isfile(dest):
+        return dest
+    print(f"hellaswag: downloading {_URL} -> {dest}", file=sys.stderr)
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+
+    def fetch(f):  # the sha256 is checked before atomic_write's rename: no bad file under the final name
+        digest = hashlib.sha256()
+        try:
+            with urllib.request.urlopen(_URL, timeout=60) as r:
+                while chunk := r.read(1 << 20):
+                    f.write(chunk)
+                    digest.update(chunk)
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            reason = getattr(e, "reason", None) or e
+            raise HellaSwagError(f"cannot download HellaSwag from {_URL} ({type(e).__name__}: {reason}); offline, "
+                                 "pass --data_path=/path/to/hellaswag_val.jsonl (fetched on an online machine)") from e
+        if digest.hexdigest() != _SHA256:
+            raise HellaSwagError(f"downloaded {_URL} has sha256 {digest.hexdigest()[:12]}..., expected "
+                                 f"{_SHA256[:12]}...; retry, or pass --data_path=/path/to/hellaswag_val.jsonl")
+
+    atomic_write(dest, fetch)
     return dest
 
 
@@ -171,24 +154,14 @@ def load_examples(path=None, limit=None):
     return items
 
 
-def get_tokenizer():
-    """GPT-2 BPE: data/loader.py's loader (the bundled tokenizer file, no network); HellaSwagError if it fails."""
-    from data.loader import DataError, get_tokenizer as bundled
-    try:
-        return bundled()
-    except DataError as e:  # already one line, saying what to do
-        raise HellaSwagError(str(e)) from None
-
-
 # -----------------------------------------------------------------------------------------------------------
 # rendering, batching, scoring
 
 def render(example, enc, max_len=None):
     """One item -> {'tokens': [4 lists of ids], 'ctx_len': int, 'label': int}: row i = context + (" " + ending_i),
     build-nanogpt's convention. With max_len, the context is cut from the left so the longest row fits."""
-    encode = getattr(enc, "encode_ordinary", None) or enc.encode
-    ctx = encode(example["ctx"])
-    ends = [encode(" " + e) for e in example["endings"]]
+    ctx = enc.encode_ordinary(example["ctx"])
+    ends = [enc.encode_ordinary(" " + e) for e in example["endings"]]
     if not ctx:  # the first ending token needs a position that predicts it
         ctx = [getattr(enc, "eot_token", 0)]
     if max_len is not None:
@@ -236,11 +209,10 @@ def pick(sum_losses, mean_losses):
 @torch.no_grad()
 def evaluate(model, path, device, enc=None, limit=None, batch_size=8, progress=False):
     """HellaSwag accuracy of an already-loaded model -> {'acc': float, 'acc_norm': float, 'n': int}.
-    model: the plain module, not a DDP wrapper (ranks run different numbers of forwards here, so no DDP
-    collectives may run). path: the jsonl (None: cache/download); limit: first N items only. Under
-    torch.distributed, rank r scores items r::world_size and the counts are all-reduced, so every rank returns the
-    global result. The caller sets autocast; the model is put in eval mode for the call and restored (so MoE load
-    counters stay clean)."""
+    model: the plain module, not a DDP wrapper (ranks run different numbers of forwards here). path: the jsonl
+    (None: cache/download). Under torch.distributed, rank r scores items r::world_size and the counts are
+    all-reduced, so every rank returns the global result. The caller sets autocast; eval mode is set for the call
+    and restored (so MoE load counters stay clean)."""
     items = load_examples(path, limit)
     enc = enc if enc is not None else get_tokenizer()
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
@@ -286,27 +258,25 @@ def run(args):
         raise UserError("--limit must be >= 0 (0: all items) and --batch_size >= 1")
     ddp, rank, _, _, dev = init_distributed(args["device"])
     try:
-        master = rank == 0
         ckpt_path = args["out_dir"]
         if os.path.isdir(ckpt_path):
             ckpt_path = os.path.join(ckpt_path, "ckpt.pt")
         dev_type = torch.device(dev).type
-        autocast = autocast_context(dev_type, args["dtype"] if dev_type == "cuda" else "float32")
+        amp_dtype = args["dtype"] if dev_type == "cuda" else "float32"
         model, ckpt = load_model(ckpt_path, dev)
         step = ckpt.get("step")
-        enc = get_tokenizer()
         t0 = time.time()
-        with autocast:
-            res = evaluate(model, args["data_path"] or None, dev, enc=enc, limit=args["limit"] or None,
+        with autocast_context(dev_type, amp_dtype):
+            res = evaluate(model, args["data_path"] or None, dev, limit=args["limit"] or None,
                            batch_size=args["batch_size"], progress=args["progress"])
         dt = time.time() - t0
-        if master:
+        if rank == 0:
             print(f"hellaswag: acc {res['acc']:.4f} acc_norm {res['acc_norm']:.4f} over {res['n']} items (step {step})")
             out = args["out_json"] or os.path.join(os.path.dirname(ckpt_path) or ".", "hellaswag.json")
             record = {**res, "step": step, "checkpoint": ckpt_path,
                       "data_path": args["data_path"] or default_data_path(), "limit": args["limit"] or None,
-                      "dtype": args["dtype"] if dev_type == "cuda" else "float32", "device": dev,
-                      "seconds": round(dt, 2), "items_per_sec": round(res["n"] / max(dt, 1e-9), 2)}
+                      "dtype": amp_dtype, "device": dev, "seconds": round(dt, 2),
+                      "items_per_sec": round(res["n"] / max(dt, 1e-9), 2)}
             os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
             atomic_write(out, lambda f: f.write(json.dumps(record, indent=2) + "\n"), mode="w")
             print(f"hellaswag: {res['n'] / max(dt, 1e-9):.1f} items/s, wrote {out}", file=sys.stderr)

@@ -25,7 +25,10 @@ def read_jsonl(path):
 
 def plot(run_dirs, out, names=None, x="tokens", title=None):
     """Draw the runs into one figure, save it to `out` and return it (tests count its lines)."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise UserError("matplotlib is not installed (pip install matplotlib); nothing else needs it") from None
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
 
@@ -81,10 +84,6 @@ def main(argv=None):
     names = args.names.split(",") if args.names else None
     if names and len(names) != len(args.run_dirs):
         sys.exit(f"plot.py: error: {len(names)} --names for {len(args.run_dirs)} runs")
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        sys.exit("plot.py: error: matplotlib is not installed (pip install matplotlib); nothing else needs it")
     try:
         plot(args.run_dirs, args.out, names, args.x, args.title or None)
     except UserError as e:

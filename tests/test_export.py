@@ -7,8 +7,8 @@ import math
 import os
 import subprocess
 import sys
-from dataclasses import dataclass, replace
-from typing import Optional
+from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -37,23 +37,21 @@ def random_model(seed=0, **kw):
     return m
 
 
-def load_hf(path):
-    """DeepseekV3ForCausalLM in fp32/eager, plus its loading info and everything transformers logged."""
-    buf = io.StringIO()
+def load_hf_clean(path):
+    """DeepseekV3ForCausalLM in fp32/eager, asserting that it loaded with no missing/unexpected/mismatched
+    weights, neither in its loading info nor in anything transformers logged."""
+    buf, logger = io.StringIO(), logging.getLogger("transformers")
     handler = logging.StreamHandler(buf)
-    logger = logging.getLogger("transformers")
     logger.addHandler(handler)
     try:
         hf, info = DeepseekV3ForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager",
                                                          output_loading_info=True)
     finally:
         logger.removeHandler(handler)
-    return hf.eval(), info, buf.getvalue()
-
-
-def assert_clean_load(info, log):
+    log = buf.getvalue()
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     assert "UNEXPECTED" not in log and "MISSING" not in log and "newly initialized" not in log, log
+    return hf.eval()
 
 
 CONFIGS = {
@@ -72,8 +70,7 @@ def test_hf_logits_match(tmp_path, name):
     m = random_model(**CONFIGS[name])
     cfg = m.cfg
     info = export.export(cfg, m.state_dict(), tmp_path, write_tok=False)
-    hf, load_info, log = load_hf(tmp_path)
-    assert_clean_load(load_info, log)
+    hf = load_hf_clean(tmp_path)
     conf = json.loads((tmp_path / "config.json").read_text())
     assert conf["model_type"] == "deepseek_v3" and conf["q_lora_rank"] == (cfg.q_lora_rank or None)
     assert (conf["rope_scaling"] is None) == (not cfg.yarn)
@@ -143,39 +140,20 @@ def test_official_layout_round_trips(tmp_path):
         assert torch.equal(back[k].float(), v.to(back[k].dtype).float()), k
 
 
-@dataclass
-class OfficialModelArgs:
-    """The fields of ModelArgs in DeepSeek-V3's inference/model.py (newest version, with scale_fmt), with its
-    defaults: generate.py builds it as ModelArgs(**json.load(f)), so an unknown key is a TypeError."""
-    max_batch_size: int = 8
-    max_seq_len: int = 4096 * 4
-    dtype: str = "bf16"
-    scale_fmt: Optional[str] = None
-    vocab_size: int = 102400
-    dim: int = 2048
-    inter_dim: int = 10944
-    moe_inter_dim: int = 1408
-    n_layers: int = 27
-    n_dense_layers: int = 1
-    n_heads: int = 16
-    n_routed_experts: int = 64
-    n_shared_experts: int = 2
-    n_activated_experts: int = 6
-    n_expert_groups: int = 1
-    n_limited_groups: int = 1
-    score_func: str = "softmax"
-    route_scale: float = 1.
-    q_lora_rank: int = 0
-    kv_lora_rank: int = 512
-    qk_nope_head_dim: int = 128
-    qk_rope_head_dim: int = 64
-    v_head_dim: int = 128
-    original_seq_len: int = 4096
-    rope_theta: float = 10000.0
-    rope_factor: float = 40
-    beta_fast: int = 32
-    beta_slow: int = 1
-    mscale: float = 1.
+# the fields of ModelArgs in DeepSeek-V3's inference/model.py (newest version, with scale_fmt) and its defaults
+MODEL_ARGS = dict(max_batch_size=8, max_seq_len=4096 * 4, dtype="bf16", scale_fmt=None, vocab_size=102400, dim=2048,
+                  inter_dim=10944, moe_inter_dim=1408, n_layers=27, n_dense_layers=1, n_heads=16, n_routed_experts=64,
+                  n_shared_experts=2, n_activated_experts=6, n_expert_groups=1, n_limited_groups=1,
+                  score_func="softmax", route_scale=1., q_lora_rank=0, kv_lora_rank=512, qk_nope_head_dim=128,
+                  qk_rope_head_dim=64, v_head_dim=128, original_seq_len=4096, rope_theta=10000.0, rope_factor=40,
+                  beta_fast=32, beta_slow=1, mscale=1.)
+
+
+def official_model_args(path):
+    """ModelArgs(**json.load(f)) as the official generate.py builds it: an unknown key would be a TypeError."""
+    conf = json.loads((path / "config.json").read_text())
+    assert set(conf) <= set(MODEL_ARGS), set(conf) - set(MODEL_ARGS)
+    return SimpleNamespace(**{**MODEL_ARGS, **conf})
 
 
 def official_yarn(args):
@@ -198,13 +176,9 @@ def test_official_config_loads_into_model_args(tmp_path, yarn):
                      route_scale=2.5, yarn=yarn)
     cfg = m.cfg
     export.export(cfg, m.state_dict(), tmp_path, to="official", dtype="bfloat16")
-    with open(tmp_path / "config.json") as f:
-        args = OfficialModelArgs(**json.load(f))
+    args = official_model_args(tmp_path)
     assert args.dtype == "bf16" and args.max_batch_size == 8  # bf16 compute: fp8 would expect scale tensors
-    for f in ("max_seq_len", "vocab_size", "dim", "inter_dim", "moe_inter_dim", "n_layers", "n_dense_layers",
-              "n_heads", "n_routed_experts", "n_shared_experts", "n_activated_experts", "n_expert_groups",
-              "n_limited_groups", "score_func", "route_scale", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
-              "qk_rope_head_dim", "v_head_dim", "rope_theta", "rope_factor", "beta_fast", "beta_slow", "mscale"):
+    for f in set(MODEL_ARGS) - {"max_batch_size", "dtype", "scale_fmt", "original_seq_len"}:
         assert getattr(args, f) == getattr(cfg, f), f
     assert official_yarn(args) == yarn
     assert args.original_seq_len == (8 if yarn else 32)
@@ -216,8 +190,7 @@ def test_official_config_loads_into_model_args(tmp_path, yarn):
     if not yarn:  # a model that never exceeds original_seq_len keeps its value
         small = random_model(max_seq_len=32, original_seq_len=64)
         export.export(small.cfg, small.state_dict(), tmp_path / "small", to="official")
-        with open(tmp_path / "small" / "config.json") as f:
-            args = OfficialModelArgs(**json.load(f))
+        args = official_model_args(tmp_path / "small")
         assert args.original_seq_len == 64 and not official_yarn(args)
 
 
@@ -269,8 +242,7 @@ def trained_run(tmp_path_factory):
                         f"--data_dir={root / 'shards'}", f"--out_dir={root / 'run'}"],
                        cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
-    p = subprocess.run([sys.executable, "export.py", f"--out_dir={root / 'run'}", f"--hf_dir={root / 'hf'}"],
-                       cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    p = run_export(f"--out_dir={root / 'run'}", f"--hf_dir={root / 'hf'}")
     assert p.returncode == 0 and "exported" in p.stderr, p.stderr[-2000:]
     return root / "run", root / "hf"
 

@@ -125,29 +125,22 @@ def test_sharding_under_distributed(tmp_path, monkeypatch):
 # -----------------------------------------------------------------------------------------------------------
 # the real scorer: batched + padded == one ending at a time, unpadded
 
-def reference_losses(model, rendered):
-    """Obvious reference: one forward per ending, no padding, no mask."""
-    sums, means = [], []
-    with torch.no_grad():
-        for r in rendered:
-            c = r["ctx_len"]
-            for row in r["tokens"]:
-                tok = torch.tensor(row)
-                logits = model(tok[None])[0][0]
-                loss = F.cross_entropy(logits[c - 1:-1].float(), tok[c:], reduction="none")
-                sums.append(loss.sum())
-                means.append(loss.mean())
-    return torch.stack(sums), torch.stack(means)
-
-
-def batched_losses(model, rendered, batch_size):
-    sums, means = [], []
-    with torch.no_grad():
-        for i in range(0, len(rendered), batch_size):
-            s, m = H.ending_losses(model, H.collate(rendered[i:i + batch_size]))
-            sums.append(s)
-            means.append(m)
-    return torch.cat(sums), torch.cat(means)
+@torch.no_grad()
+def check_against_reference(model, rendered, batch_size):
+    """H.ending_losses on batches of `batch_size` items == the obvious reference (one forward per ending, no
+    padding, no mask); returns the reference (sums, means)."""
+    losses = []
+    for r in rendered:
+        c = r["ctx_len"]
+        for row in r["tokens"]:
+            tok = torch.tensor(row)
+            losses.append(F.cross_entropy(model(tok[None])[0][0, c - 1:-1].float(), tok[c:], reduction="none"))
+    ref_s, ref_m = torch.stack([x.sum() for x in losses]), torch.stack([x.mean() for x in losses])
+    s, m = zip(*(H.ending_losses(model, H.collate(rendered[i:i + batch_size]))
+                 for i in range(0, len(rendered), batch_size)))
+    torch.testing.assert_close(torch.cat(s), ref_s, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat(m), ref_m, rtol=1e-5, atol=1e-5)
+    return ref_s, ref_m
 
 
 def test_batched_matches_one_ending_at_a_time(tiny_ckpt, hs_file, gpt2_enc):
@@ -158,10 +151,7 @@ def test_batched_matches_one_ending_at_a_time(tiny_ckpt, hs_file, gpt2_enc):
     assert max(len(t) for r in rendered for t in r["tokens"]) <= model.cfg.max_seq_len  # no truncation here
     # build-nanogpt's rendering: ctx tokens, then the tokens of " " + ending
     assert rendered[0]["tokens"][2] == gpt2_enc.encode(items[0]["ctx"]) + gpt2_enc.encode(" " + items[0]["endings"][2])
-    ref_s, ref_m = reference_losses(model, rendered)
-    s, m = batched_losses(model, rendered, batch_size=3)  # 12 rows per forward, mixed lengths, last batch partial
-    torch.testing.assert_close(s, ref_s, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(m, ref_m, rtol=1e-5, atol=1e-5)
+    ref_s, ref_m = check_against_reference(model, rendered, 3)  # 12 rows per forward, mixed lengths, last partial
     # and evaluate() (length-sorted batches) decides exactly as the reference does (first 20 items: time)
     acc_ref, norm_ref = H.pick(ref_s[:80].view(-1, 4), ref_m[:80].view(-1, 4))
     labels = torch.tensor([ex["label"] for ex in items[:20]])
@@ -186,11 +176,7 @@ def test_long_items_truncate_context_from_left(hs_file, gpt2_enc):
         for t, ft in zip(r["tokens"], full["tokens"]):
             assert t[:c] == ft[:fc][-c:] == r["tokens"][0][:c]  # the same context suffix for all 4 endings
             assert t[c:] == ft[fc:]                             # endings intact
-    rendered = [H.render(ex, gpt2_enc, 24) for ex in items]
-    ref_s, ref_m = reference_losses(model, rendered)
-    s, m = batched_losses(model, rendered, batch_size=4)
-    torch.testing.assert_close(s, ref_s, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(m, ref_m, rtol=1e-5, atol=1e-5)
+    check_against_reference(model, [H.render(ex, gpt2_enc, 24) for ex in items], 4)
     assert H.evaluate(model, str(hs_file), "cpu", enc=gpt2_enc, limit=8)["n"] == 8  # would raise if too long
     # an ending that alone exceeds max_len keeps its first max_len - 1 tokens after one context token
     r = H.render(items[0], gpt2_enc, max_len=4)
@@ -236,14 +222,13 @@ def test_real_validation_file(hs_file):
     assert Counter(ex["label"] for ex in items) == {0: 2515, 1: 2485, 2: 2584, 3: 2458}
 
 
-class _Offline:
-    def __call__(self, *a, **k):
-        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+def offline(*a, **k):
+    raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
 
 def test_offline_download_names_data_path(tmp_path, tiny_ckpt, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(H.urllib.request, "urlopen", _Offline())
+    monkeypatch.setattr(H.urllib.request, "urlopen", offline)
     with pytest.raises(H.HellaSwagError, match="--data_path"):
         H.load_examples()
     with pytest.raises(SystemExit) as e:
@@ -265,7 +250,7 @@ def test_download_is_checked_and_atomic(tmp_path, hs_file, monkeypatch):
     monkeypatch.setattr(H.urllib.request, "urlopen", lambda *a, **k: io.BytesIO(data))
     assert len(H.load_examples(limit=3)) == 3
     assert open(dest, "rb").read() == data
-    monkeypatch.setattr(H.urllib.request, "urlopen", _Offline())  # cached now: no network needed
+    monkeypatch.setattr(H.urllib.request, "urlopen", offline)  # cached now: no network needed
     assert len(H.load_examples(limit=3)) == 3
 
 
