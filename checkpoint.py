@@ -86,14 +86,16 @@ def check_model_config(ckpt, cfg, path):
                          "settings or use another out_dir")
 
 
-def resume(path, model, optimizer, cfg, world_size):
-    """init_from='resume': check the checkpoint against this run (model config, number of processes), then
-    restore the model, the optimizer and the RNG states. The file is read to the CPU whatever device the model
-    is on: load_state_dict copies weights, and the optimizer casts its state, onto the parameters' device, and
-    the RNG states must stay CPU ByteTensors. Returns the rest (step, tokens, data-loader states, ...)."""
-    if not os.path.isfile(path):
-        raise UserError(f"init_from='resume' but there is no checkpoint at {path}")
-    ckpt = load_checkpoint(path)
+def resume(path, model, optimizer, cfg, world_size, ckpt=None):
+    """init_from='resume': check the checkpoint (read from path, unless the caller has read it already) against
+    this run (model config, number of processes), then restore the model, the optimizer and the RNG states. The
+    file is read to the CPU whatever device the model is on: load_state_dict copies weights, and the optimizer
+    casts its state, onto the parameters' device, and the RNG states must stay CPU ByteTensors. Returns the rest
+    (step, tokens, data-loader states, ...)."""
+    if ckpt is None:
+        if not os.path.isfile(path):
+            raise UserError(f"init_from='resume' but there is no checkpoint at {path}")
+        ckpt = load_checkpoint(path)
     check_model_config(ckpt, cfg, path)
     if len(ckpt["data"]) != world_size:
         raise UserError(f"{path} was written by {len(ckpt['data'])} processes, now there are {world_size}: "

@@ -25,10 +25,11 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import fingerprint, resume, rng_state, save_checkpoint
+from checkpoint import fingerprint, load_checkpoint, load_state, resume, rng_state, save_checkpoint
 from configurator import UserError, configure, config_keys
 from data.fineweb import SAMPLE_DIR, prepare_sample
-from data.loader import ShardReader, atomic_write, check_token_ids, get_tokenizer
+from data.loader import (ChatReader, ShardReader, atomic_write, check_token_ids, get_tokenizer, hub_conversations,
+                         read_conversations)
 from optim import build_optimizer
 from model import ModelConfig, Transformer, autocast_context, gpu_peak_flops, init_distributed
 from sample import generate_tokens
@@ -38,7 +39,8 @@ from sample import generate_tokens
 # I/O
 out_dir = 'out'
 data_dir = 'data/fineweb_edu'    # folder of .npy token shards with their meta.json (data/fineweb.py)
-init_from = 'scratch'            # 'scratch' | 'resume' (from out_dir/ckpt.pt)
+init_from = 'scratch'            # 'scratch' | 'resume' (from out_dir/ckpt.pt) | a pretrained out_dir to fine-tune:
+                                 # its weights and model config (a model setting given here must fit them)
 eval_interval = 250              # steps between val evals (and checkpoints)
 eval_iters = 20                  # val batches per eval: the same batches every time
 always_save_checkpoint = True    # save at every eval, not only when val loss improves
@@ -51,6 +53,12 @@ hellaswag_limit = 0              # items per HellaSwag eval, 0 = all 10,042
 wandb_log = False
 wandb_project = 'nanodeepseek'
 wandb_run_name = 'run'
+# chat fine-tuning (SFT, config/sft_tiny.py): conversations instead of shards, loss on the assistant's tokens only
+chat_data = ''                   # '' = pretraining on data_dir; else comma-separated sources: 'tasks' (tasks.py's
+                                 # generated problems), a .jsonl(.gz) of {"messages": [...]}, 'smoltalk', 'gsm8k'
+chat_tasks = 2000                # generated training conversations per task, for 'tasks'
+chat_eval_interval = 0           # steps between greedy exact-match evals on held-out tasks (rank 0), 0 = off
+chat_eval_n = 20                 # held-out problems per task per eval
 # data / batch
 batch_size = 16                  # sequences per micro-step per process
 total_batch_size = 524288        # tokens per optimizer step; gradient accumulation = this / (batch_size*max_seq_len*world)
@@ -120,8 +128,7 @@ if grad_clip < 0:
     fail(f"grad_clip must be >= 0 (0 turns clipping off), got {grad_clip}")
 if not 0 <= wsd_decay_frac <= 1:
     fail(f"wsd_decay_frac must be in [0, 1], got {wsd_decay_frac}")
-for _name, _choices in (("init_from", ("scratch", "resume")), ("lr_schedule", ("cosine", "wsd")),
-                        ("optimizer", ("adamw", "muon"))):
+for _name, _choices in (("lr_schedule", ("cosine", "wsd")), ("optimizer", ("adamw", "muon"))):
     if globals()[_name] not in _choices:
         fail(f"{_name} must be one of {_choices}, not {globals()[_name]!r}")
 if dtype == "float16":
@@ -144,7 +151,17 @@ if device_type == "cuda":
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
 ctx = autocast_context(device_type, dtype, compile)
-cfg = ModelConfig(**{f.name: config[f.name] for f in fields(ModelConfig)})
+ckpt_path = os.path.join(out_dir, "ckpt.pt")
+# the model config: the settings, except that resuming or fine-tuning takes every model setting left at its
+# default from the checkpoint (so an SFT config names no architecture); one set on purpose must fit it
+if init_from == "resume" and not os.path.isfile(ckpt_path):
+    fail(f"init_from='resume' but there is no checkpoint at {ckpt_path}")
+if init_from not in ("scratch", "resume") and not os.path.isfile(os.path.join(init_from, "ckpt.pt")):
+    fail(f"init_from must be 'scratch', 'resume' or a pretrained out_dir holding a ckpt.pt, not {init_from!r}")
+base = None if init_from == "scratch" else load_checkpoint(ckpt_path if init_from == "resume" else init_from)
+saved = asdict(ModelConfig.from_dict(base["model_config"])) if base else {}
+cfg = ModelConfig(**{f.name: saved.get(f.name, f.default) if config[f.name] == f.default else config[f.name]
+                     for f in fields(ModelConfig)})
 
 
 def log(*args):
@@ -160,14 +177,39 @@ if total_batch_size % tokens_per_micro:
 grad_accum = total_batch_size // tokens_per_micro
 log(f"tokens per step: {total_batch_size:,} = {batch_size} x {cfg.max_seq_len} x {world} processes x "
     f"{grad_accum} accumulation steps")
-# the bundled FineWeb-Edu sample (config/train_tiny.py's data_dir) is tokenized on first use
-if os.path.realpath(data_dir) == str(SAMPLE_DIR) and not (SAMPLE_DIR / "meta.json").exists():
-    if master:
-        prepare_sample(SAMPLE_DIR)
-    if ddp:
-        dist.barrier()
-train_data = ShardReader(data_dir, "train", batch_size, cfg.max_seq_len, rank, world, seed, cfg.vocab_size)
-val_data = ShardReader(data_dir, "val", batch_size, cfg.max_seq_len, rank, world, seed, cfg.vocab_size, shuffle=False)
+
+
+def chat_conversations(split):
+    """The conversations of chat_data's sources for split 'train' or 'val' (held-out: never a training one)."""
+    import tasks
+    out = []
+    for source in chat_data.split(","):
+        if source == "tasks":
+            out += tasks.sft_conversations(chat_tasks if split == "train" else max(chat_tasks // 10, 1),
+                                           "train" if split == "train" else "heldout", seed)
+        elif source in ("smoltalk", "gsm8k"):
+            out += hub_conversations(source, split)
+        else:  # a file: every 10th conversation is held out
+            out += [c for i, c in enumerate(read_conversations(source)) if (i % 10 == 0) == (split == "val")]
+    return out
+
+
+if chat_data:
+    train_data = ChatReader(chat_conversations("train"), batch_size, cfg.max_seq_len, rank, world, seed)
+    val_data = ChatReader(chat_conversations("val"), batch_size, cfg.max_seq_len, rank, world, seed, shuffle=False)
+    log(f"chat data: {train_data.n_conversations:,} training conversations in {train_data.n_windows:,} rows, "
+        f"{val_data.n_conversations:,} held out ({train_data.n_dropped + val_data.n_dropped} longer than "
+        f"max_seq_len dropped)")
+else:
+    # the bundled FineWeb-Edu sample (config/train_tiny.py's data_dir) is tokenized on first use
+    if os.path.realpath(data_dir) == str(SAMPLE_DIR) and not (SAMPLE_DIR / "meta.json").exists():
+        if master:
+            prepare_sample(SAMPLE_DIR)
+        if ddp:
+            dist.barrier()
+    train_data = ShardReader(data_dir, "train", batch_size, cfg.max_seq_len, rank, world, seed, cfg.vocab_size)
+    val_data = ShardReader(data_dir, "val", batch_size, cfg.max_seq_len, rank, world, seed, cfg.vocab_size,
+                           shuffle=False)
 if sample_tokens:  # the prompt must fit the model's vocabulary (a smaller one would index past the embedding)
     enc = get_tokenizer()
     sample_ids = check_token_ids(enc.encode_ordinary(sample_prompt), cfg.vocab_size, "sample_prompt")
@@ -180,14 +222,15 @@ raw_model = Transformer(cfg).to(device)  # the module itself: checkpoints, bias 
 opt = build_optimizer(raw_model, optimizer, learning_rate, weight_decay, (beta1, beta2), muon_momentum)
 step, tokens_seen, best_val, train_time = 0, 0, float("inf"), 0.0  # train_time: seconds in training steps
 os.makedirs(out_dir, exist_ok=True)
-ckpt_path = os.path.join(out_dir, "ckpt.pt")
+if init_from not in ("scratch", "resume"):  # fine-tuning: the pretrained weights, a fresh optimizer and step 0
+    load_state(raw_model, base["model"], init_from)
+    log(f"initialised from {init_from} (its step {base.get('step')})")
 if init_from == "resume":
-    ckpt = resume(ckpt_path, raw_model, opt, cfg, world)
-    train_data.load_state_dict(ckpt["data"][rank])
-    step, tokens_seen, best_val = ckpt["step"], ckpt["tokens"], ckpt["best_val_loss"]
-    train_time = ckpt.get("train_time", 0.0)
+    resume(ckpt_path, raw_model, opt, cfg, world, ckpt=base)
+    train_data.load_state_dict(base["data"][rank])
+    step, tokens_seen, best_val = base["step"], base["tokens"], base["best_val_loss"]
+    train_time = base.get("train_time", 0.0)
     log(f"resumed from {ckpt_path} at step {step} ({tokens_seen:,} tokens)")
-    del ckpt
     if master:  # a run that crashed after its last checkpoint logged steps that will now run again: drop them
         for name in ("log.jsonl", "eval.jsonl"):
             path = os.path.join(out_dir, name)
@@ -195,6 +238,7 @@ if init_from == "resume":
                 with open(path) as f:
                     keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
                 atomic_write(path, lambda f: f.writelines(keep), mode="w")
+base = None  # the checkpoint's tensors (optimizer state included) are no longer needed
 start_step = step
 
 rep = raw_model.param_report()

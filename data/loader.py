@@ -1,7 +1,7 @@
 """What every script imports from data/: the GPT-2 tokenizer (bundled, offline), the check of token ids against a
-model's vocabulary, the data error type, the atomic file writer, and ShardReader, which cuts the token shards
-made by data/fineweb.py into training windows. The chat format (special tokens in the spare ids 50257..50303 of
-the padded vocabulary) will live beside the tokenizer.
+model's vocabulary, the chat format (DeepSeek-V3's template, its special tokens in spare ids of the padded
+vocabulary), the data error type, the atomic file writer, and ShardReader, which cuts the token shards made by
+data/fineweb.py into training windows.
 
 Shards: uint16 .npy files (np.save, so each file states its own dtype and length) with a meta.json that lists
 them (file, split, tokens) and records the tokenizer, vocab size and eot id; <prefix>_val_000000.npy comes first.
@@ -79,6 +79,57 @@ def check_token_ids(ids, vocab_size, what="the text"):
                         f"trained with a smaller vocabulary than the GPT-2 tokenizer's {EOT + 1}; use "
                         "text the model can read or a model with vocab_size >= 50257")
     return ids
+
+
+# ---- the chat format -------------------------------------------------------------------------------------------
+# DeepSeek-V3's template: <BOS>{system}<User>{user}<Assistant>{reply}<EOS><User>... The four special tokens take
+# spare ids of the padded vocabulary (GPT-2 uses 0..50256, the model has 50304 rows), so there is no embedding
+# resize and plain text encodes exactly as before. The strings are DeepSeek-V3's own.
+BOS, EOS, USER, ASSISTANT = 50257, 50258, 50259, 50260
+CHAT_TOKENS = {"<｜begin▁of▁sentence｜>": BOS, "<｜end▁of▁sentence｜>": EOS, "<｜User｜>": USER,
+               "<｜Assistant｜>": ASSISTANT}
+
+
+def _check_turns(messages, last):
+    """The roles must be: an optional system message, then user and assistant alternating from a user turn, ending
+    with a `last` turn ('assistant' to train on, 'user' to prompt). A DataError names the first wrong message."""
+    if not isinstance(messages, list) or not messages:
+        raise DataError("a conversation is a non-empty list of {'role': ..., 'content': ...} messages")
+    turns = messages[1:] if messages[0].get("role") == "system" else messages
+    for i, m in enumerate(turns):
+        want = ("user", "assistant")[i % 2]
+        if not isinstance(m, dict) or m.get("role") != want or not isinstance(m.get("content"), str):
+            got = m.get("role") if isinstance(m, dict) else type(m).__name__
+            raise DataError(f"message {i + len(messages) - len(turns)}: expected a {want!r} turn with string "
+                            f"content, got role {got!r} (an optional system message first, then user and "
+                            "assistant turns alternating)")
+    if not turns or turns[-1]["role"] != last:
+        raise DataError(f"the conversation must end with a {last!r} turn")
+
+
+def render_conversation(messages, enc=None):
+    """A conversation {'role': 'system' | 'user' | 'assistant', 'content': str} list -> (ids, mask), two lists of
+    equal length. mask is 1 where the model is trained: every assistant reply and the EOS that ends it (so the
+    model learns to stop); 0 on BOS, the system prompt, the role tokens and the user's text."""
+    _check_turns(messages, "assistant")
+    enc = enc or get_tokenizer()
+    ids, mask = [BOS], [0]
+    for m in messages:
+        text = enc.encode_ordinary(m["content"])
+        if m["role"] == "system":
+            ids, mask = ids + text, mask + [0] * len(text)
+        elif m["role"] == "user":
+            ids, mask = ids + [USER] + text, mask + [0] * (len(text) + 1)
+        else:
+            ids, mask = ids + [ASSISTANT] + text + [EOS], mask + [0] + [1] * (len(text) + 1)
+    return ids, mask
+
+
+def render_prompt(messages, enc=None):
+    """The ids that ask for the next assistant reply: the conversation (ending with a user turn) + <Assistant>."""
+    _check_turns(messages, "user")
+    ids, _ = render_conversation(messages + [{"role": "assistant", "content": ""}], enc)
+    return ids[:-1]  # drop the EOS of the empty reply
 
 
 def bytes_to_unicode():
@@ -184,20 +235,23 @@ class ShardReader:
     def reset(self):
         self.start_epoch(0)
 
+    def window(self, g):
+        """Window g -> (x, y) rows of seq_len tokens, y = x shifted by one."""
+        s = np.searchsorted(self.starts, g, side="right") - 1
+        offset = (g - self.starts[s]) * self.seq_len
+        w = self.shards[s][offset:offset + self.seq_len + 1]
+        return w[:-1], w[1:]
+
     def next_batch(self):
         import torch  # here, not at the top: the tokenizer CLI and get_tokenizer() users need no torch (a slow import)
-        T = self.seq_len
-        buf = np.empty((self.batch_size, T + 1), dtype=np.int64)
+        x = np.empty((self.batch_size, self.seq_len), dtype=np.int64)
+        y = np.empty_like(x)
         for i in range(self.batch_size):
             if self.pos == len(self.order):
                 self.start_epoch(self.epoch + 1)
-            g = self.order[self.pos]
+            x[i], y[i] = self.window(self.order[self.pos])
             self.pos += 1
-            s = np.searchsorted(self.starts, g, side="right") - 1
-            offset = (g - self.starts[s]) * T
-            buf[i] = self.shards[s][offset:offset + T + 1]
-        w = torch.from_numpy(buf)
-        return w[:, :-1].contiguous(), w[:, 1:].contiguous()
+        return torch.from_numpy(x), torch.from_numpy(y)
 
     def state_dict(self):
         return {"epoch": self.epoch, "pos": self.pos, "seed": self.seed, "rank": self.rank,
@@ -213,3 +267,90 @@ class ShardReader:
                             "same seed, world_size, rank, seq_len and data, or start the data stream afresh")
         self.start_epoch(state["epoch"])
         self.pos = state["pos"]
+
+
+class ChatReader(ShardReader):
+    """SFT rows from conversations, with the order, rank split and resume of ShardReader. Each conversation is
+    rendered (render_conversation) and whole conversations are packed, in order, into rows of seq_len + 1 tokens;
+    the rest of a row is padding. A conversation longer than a row is dropped (counted in n_dropped): cutting it
+    could cut an answer in half. y is -1 (ignored by the loss, for the main head and every MTP depth) wherever
+    the token is not the assistant's: the system prompt, the user's text, the role tokens and the padding."""
+
+    def __init__(self, conversations, batch_size, seq_len, rank=0, world_size=1, seed=1337, shuffle=True, enc=None):
+        rows, row, n_dropped = [], [], 0
+        for messages in conversations:
+            ids, mask = render_conversation(messages, enc)
+            if len(ids) > seq_len + 1:
+                n_dropped += 1
+                continue
+            if len(row) + len(ids) > seq_len + 1:
+                rows.append(row)
+                row = []
+            row += list(zip(ids, mask))
+        rows += [row] if row else []
+        if len(rows) < world_size:
+            raise DataError(f"{len(rows)} rows of chat data ({len(conversations)} conversations, {n_dropped} longer "
+                            f"than max_seq_len + 1 = {seq_len + 1} tokens and dropped) for {world_size} rank(s): "
+                            "give more conversations or a larger max_seq_len")
+        self.tokens = np.full((len(rows), seq_len + 1), EOS, dtype=np.int64)  # padding: EOS, never a target
+        self.targets = np.full((len(rows), seq_len + 1), -1, dtype=np.int64)
+        for i, r in enumerate(rows):
+            ids, mask = zip(*r)
+            self.tokens[i, :len(ids)] = ids
+            self.targets[i, :len(ids)] = np.where(mask, ids, -1)
+        self.n_windows, self.n_conversations, self.n_dropped = len(rows), len(conversations) - n_dropped, n_dropped
+        self.batch_size, self.seq_len = batch_size, seq_len
+        self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
+        self.reset()
+
+    def window(self, g):
+        return self.tokens[g, :-1], self.targets[g, 1:]
+
+
+def read_conversations(path):
+    """Conversations from a .jsonl (or .jsonl.gz) file of {"messages": [...]} lines; a DataError names a bad line."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            lines = [line for line in f if line.strip()]
+    except OSError as e:
+        raise DataError(f"cannot read chat data {path}: {first_line(e)}") from None
+    out = []
+    for i, line in enumerate(lines, 1):
+        try:
+            messages = json.loads(line)["messages"]
+            _check_turns(messages, "assistant")
+        except (json.JSONDecodeError, KeyError, TypeError, DataError) as e:
+            raise DataError(f"{path} line {i}: not a conversation ({first_line(e)}); expected "
+                            '{"messages": [{"role": ..., "content": ...}, ...]} ending with an assistant turn') from None
+        out.append(messages)
+    return out
+
+
+HUB_CHAT = {"smoltalk": ("HuggingFaceTB/smol-smoltalk", None), "gsm8k": ("openai/gsm8k", "main")}
+
+
+def gsm8k_conversation(row):
+    """A GSM8K row -> a conversation. The worked answer keeps its text; the calculator annotations <<48/2=24>> go
+    (the model writes the arithmetic itself) and the final '#### 72' becomes 'The answer is 72.', so the answer
+    is the reply's last number (what the checkers read)."""
+    import re
+    reasoning, _, final = row["answer"].rpartition("####")
+    reasoning = re.sub(r"<<[^>]*>>", "", reasoning).strip()
+    return [{"role": "user", "content": row["question"].strip()},
+            {"role": "assistant", "content": f"{reasoning}\nThe answer is {final.strip()}."}]
+
+
+def hub_conversations(name, split):
+    """smol-smoltalk or GSM8K ('smoltalk' | 'gsm8k') through datasets, split 'train' or 'val' (their test split)."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"chat_data={name!r} needs the datasets package: pip install datasets") from None
+    path, subset = HUB_CHAT[name]
+    try:
+        rows = datasets.load_dataset(path, subset, split="train" if split == "train" else "test")
+    except (ConnectionError, OSError, ValueError) as e:
+        raise DataError(f"cannot load {path} ({first_line(e)}); offline, use chat_data='tasks' or a .jsonl of "
+                        "conversations") from None
+    return [gsm8k_conversation(r) for r in rows] if name == "gsm8k" else [r["messages"] for r in rows]
