@@ -79,47 +79,40 @@ class ModelConfig:
     _ABOVE = dict(route_scale=0.0, rope_theta=1.0, beta_fast=0, beta_slow=0, init_std=0.0)
 
     def __post_init__(self):
-        for problem in self._problems():
-            raise UserError(f"bad ModelConfig: {problem}")
-
-    def _problems(self):
-        """One-line problems, '<field> must be <bound>, got <value>', in order: each check may rely on the
-        ones before it (e.g. the modulo by n_expert_groups runs only once that is >= 1)."""
-        hint = {"n_routed_experts": " (an all-dense model keeps it and sets n_dense_layers = n_layers + n_mtp)"}
+        """One-line UserError '<field> must be <bound>, got <value>' for the first problem. The checks run in order,
+        so each may rely on the ones before it (e.g. the modulo by n_expert_groups runs once that is >= 1)."""
+        def check(ok, name, bound):
+            if not ok:
+                raise UserError(f"bad ModelConfig: {name} must be {bound}, got {getattr(self, name)!r}")
         for name in (f.name for f in fields(self)):
             v = getattr(self, name)
-            finite = " finite and" if isinstance(v, float) else ""
-            if name in self._AT_LEAST and not (math.isfinite(v) and v >= self._AT_LEAST[name]):
-                yield f"{name} must be{finite} >= {self._AT_LEAST[name]:g}{hint.get(name, '')}, got {v!r}"
-            if name in self._ABOVE and not (math.isfinite(v) and v > self._ABOVE[name]):
-                yield f"{name} must be{finite} > {self._ABOVE[name]:g}, got {v!r}"
-        E, G = self.n_routed_experts, self.n_expert_groups
-        checks = [
-            (self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", "even (RoPE rotates pairs)"),
-            (self.n_dense_layers <= self.n_layers + self.n_mtp, "n_dense_layers",
-             f"<= n_layers + n_mtp = {self.n_layers + self.n_mtp}"),
-            (self.n_activated_experts <= E, "n_activated_experts", f"<= n_routed_experts = {E}"),
-            (E % G == 0, "n_routed_experts", f"divisible by n_expert_groups = {G}"),
-            (self.n_limited_groups <= G, "n_limited_groups", f"<= n_expert_groups = {G}"),
-            (G == 1 or E // G >= 2, "n_expert_groups",
-             f"<= n_routed_experts / 2 = {E // 2}, for >= 2 experts per group (a group is scored by its top-2)"),
-            (self.n_activated_experts <= self.n_limited_groups * (E // G), "n_activated_experts",
-             f"<= n_limited_groups * experts per group = {self.n_limited_groups} * {E // G} = "
-             f"{self.n_limited_groups * (E // G)}"),
-            (self.score_func == "sigmoid", "score_func", "'sigmoid' (DeepSeek-V3's router; V2's softmax routing "
-                                                        "with its max-score group rule is not implemented)"),
-            (isinstance(self.yarn, bool), "yarn", "True or False"),
-            (self.beta_fast >= self.beta_slow, "beta_fast", f">= beta_slow = {self.beta_slow}"),
-            # grouped_mm needs 16-byte aligned row strides: in bf16 these widths must be multiples of 8
-            (self.dim % 8 == 0, "dim", "a multiple of 8 (grouped_mm alignment)"),
-            (self.moe_inter_dim % 8 == 0, "moe_inter_dim", "a multiple of 8 (grouped_mm alignment)"),
-            (not self.yarn or self.max_seq_len > self.original_seq_len, "max_seq_len",
-             f"> original_seq_len = {self.original_seq_len} with yarn=True (YaRN extends original_seq_len to "
-             f"max_seq_len)"),
-        ]
-        for ok, name, bound in checks:
-            if not ok:
-                yield f"{name} must be {bound}, got {getattr(self, name)!r}"
+            finite = "finite and " if isinstance(v, float) else ""
+            if name in self._AT_LEAST:
+                hint = " (an all-dense model keeps it and sets n_dense_layers = n_layers + n_mtp)"
+                check(math.isfinite(v) and v >= self._AT_LEAST[name], name,
+                      f"{finite}>= {self._AT_LEAST[name]:g}{hint if name == 'n_routed_experts' else ''}")
+            if name in self._ABOVE:
+                check(math.isfinite(v) and v > self._ABOVE[name], name, f"{finite}> {self._ABOVE[name]:g}")
+        E, G, L = self.n_routed_experts, self.n_expert_groups, self.n_limited_groups
+        check(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", "even (RoPE rotates pairs)")
+        check(self.n_dense_layers <= self.n_layers + self.n_mtp, "n_dense_layers",
+              f"<= n_layers + n_mtp = {self.n_layers + self.n_mtp}")
+        check(self.n_activated_experts <= E, "n_activated_experts", f"<= n_routed_experts = {E}")
+        check(E % G == 0, "n_routed_experts", f"divisible by n_expert_groups = {G}")
+        check(L <= G, "n_limited_groups", f"<= n_expert_groups = {G}")
+        check(G == 1 or E // G >= 2, "n_expert_groups",
+              f"<= n_routed_experts / 2 = {E // 2}, for >= 2 experts per group (a group is scored by its top-2)")
+        check(self.n_activated_experts <= L * (E // G), "n_activated_experts",
+              f"<= n_limited_groups * experts per group = {L} * {E // G} = {L * (E // G)}")
+        check(self.score_func == "sigmoid", "score_func",
+              "'sigmoid' (DeepSeek-V3's router; V2's softmax routing with its max-score group rule is not implemented)")
+        check(isinstance(self.yarn, bool), "yarn", "True or False")
+        check(self.beta_fast >= self.beta_slow, "beta_fast", f">= beta_slow = {self.beta_slow}")
+        # grouped_mm needs 16-byte aligned row strides: in bf16 these widths must be multiples of 8
+        check(self.dim % 8 == 0, "dim", "a multiple of 8 (grouped_mm alignment)")
+        check(self.moe_inter_dim % 8 == 0, "moe_inter_dim", "a multiple of 8 (grouped_mm alignment)")
+        check(not self.yarn or self.max_seq_len > self.original_seq_len, "max_seq_len", f"> original_seq_len = "
+              f"{self.original_seq_len} with yarn=True (YaRN extends original_seq_len to max_seq_len)")
 
     @property
     def qk_head_dim(self):
@@ -326,12 +319,6 @@ class Experts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(E, H, D))
 
 
-def _compute_dtype(x):
-    """bf16 under autocast (grouped_mm is not autocast; its CUDA fast path is bf16 only), else x's dtype."""
-    dev = x.device.type
-    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-
-
 def moe_dispatch(x, weights, indices, experts: Experts):
     """Vectorised routed-expert FFN: route -> sort token-slots by expert -> grouped matmuls -> combine.
     x (N, dim), weights/indices (N, K). Static shapes (N*K rows), no host sync, no Python loop over experts."""
@@ -341,7 +328,8 @@ def moe_dispatch(x, weights, indices, experts: Experts):
     order = flat.argsort(stable=True)                             # slot ids sorted by expert
     counts = torch.zeros(E, dtype=torch.int32, device=x.device).scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
     offs = counts.cumsum(0, dtype=torch.int32)                    # group end offsets for grouped_mm
-    dt = _compute_dtype(x)
+    dev = x.device.type  # grouped_mm is not autocast (its CUDA fast path is bf16 only): cast by hand
+    dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
     xs = x[order // K].to(dt)                                     # (N*K, dim), expert-sorted
     w1, w2, w3 = (w.to(dt).transpose(-2, -1) for w in (experts.w1, experts.w2, experts.w3))
     h = F.silu(F.grouped_mm(xs, w1, offs=offs)) * F.grouped_mm(xs, w3, offs=offs)
@@ -559,25 +547,11 @@ class Transformer(nn.Module):
         """Parameter counts: total, active per token (input embedding excluded: it is a lookup), per component."""
         cfg = self.cfg
         comp = {}
-        for name, p in self.named_parameters():
-            if name.startswith("mtp."):
-                key = "mtp"
-            elif name.startswith("embed."):
-                key = "embed"
-            elif name.startswith("head."):
-                key = "head"
-            elif ".attn." in name:
-                key = "attention"
-            elif ".ffn.experts." in name:
-                key = "routed_experts"
-            elif ".ffn.shared_experts." in name:
-                key = "shared_experts"
-            elif ".ffn.gate." in name:
-                key = "gate"
-            elif ".ffn." in name:
-                key = "dense_ffn"
-            else:
-                key = "norms"
+        for name, p in self.named_parameters():  # the first part of ("." + name) that matches names the component
+            key = next((k for part, k in [(".mtp.", "mtp"), (".embed.", "embed"), (".head.", "head"),
+                                          (".attn.", "attention"), (".ffn.experts.", "routed_experts"),
+                                          (".ffn.shared_experts.", "shared_experts"), (".ffn.gate.", "gate"),
+                                          (".ffn.", "dense_ffn")] if part in "." + name), "norms")
             comp[key] = comp.get(key, 0) + p.numel()
         total = sum(comp.values())
         frac = cfg.n_activated_experts / cfg.n_routed_experts

@@ -55,16 +55,13 @@ stop_at_eot = True               # end a sample at <|endoftext|>
 # -----------------------------------------------------------------------------------------------------------------
 
 
-def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """Next tokens (B,) from logits (B, V): greedy when temperature == 0, else temperature, top-k, top-p."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    return torch.multinomial(sample_probs(logits, temperature, top_k, top_p), 1, generator=generator).squeeze(-1)
-
-
 def sample_probs(logits, temperature=1.0, top_k=None, top_p=None):
-    """The sampling distribution (B, V) after temperature, top-k and nucleus (top-p) filtering."""
-    logits = logits.float() / temperature
+    """The sampling distribution (B, V) of logits (B, V): one-hot on the argmax when temperature == 0 (greedy),
+    else the softmax after temperature, top-k and nucleus (top-p) filtering."""
+    logits = logits.float()
+    if temperature == 0:
+        return F.one_hot(logits.argmax(-1), logits.size(-1)).float()
+    logits = logits / temperature
     if top_k is not None and top_k < logits.size(-1):
         kth = logits.topk(top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -74,7 +71,6 @@ def sample_probs(logits, temperature=1.0, top_k=None, top_p=None):
         drop = cum - sorted_logits.softmax(dim=-1) >= top_p  # keep the smallest prefix with mass >= top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return logits.softmax(dim=-1)
-
 
 
 def accept_or_resample(p, q, draft, generator=None):
@@ -114,21 +110,15 @@ def generate_tokens(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=No
     stats.update(prefill_tokens=len(prompt_ids), prefill_s=0.0, decode_tokens=0, decode_s=0.0, drafted=0, accepted=0)
     V = n_vocab or model.cfg.vocab_size
 
-    def dist(logits):  # (N, vocab) -> the sampling distribution (N, V); one-hot on the argmax when greedy
-        logits = logits[..., :V].float()
-        if temperature == 0:
-            return F.one_hot(logits.argmax(-1), V).float()
-        return sample_probs(logits, temperature, top_k, top_p)
+    def dist(logits):  # (N, vocab) -> the sampling distribution (N, V)
+        return sample_probs(logits[..., :V], temperature, top_k, top_p)
 
     def draw(probs):  # (1, V) -> int
         return (probs.argmax(-1) if temperature == 0 else torch.multinomial(probs, 1, generator=generator)).item()
 
-    def pick(logits):  # (1, vocab) -> int
-        return sample_logits(logits[..., :V], temperature, top_k, top_p, generator).item()
-
-    steps = (_speculative_steps(model, prompt_ids, max_new_tokens, dist, draw, generator, stats) if speculative
-             else _plain_steps(model, prompt_ids, pick))
-    return _timed(model, steps, max_new_tokens, eot, stats)
+    D = model.cfg.n_mtp if speculative else 0
+    return _timed(model, _steps(model, prompt_ids, max_new_tokens, D, dist, draw, generator, stats), max_new_tokens,
+                  eot, stats)
 
 
 @torch.inference_mode()
@@ -154,29 +144,12 @@ def _timed(model, steps, max_new_tokens, eot, stats):
         model.train(was_training)
 
 
-def _cache(model, device):
-    return model.init_cache(1, device, torch.float32 if device.type == "cpu" else None)
-
-
-def _plain_steps(model, prompt_ids, pick):
-    """Cached decoding, one token per main-model forward."""
-    device = model.head.weight.device
-    idx = torch.tensor([prompt_ids], device=device)
-    cache = _cache(model, device)
-    logits, _ = model.decode(idx, cache, 0)
-    pos = idx.size(1)
-    while True:
-        tok = pick(logits[:, -1])
-        yield [tok]
-        logits, _ = model.decode(torch.tensor([[tok]], device=device), cache, pos)
-        pos += 1
-
-
-def _speculative_steps(model, prompt_ids, max_new_tokens, dist, draw, generator, stats):
-    """Self-speculative decoding (module docstring): yields the first token, then 1..D+1 tokens per round."""
+def _steps(model, prompt_ids, max_new_tokens, D, dist, draw, generator, stats):
+    """Cached decoding: yields the prefill's token, then per round 1 token (D = 0: plain decoding, one main-model
+    forward per token) or 1..D+1 tokens (self-speculative decoding with D MTP drafts, module docstring)."""
     cfg, device = model.cfg, model.head.weight.device
-    D, T = cfg.n_mtp, len(prompt_ids)
-    cache = _cache(model, device)
+    T = len(prompt_ids)
+    cache = model.init_cache(1, device, torch.float32 if device.type == "cpu" else None)
     logits, h = model.decode(torch.tensor([prompt_ids], device=device), cache, 0)
     # hs[k][:, i]: the hidden input of MTP module k at position i (hs[0] = main model's last hidden state);
     # done[k]: module k's cache holds exact entries (no draft among its inputs) for positions < done[k].
@@ -201,12 +174,12 @@ def _speculative_steps(model, prompt_ids, max_new_tokens, dist, draw, generator,
             drafts.append(draw(qs[-1]))
         logits, h = model.decode(torch.tensor([seq[n:] + drafts], device=device), cache, n)  # verify
         p = dist(logits[0])  # (n_draft + 1, V)
-        n_ok, bonus = 0, None
+        n_ok = 0
         if n_draft:
             accepted, tokens = accept_or_resample(p[:-1], torch.cat(qs), torch.tensor(drafts, device=device), generator)
             n_ok = int(accepted.long().cumprod(0).sum())
-            bonus = tokens[n_ok].item() if n_ok < n_draft else None
-        new = drafts[:n_ok] + [draw(p[-1:]) if bonus is None else bonus]
+        # the first rejected draft's resampled token, or one more token from the main model after the last draft
+        new = drafts[:n_ok] + [tokens[n_ok].item() if n_ok < n_draft else draw(p[-1:])]
         hs[0][:, n:n + n_ok + 1] = h[:, :n_ok + 1]
         stats['drafted'] += n_draft
         stats['accepted'] += n_ok

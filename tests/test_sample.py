@@ -14,17 +14,8 @@ def tiny(seed=0, **kw):
     return tiny_model(seed, **{"vocab_size": 64, "n_layers": 2, "max_seq_len": 64, **kw}).eval()
 
 
-def prompt_of(seed, length, vocab=64):
-    return torch.randint(0, vocab, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-def greedy_uncached(model, prompt, n):
-    """The obviously-correct reference: the full forward over the whole sequence for every new token."""
-    idx = torch.tensor([prompt])
-    with torch.no_grad():
-        for _ in range(n):
-            idx = torch.cat([idx, model(idx)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
-    return idx[0, len(prompt):].tolist()
+def prompt_of(seed, length):
+    return torch.randint(0, 64, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 def greedy(model, prompt, n, **kw):
@@ -32,16 +23,32 @@ def greedy(model, prompt, n, **kw):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# plain cached decoding
+# the sampling distribution, plain cached decoding
+
+def test_sample_probs_greedy_top_k_top_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.1, 0.2, 0.3, 0.4]]))
+    p = sample.sample_probs(logits, 0)  # greedy: one-hot on the argmax
+    torch.testing.assert_close(p, torch.tensor([[1.0, 0, 0, 0], [0, 0, 0, 1]]))
+    p = sample.sample_probs(logits[:1], 1.0, top_k=2)
+    torch.testing.assert_close(p, torch.tensor([[0.625, 0.375, 0, 0]]))
+    p = sample.sample_probs(logits[:1], 1.0, top_p=0.7)  # smallest prefix with mass >= 0.7: {0.5, 0.3}
+    torch.testing.assert_close(p, torch.tensor([[0.625, 0.375, 0, 0]]))
+    p = sample.sample_probs(logits[:1], 1.0, top_p=0.45)
+    torch.testing.assert_close(p, torch.tensor([[1.0, 0, 0, 0]]))
+
 
 def test_cached_greedy_equals_uncached_greedy():
     m = tiny()
     for seed, length in [(0, 1), (1, 7), (2, 20)]:
-        prompt = prompt_of(seed, length)
-        assert greedy(m, prompt, 24) == greedy_uncached(m, prompt, 24)
+        # the obviously-correct reference: the full forward over the whole sequence for every new token
+        idx = torch.tensor([prompt_of(seed, length)])
+        with torch.no_grad():
+            for _ in range(24):
+                idx = torch.cat([idx, m(idx)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
+        assert greedy(m, idx[0, :length].tolist(), 24) == idx[0, length:].tolist()
 
 
-def test_stop_at_eot_and_stats():
+def test_stop_at_eot_stats_and_n_vocab():
     m = tiny()
     prompt = prompt_of(3, 5)
     ref = greedy(m, prompt, 20)
@@ -51,14 +58,11 @@ def test_stop_at_eot_and_stats():
     assert out == ref[:ref.index(eot) + 1]
     assert st["prefill_tokens"] == 5 and st["decode_tokens"] == len(out) - 1
     assert st["prefill_s"] > 0 and st["decode_s"] > 0
-
-
-def test_n_vocab_restricts_sampling():
-    m = tiny()
-    out = list(sample.generate_tokens(m, prompt_of(4, 3), 40, temperature=2.0, generator=torch.Generator().manual_seed(0),
+    # n_vocab: sample among the first n_vocab ids only
+    out = list(sample.generate_tokens(m, prompt, 40, temperature=2.0, generator=torch.Generator().manual_seed(0),
                                       n_vocab=10))
     assert len(out) == 40 and max(out) < 10
-    assert max(greedy(m, prompt_of(4, 3), 20, n_vocab=5)) < 5
+    assert max(greedy(m, prompt, 20, n_vocab=5)) < 5
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -74,18 +78,6 @@ def test_speculative_greedy_equals_plain_greedy(n_mtp):
             out = greedy(m, prompt, 30, speculative=True, stats=st)
             assert out == greedy(m, prompt, 30)
             assert st["drafted"] > 0 and 0 <= st["accepted"] <= st["drafted"]
-
-
-def mtp_from_scratch(model, s, n, k):
-    """Logits of MTP module k at position n-1 by the training path over the whole token list s, where s[i] is
-    t_i: no cache, no incremental hidden states."""
-    s = torch.tensor([s])
-    cos, sin = model.rope_cos[:n], model.rope_sin[:n]
-    with torch.no_grad():
-        h, _ = model._trunk(s[:, :n])
-        for j in range(k + 1):
-            h, _ = model.mtp[j](h, model.embed(s[:, j + 1:n + j + 1]), cos, sin)
-        return model.head(model.mtp[k].norm(h[:, -1]))[0]
 
 
 @pytest.mark.parametrize("n_mtp", [1, 2])
@@ -115,8 +107,14 @@ def test_speculative_drafts_equal_mtp_from_scratch(n_mtp, oracle, monkeypatch):
     monkeypatch.undo()
     assert {k for k, *_ in calls} == set(range(n_mtp))
     for k, n, drafts, logits in calls:
-        s = full[:n + 1] + (drafts if k else [])  # committed x_0..x_n, then this round's drafts d_1..d_k
-        torch.testing.assert_close(logits, mtp_from_scratch(m, s, n, k), rtol=1e-4, atol=1e-4)
+        # MTP module k at position n-1 by the training path (no cache, no incremental hidden states) over the
+        # committed x_0..x_n, then this round's drafts d_1..d_k
+        s = torch.tensor([full[:n + 1] + (drafts if k else [])])
+        with torch.no_grad():
+            h, _ = m._trunk(s[:, :n])
+            for j in range(k + 1):
+                h, _ = m.mtp[j](h, m.embed(s[:, j + 1:n + j + 1]), m.rope_cos[:n], m.rope_sin[:n])
+        torch.testing.assert_close(logits, m.head(m.mtp[k].norm(h[:, -1]))[0], rtol=1e-4, atol=1e-4)
     if oracle:
         assert st["accepted"] == st["drafted"] > 0
         rounds = sum(1 for k, *_ in calls if k == 0)
@@ -152,25 +150,6 @@ def test_speculative_sampling_runs_with_filters():
                                       generator=torch.Generator().manual_seed(0), speculative=True, stats=st))
     assert len(out) == 40 and all(0 <= t < 64 for t in out)
     assert 0 < st["accepted"] <= st["drafted"]
-
-
-def test_generation_leaves_model_state_unchanged():
-    m = tiny(n_mtp=2)
-    for gate in m.gates():
-        gate.bias.copy_(torch.randn_like(gate.bias) * 0.01)
-    x = torch.randint(0, 64, (2, 12))
-    m.train()
-    m(x[:, :-1], x[:, 1:])  # nonzero load counters
-    before = {k: v.clone() for k, v in m.state_dict().items()}
-    counts = [g.tokens_per_expert.clone() for g in m.gates()]
-    assert all(c.sum() > 0 for c in counts)
-    for spec in (False, True):
-        for temp in (0, 0.8):
-            list(sample.generate_tokens(m, x[0, :5].tolist(), 12, temperature=temp, top_k=10, speculative=spec,
-                                        generator=torch.Generator().manual_seed(0)))
-    assert m.training  # the mode is restored
-    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
-    assert all(torch.equal(c, g.tokens_per_expert) for c, g in zip(counts, m.gates()))
 
 
 def test_request_errors():
@@ -226,42 +205,42 @@ def test_cli_file_prompt_samples_and_stats(ckpts, tmp_path, capsys, gpt2_enc):
     assert "tok/s" not in out and "Overriding" not in out
 
 
-def test_cli_speculative_greedy_output_equals_plain(ckpts, capsys, gpt2_enc):
-    args = [f"--out_dir={ckpts[2]}", "--start=Once upon a time", "--num_samples=1", "--max_new_tokens=20",
-            "--temperature=0"]
-    sample.main(args)
-    plain, _ = capsys.readouterr()
+def test_cli_speculative_greedy_output_equals_plain_and_default_length_fits(ckpts, capsys):
+    """Without --max_new_tokens a model with a short context (max_seq_len 64 here) fills it instead of refusing;
+    an explicit number that does not fit is refused (test_cli_errors_are_one_line)."""
+    args = [f"--out_dir={ckpts[2]}", "--start=Once upon a time", "--num_samples=1", "--temperature=0",
+            "--stop_at_eot=False"]
+    sample.main(args + ["--stats"])
+    plain, err = capsys.readouterr()
+    assert f"decode: {64 - 4 - 1} tokens" in err  # 4 prompt tokens, 60 new ones (the first comes with the prefill)
     sample.main(args + ["--speculative=True", "--top_k=0"])
     spec, err = capsys.readouterr()
     assert spec == plain and plain.startswith("Once upon a time") and plain.endswith("\n---------------\n")
     assert "accepted" in err and "drafts" in err
 
 
-CLI_ERRORS = {  # case: (arguments, what the one line must say)
-    "no_mtp": (["--speculative=True"], "n_mtp=0"),
-    "missing": (["--out_dir=NOWHERE"], "no checkpoint"),
-    "too_long": (["--start=" + "hello " * 40, "--max_new_tokens=30"], "max_seq_len=64"),
-    "bad_dtype": (["--dtype=float8"], "dtype must be one of"),
-    "bad_file": (["--start=FILE:NOWHERE/none.txt"], "prompt file"),
-    "top_k_negative": (["--top_k=-5"], "--top_k must be >= 0"),
-    "top_p_zero": (["--top_p=0"], "--top_p must be in (0, 1]"),
-    "top_p_negative": (["--top_p=-0.5"], "--top_p must be in (0, 1]"),
-    "top_p_above_one": (["--top_p=1.5"], "--top_p must be in (0, 1]"),
-    "device_gpu": (["--device=gpu"], "--device='gpu'"),
-    "device_meta": (["--device=meta"], "--device='meta'"),
-    "no_cuda": (["--device=cuda"], "CUDA is not available"),
-    "cuda_index": (["--device=cuda:3"], "--device='cuda:3'"),
-    "prompt_past_vocab": (["--start=hello world"], "vocab_size is 128"),
-    "empty_prompt_past_vocab": (["--start="], "vocab_size is 128"),  # falls back to <|endoftext|> = 50256
+CLI_ERRORS = {  # case: (checkpoint, arguments, what the one line must say); later arguments win
+    "no_mtp": (0, ["--speculative=True"], "n_mtp=0"),
+    "missing": (2, ["--out_dir=NOWHERE"], "no checkpoint"),
+    "too_long": (2, ["--start=" + "hello " * 40, "--max_new_tokens=30"], "max_seq_len=64"),
+    "bad_dtype": (2, ["--dtype=float8"], "dtype must be one of"),
+    "bad_file": (2, ["--start=FILE:NOWHERE/none.txt"], "prompt file"),
+    "top_k_negative": (2, ["--top_k=-5"], "--top_k must be >= 0"),
+    "top_p_zero": (2, ["--top_p=0"], "--top_p must be in (0, 1]"),
+    "top_p_above_one": (2, ["--top_p=1.5"], "--top_p must be in (0, 1]"),
+    "device_gpu": (2, ["--device=gpu"], "--device='gpu'"),
+    "device_meta": (2, ["--device=meta"], "--device='meta'"),
+    "no_cuda": (2, ["--device=cuda"], "CUDA is not available"),
+    "cuda_index": (2, ["--device=cuda:3"], "--device='cuda:3'"),
+    "prompt_past_vocab": ("v128", ["--start=hello world"], "vocab_size is 128"),
+    "empty_prompt_past_vocab": ("v128", ["--start="], "vocab_size is 128"),  # falls back to <|endoftext|> = 50256
 }
 
 
 def _cli_args(case, ckpts, tmp_path):
-    args, expect = CLI_ERRORS[case]
-    ckpt = ckpts[0] if case == "no_mtp" else ckpts["v128"] if "vocab" in case else ckpts[2]
+    ckpt, args, expect = CLI_ERRORS[case]
     args = [a.replace("NOWHERE", str(tmp_path / "nowhere")) for a in args]
-    extra = ["--max_new_tokens=10"] * (case != "too_long")
-    return [f"--out_dir={ckpt}"] * (case != "missing") + args + extra, expect
+    return [f"--out_dir={ckpts[ckpt]}", "--max_new_tokens=10", *args], expect
 
 
 @pytest.mark.parametrize("case", list(CLI_ERRORS))
@@ -319,13 +298,3 @@ def test_cli_never_emits_ids_past_the_tokenizer(mode, tmp_path, capsys, gpt2_enc
         out, _ = capsys.readouterr()
         assert len(emitted) == 12 and max(emitted) < min(gpt2_enc.n_vocab, model.cfg.vocab_size)
         assert out == gpt2_enc.decode(gpt2_enc.encode(start) + emitted) + "\n---------------\n"
-
-
-def test_cli_default_length_fits_the_model(ckpts, capsys, gpt2_enc):
-    """Without --max_new_tokens a model with a short context (max_seq_len 64 here) fills it instead of refusing;
-    an explicit number that does not fit is refused (test_cli_errors_are_one_line)."""
-    sample.main([f"--out_dir={ckpts[2]}", "--start=Once upon a time", "--num_samples=1", "--stop_at_eot=False",
-                 "--stats"])
-    out, err = capsys.readouterr()
-    assert out.endswith("\n---------------\n")
-    assert f"decode: {64 - 4 - 1} tokens" in err  # 4 prompt tokens, 60 new ones (the first comes with the prefill)
