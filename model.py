@@ -461,7 +461,8 @@ class Transformer(nn.Module):
         return h, balance
 
     def forward(self, idx, targets=None):
-        """idx (B, T) token ids; targets (B, T) = idx shifted by one (targets[:, i] = t_{i+1}).
+        """idx (B, T) token ids; targets (B, T) = idx shifted by one (targets[:, i] = t_{i+1}); a target of -1 is
+        not trained (SFT masks everything but the assistant's tokens, for the main head and every MTP depth alike).
         Returns logits (B, T, vocab) and, with targets, the parts of the V3 loss (train.py weighs them):
           ce      main next-token cross-entropy (scalar),
           mtp     CE_k of each MTP depth k = 1..D, shape (D,) (depth k at position i predicts t_{i+k+1}),
@@ -470,7 +471,7 @@ class Transformer(nn.Module):
         logits = self.head(self.norm(h))
         if targets is None:
             return logits, None
-        ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
         mtp = []
         T = idx.size(1)
         for k, module in enumerate(self.mtp, start=1):
@@ -478,7 +479,7 @@ class Transformer(nn.Module):
             # Emb(t_{i+k}) = Emb(idx[:, i+k]); its label is t_{i+k+1} = targets[:, i+k].
             h, b = module(h[:, :T - k], self.embed(idx[:, k:]), self.rope_cos[:T - k], self.rope_sin[:T - k])
             logits_k = self.head(module.norm(h))
-            mtp.append(F.cross_entropy(logits_k.flatten(0, 1).float(), targets[:, k:].flatten()))
+            mtp.append(F.cross_entropy(logits_k.flatten(0, 1).float(), targets[:, k:].flatten(), ignore_index=-1))
             balance = balance + b
         mtp = torch.stack(mtp) if mtp else ce.new_zeros(0)
         return logits, {"ce": ce, "mtp": mtp, "balance": balance}

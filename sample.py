@@ -99,12 +99,14 @@ def check_request(cfg, prompt_len, max_new_tokens, speculative):
 
 
 def generate_tokens(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None,
-                    speculative=False, eot=None, n_vocab=None, stats=None):
+                    speculative=False, eot=None, n_vocab=None, stats=None, state=None):
     """Continue one sequence: returns an iterator over up to max_new_tokens new token ids (ints), which stops
     after yielding `eot`. The checks run now, so a bad request raises ValueError before anything is generated.
     n_vocab: sample among the first n_vocab ids only (the tokenizer's; the padded rows of the head are
     untrained and cannot be decoded). `stats` (a dict) receives prefill_tokens, prefill_s, decode_tokens,
-    decode_s and, when speculative, drafted / accepted. Model weights, expert biases and counters are untouched."""
+    decode_s and, when speculative, drafted / accepted. `state` (a dict, empty at first) keeps the latent cache
+    between calls: a later prompt that starts with the earlier prompt + its output (a chat's next turn) decodes
+    only what is new. Model weights, expert biases and counters are untouched."""
     check_request(model.cfg, len(prompt_ids), max_new_tokens, speculative)
     stats = {} if stats is None else stats
     stats.update(prefill_tokens=len(prompt_ids), prefill_s=0.0, decode_tokens=0, decode_s=0.0, drafted=0, accepted=0)
@@ -117,8 +119,8 @@ def generate_tokens(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=No
         return (probs.argmax(-1) if temperature == 0 else torch.multinomial(probs, 1, generator=generator)).item()
 
     D = model.cfg.n_mtp if speculative else 0
-    return _timed(model, _steps(model, prompt_ids, max_new_tokens, D, dist, draw, generator, stats), max_new_tokens,
-                  eot, stats)
+    steps = _steps(model, prompt_ids, max_new_tokens, D, dist, draw, generator, stats, {} if state is None else state)
+    return _timed(model, steps, max_new_tokens, eot, stats)
 
 
 @torch.inference_mode()
@@ -144,19 +146,27 @@ def _timed(model, steps, max_new_tokens, eot, stats):
         model.train(was_training)
 
 
-def _steps(model, prompt_ids, max_new_tokens, D, dist, draw, generator, stats):
+def _steps(model, prompt_ids, max_new_tokens, D, dist, draw, generator, stats, state):
     """Cached decoding: yields the prefill's token, then per round 1 token (D = 0: plain decoding, one main-model
-    forward per token) or 1..D+1 tokens (self-speculative decoding with D MTP drafts, module docstring)."""
+    forward per token) or 1..D+1 tokens (self-speculative decoding with D MTP drafts, module docstring).
+    state holds the caches of an earlier call: the prefill starts after the longest prefix they hold exactly."""
     cfg, device = model.cfg, model.head.weight.device
     T = len(prompt_ids)
-    cache = model.init_cache(1, device, torch.float32 if device.type == "cpu" else None)
-    logits, h = model.decode(torch.tensor([prompt_ids], device=device), cache, 0)
-    # hs[k][:, i]: the hidden input of MTP module k at position i (hs[0] = main model's last hidden state);
-    # done[k]: module k's cache holds exact entries (no draft among its inputs) for positions < done[k].
-    hs = [h.new_zeros(1, cfg.max_seq_len, cfg.dim) for _ in range(D + 1)]
-    hs[0][:, :T] = h
-    done = [0] * D
+    if not state:
+        # hs[k][:, i]: the hidden input of MTP module k at position i (hs[0] = main model's last hidden state);
+        # done[k]: module k's cache holds exact entries (no draft among its inputs) for positions < done[k].
+        state.update(cache=model.init_cache(1, device, torch.float32 if device.type == "cpu" else None), ids=[],
+                     hs=[torch.zeros(1, cfg.max_seq_len, cfg.dim, device=device) for _ in range(cfg.n_mtp + 1)],
+                     done=[0] * cfg.n_mtp)
+    cache, hs, done = state["cache"], state["hs"], state["done"]
+    start = 0  # positions < start hold this prompt's tokens already; at least the last one is decoded anew
+    while start < min(len(state["ids"]), T - 1) and state["ids"][start] == prompt_ids[start]:
+        start += 1
+    done[:] = [min(d, max(start - k - 1, 0)) for k, d in enumerate(done)]  # module k at i reads token i + k + 1
+    logits, h = model.decode(torch.tensor([prompt_ids[start:]], device=device), cache, start)
+    hs[0][:, start:T] = h
     seq = list(prompt_ids) + [draw(dist(logits[:, -1]))]
+    state["ids"] = seq[:-1]  # the caches hold exactly these positions
     yield seq[-1:]
     while True:
         # Invariant: seq = x_0..x_n; the main cache and hs[0] hold positions < n; x_n is not decoded yet.
@@ -184,6 +194,7 @@ def _steps(model, prompt_ids, max_new_tokens, D, dist, draw, generator, stats):
         stats['drafted'] += n_draft
         stats['accepted'] += n_ok
         seq += new
+        state["ids"] = seq[:-1]
         yield new
 
 
