@@ -210,8 +210,8 @@ else:
     train_data = ShardReader(data_dir, "train", batch_size, cfg.max_seq_len, rank, world, seed, cfg.vocab_size)
     val_data = ShardReader(data_dir, "val", batch_size, cfg.max_seq_len, rank, world, seed, cfg.vocab_size,
                            shuffle=False)
+enc = get_tokenizer()
 if sample_tokens:  # the prompt must fit the model's vocabulary (a smaller one would index past the embedding)
-    enc = get_tokenizer()
     sample_ids = check_token_ids(enc.encode_ordinary(sample_prompt), cfg.vocab_size, "sample_prompt")
 if hellaswag_interval:  # find (rank 0: download) the file now, not at the first HellaSwag eval hours from now
     import hellaswag
@@ -375,6 +375,12 @@ while True:
                 hs = hellaswag.evaluate(raw_model, hellaswag_file, device, limit=hellaswag_limit or None)
             line += f", hellaswag acc {hs['acc']:.4f} acc_norm {hs['acc_norm']:.4f} (n={hs['n']})"
             record.update({"hellaswag_acc": hs["acc"], "hellaswag_acc_norm": hs["acc_norm"]})
+        if chat_eval_interval and (step % chat_eval_interval == 0 or last_step) and master:
+            import chat  # greedy exact match on held-out tasks; the other ranks wait at the next collective
+            with ctx:
+                res = chat.evaluate(raw_model, enc, chat_eval_n, seed)
+            line += ", tasks " + " ".join(f"{t} {r['accuracy']:.2f}" for t, r in res.items())
+            record.update({f"task_{t}": r["accuracy"] for t, r in res.items()})
         log(line)
         if master:
             with open(os.path.join(out_dir, "eval.jsonl"), "a") as f:

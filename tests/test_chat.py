@@ -95,3 +95,126 @@ def test_conversation_files_and_gsm8k_rows(tmp_path):
     import tasks
     assert tasks.check("add", conv[1]["content"], "72")  # the task checkers read it
     render_conversation(conv)
+
+
+# ---- chat.py: the cache across turns, the one-shot CLI, the task eval ---------------------------------------
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import torch  # noqa: E402
+
+import chat  # noqa: E402
+from conftest import ROOT, save_ckpt, tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def chat_model():
+    """A random tiny model with the padded GPT-2 vocabulary (rows for the chat tokens) and one MTP module."""
+    return tiny_model(0, vocab_size=50304, max_seq_len=96).eval()
+
+
+@pytest.mark.parametrize("speculative", [False, True])
+def test_multi_turn_reply_with_the_kept_cache_equals_a_from_scratch_forward(chat_model, gpt2_enc, speculative):
+    """Turn 2 decodes only its new tokens (the cache holds turn 1), and its greedy reply is what a full forward over
+    the whole conversation picks at every step; MTP speculation changes nothing in greedy output."""
+    m = chat_model
+    session = chat.Chat(m, gpt2_enc, temperature=0.0, speculative=speculative)
+    first = list(session.reply("Hello there", 6))
+    before = list(session.ids)
+    fed = []
+    decode = m.decode
+    m.decode = lambda idx, cache, start_pos: fed.append((start_pos, idx.shape[1])) or decode(idx, cache, start_pos)
+    try:
+        second = list(session.reply("And again?", 6))
+    finally:
+        m.decode = decode
+    prompt = before + ([EOS] if before[-1] != EOS else []) + [USER] + gpt2_enc.encode_ordinary("And again?") + [ASSISTANT]
+    assert session.ids[:len(prompt)] == prompt
+    assert fed[0] == (len(before) - 1, len(prompt) - len(before) + 1)  # from the last uncached token on, no more
+    assert prompt == render_prompt([{"role": "user", "content": "Hello there"},
+                                    {"role": "assistant", "content": gpt2_enc.decode(first)},
+                                    {"role": "user", "content": "And again?"}]) or first == []
+    with torch.no_grad():
+        seq = list(prompt)
+        for tok in second:  # greedy over the first EOS + 1 ids, from the full forward
+            logits = m(torch.tensor([seq]))[0][0, -1, :EOS + 1]
+            assert int(logits.argmax()) == tok
+            seq.append(tok)
+    assert len(first) > 0 and len(second) > 0
+
+
+def test_chat_cli_one_reply_and_task_eval(chat_model, tmp_path):
+    ckpt = save_ckpt(tmp_path / "sft", chat_model, step=7, config={"chat_data": "tasks"})
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    p = subprocess.run([sys.executable, "chat.py", f"--out_dir={ckpt}", "--prompt=What is 17 + 25?", "--device=cpu",
+                        "--temperature=0", "--max_new_tokens=5"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120, env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.endswith("\n") and p.stdout.count("\n") <= 6 and "chat.py" not in p.stdout  # the reply only
+    p = subprocess.run([sys.executable, "chat.py", f"--out_dir={ckpt}", "--eval_tasks=2", "--device=cpu"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    import tasks
+    res = json.loads((ckpt / "chat_eval.json").read_text())
+    assert set(res["tasks"]) == set(tasks.TASKS) and all(r["n"] == 2 for r in res["tasks"].values())
+    assert len(p.stdout.strip().splitlines()) == len(tasks.TASKS)
+    bad = subprocess.run([sys.executable, "chat.py", f"--out_dir={tmp_path / 'none'}", "--prompt=hi"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert bad.returncode == 1 and bad.stderr.startswith("chat.py: error: no checkpoint")
+
+
+# ---- SFT with train.py --------------------------------------------------------------------------------------
+
+def test_masked_targets_are_left_out_of_every_loss(chat_model):
+    """-1 targets count in neither the main CE nor any MTP depth's: the loss is the mean over the others."""
+    import torch.nn.functional as F
+    x = torch.randint(0, 1000, (2, 20), generator=torch.Generator().manual_seed(0))
+    y = torch.full_like(x, -1)
+    y[0, 5], y[1, 9], y[1, 15] = 7, 8, 9
+    logits, parts = chat_model(x, y)
+    keep = y >= 0
+    assert parts["ce"].item() == pytest.approx(F.cross_entropy(logits[keep], y[keep]).item(), rel=1e-5)
+    h, _ = chat_model._trunk(x)
+    mod = chat_model.mtp[0]
+    h1, _ = mod(h[:, :-1], chat_model.embed(x[:, 1:]), chat_model.rope_cos[:19], chat_model.rope_sin[:19])
+    l1 = chat_model.head(mod.norm(h1))
+    keep1 = y[:, 1:] >= 0
+    assert parts["mtp"][0].item() == pytest.approx(F.cross_entropy(l1[keep1], y[:, 1:][keep1]).item(), rel=1e-5)
+
+
+def run_sft(out, base, *args, nproc=None):
+    launcher = [sys.executable] if nproc is None else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd = launcher + ["train.py", f"--init_from={base}", f"--out_dir={out}", "--chat_data=tasks,data/chat_sample.jsonl",
+                      "--chat_tasks=40", "--device=cpu", "--dtype=float32", "--compile=False", "--batch_size=2",
+                      "--total_batch_size=384", "--learning_rate=3e-3", "--min_lr=3e-4", "--warmup_iters=2",
+                      "--lr_decay_iters=6", "--eval_iters=2", "--log_interval=1", "--sample_tokens=0",
+                      "--bias_update_speed=0.0", *args]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p, [json.loads(line) for line in open(out / "log.jsonl")]
+
+
+def test_sft_from_a_pretrained_out_dir_resumes_exactly_and_runs_under_ddp(chat_model, tmp_path):
+    """train.py with init_from=<pretrained out_dir> and chat_data: the architecture comes from the checkpoint (the
+    command names none), the weights too; exact resume and 2-process DDP work as in pretraining."""
+    base = save_ckpt(tmp_path / "base", chat_model, step=200)
+    p, straight = run_sft(tmp_path / "straight", base, "--max_iters=6", "--eval_interval=3")
+    assert "initialised from" in p.stdout and "chat data:" in p.stdout and "held out" in p.stdout
+    assert [r["step"] for r in straight] == list(range(1, 7))
+    ckpt = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
+    assert ckpt["model_config"]["max_seq_len"] == 96 and ckpt["config"]["chat_data"].startswith("tasks")
+    run_sft(tmp_path / "split", base, "--max_iters=3", "--eval_interval=3")
+    _, split = run_sft(tmp_path / "split", base, "--max_iters=6", "--eval_interval=3", "--init_from=resume")
+    assert [(r["loss"], r["ce"], r["mtp"]) for r in split] == [(r["loss"], r["ce"], r["mtp"]) for r in straight]
+    # one row per micro-batch, so both runs average the same per-row means (a mean over each micro-batch's
+    # assistant tokens, then over micro-batches and ranks: rows with more answer tokens do not weigh more)
+    _, single = run_sft(tmp_path / "single", base, "--max_iters=4", "--eval_interval=100", "--batch_size=1",
+                        "--total_batch_size=192")
+    p, ddp = run_sft(tmp_path / "ddp", base, "--max_iters=4", "--eval_interval=100", "--batch_size=1",
+                     "--total_batch_size=192", nproc=2)
+    assert "2 processes x 1 accumulation steps" in p.stdout
+    for a, b in zip(ddp, single):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)

@@ -1,0 +1,177 @@
+"""
+Talk to a chat-tuned checkpoint (python train.py config/sft_tiny.py makes one).
+
+    python chat.py --out_dir=out-tiny-sft                                  # a multi-turn chat in the terminal
+    python chat.py --out_dir=out-tiny-sft --prompt="What is 17 + 25?"      # one reply to stdout, for scripts
+    python chat.py --out_dir=out-tiny-sft --eval_tasks=50                  # score held-out tasks (greedy)
+
+In the chat, /clear starts a new conversation and /quit (or Ctrl-D) leaves; Ctrl-C stops the reply being written,
+not the program. Replies stream as they are decoded. The latent MLA cache is kept across turns: a new turn runs
+the model on its own tokens only (the end of the last reply, the user's text, <Assistant>), never on the whole
+conversation again. --speculative=True drafts with the MTP module(s). The conversation is DeepSeek-V3's template
+(data/loader.py); when it no longer fits max_seq_len, the oldest turns are dropped.
+
+--eval_tasks=N: greedy exact match on N held-out problems of each of tasks.py's tasks (never seen in SFT); one line per
+task, and the results in <out_dir>/chat_eval.json.
+"""
+import json
+import os
+import sys
+from types import SimpleNamespace
+
+import torch
+
+from checkpoint import load_model
+from configurator import UserError, configure, config_keys
+from data.loader import ASSISTANT, BOS, EOS, USER, atomic_write, get_tokenizer, render_prompt
+from model import autocast_context
+from sample import check_device, generate_tokens, text_stream
+
+# -----------------------------------------------------------------------------------------------------------------
+out_dir = 'out-tiny-sft'      # a train.py out_dir (holding ckpt.pt) or the path of a checkpoint file
+prompt = ''                   # one reply to this message on stdout, then exit
+system = ''                   # an optional system prompt
+eval_tasks = 0                # score N held-out problems per task (greedy), then exit
+temperature = 0.7             # 0: greedy
+top_k = 50                    # 0: off
+top_p = 1.0                   # 1: off
+max_new_tokens = 256          # per reply (less if the context is shorter)
+speculative = False           # MTP self-speculative decoding
+seed = 1337
+device = 'cuda' if torch.cuda.is_available() else 'cpu'
+dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'
+# -----------------------------------------------------------------------------------------------------------------
+
+
+class Chat:
+    """One conversation: its ids so far and the decoding state (latent cache) that holds them."""
+
+    def __init__(self, model, enc, system="", **sampling):
+        self.model, self.enc, self.system, self.sampling = model, enc, system, sampling
+        self.clear()
+
+    def clear(self):
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+        self.ids, self.state = [], {}
+
+    def reply(self, text, max_new_tokens):
+        """Stream the reply to `text` as token ids (EOS, which ends it, is not yielded). The conversation keeps
+        what was generated, even if the caller stops early (Ctrl-C): the next turn closes it with EOS."""
+        if self.ids and self.ids[-1] != EOS:
+            self.ids.append(EOS)  # the last reply was cut short: close the turn as the template does
+        self.messages.append({"role": "user", "content": text})
+        # the ids render_prompt(self.messages) gives, built on the ids already in the cache
+        ids = self.ids + [USER] + self.enc.encode_ordinary(text) + [ASSISTANT] if self.ids else \
+            render_prompt(self.messages, self.enc)
+        room = self.model.cfg.max_seq_len - len(ids)
+        if room < min(max_new_tokens, 16):  # the context is full: keep the system prompt and this turn only
+            self.messages = self.messages[:1] if self.system else []
+            self.messages.append({"role": "user", "content": text})
+            ids = render_prompt(self.messages, self.enc)
+            room = self.model.cfg.max_seq_len - len(ids)
+            if room < 1:
+                raise UserError(f"this message alone fills the model's context ({self.model.cfg.max_seq_len} tokens)")
+        self.ids = ids
+        out = []
+        try:
+            for tok in generate_tokens(self.model, ids, min(max_new_tokens, room), eot=EOS, n_vocab=EOS + 1,
+                                       state=self.state, **self.sampling):
+                self.ids.append(tok)
+                if tok in (EOS, BOS):
+                    break
+                out.append(tok)
+                yield tok
+        finally:
+            self.messages.append({"role": "assistant", "content": self.enc.decode(out)})
+
+
+def complete(model, enc, conversations, max_new_tokens=32):
+    """Greedy replies (text) to conversations that end with a user turn: what tasks.evaluate scores."""
+    replies = []
+    for messages in conversations:
+        ids = render_prompt(messages, enc)
+        n = min(max_new_tokens, model.cfg.max_seq_len - len(ids))
+        toks = list(generate_tokens(model, ids, n, temperature=0.0, eot=EOS, n_vocab=EOS + 1)) if n > 0 else []
+        replies.append(enc.decode([t for t in toks if t < BOS]))
+    return replies
+
+
+def evaluate(model, enc, n, seed=0):
+    """{task: {correct, n, accuracy}} on n held-out problems per task, greedy."""
+    import tasks
+    return tasks.evaluate(lambda convs: complete(model, enc, convs), n, seed)
+
+
+def main(argv=None):
+    c = SimpleNamespace(**configure(config_keys(globals()), sys.argv[1:] if argv is None else argv,
+                                    description=__doc__.strip().split("\n\n")[0], quiet=True))
+    try:
+        ctx = autocast_context(check_device(c.device).type, c.dtype)
+        if c.temperature < 0 or c.top_k < 0 or not 0 < c.top_p <= 1 or c.max_new_tokens < 1 or c.eval_tasks < 0:
+            raise UserError("need temperature >= 0, top_k >= 0, 0 < top_p <= 1, max_new_tokens >= 1, eval_tasks >= 0")
+        model, ckpt = load_model(c.out_dir, c.device)
+        if model.cfg.vocab_size <= ASSISTANT:
+            raise UserError(f"vocab_size {model.cfg.vocab_size} has no rows for the chat tokens (ids {BOS}-"
+                            f"{ASSISTANT}): chat needs a model with the padded GPT-2 vocabulary (50304)")
+        if c.speculative and not model.cfg.n_mtp:
+            raise UserError("--speculative drafts with the MTP modules, but this model has none (n_mtp=0)")
+        if "chat_data" not in ckpt.get("config", {}) or not ckpt["config"]["chat_data"]:
+            print(f"chat.py: note: {c.out_dir} was not chat-tuned (no chat_data in its run): expect noise; "
+                  "python train.py config/sft_tiny.py makes a chat model", file=sys.stderr)
+    except UserError as e:
+        sys.exit(f"chat.py: error: {e}")
+    enc = get_tokenizer()
+    torch.manual_seed(c.seed)
+    sampling = dict(temperature=c.temperature, top_k=c.top_k or None, top_p=c.top_p if c.top_p < 1 else None,
+                    generator=torch.Generator(device=c.device).manual_seed(c.seed), speculative=c.speculative)
+    chat = Chat(model, enc, c.system, **sampling)
+
+    if c.eval_tasks:
+        with ctx:
+            res = evaluate(model, enc, c.eval_tasks, c.seed)
+        for task, r in res.items():
+            print(f"{task:8s} {r['correct']:4d} / {r['n']:4d} = {r['accuracy']:.3f}")
+        path = os.path.join(c.out_dir if os.path.isdir(c.out_dir) else os.path.dirname(c.out_dir), "chat_eval.json")
+        record = {"checkpoint": c.out_dir, "step": ckpt.get("step"), "n_per_task": c.eval_tasks, "tasks": res}
+        atomic_write(path, lambda f: f.write(json.dumps(record, indent=2) + "\n"), mode="w")
+        print(f"wrote {path}", file=sys.stderr)
+        return res
+    if c.prompt:  # one reply, nothing else on stdout
+        text = text_stream(enc)
+        with ctx:
+            for tok in chat.reply(c.prompt, c.max_new_tokens):
+                print(text(tok), end="", flush=True)
+        print(text())
+        return
+
+    print(f"chat.py: {c.out_dir} (step {ckpt.get('step', '?')}). /clear starts over, /quit leaves, Ctrl-C stops "
+          "a reply.", file=sys.stderr)
+    while True:
+        try:
+            line = input("\nyou> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if line in ("/quit", "/exit"):
+            return
+        if line == "/clear":
+            chat.clear()
+            print("(new conversation)")
+            continue
+        if not line:
+            continue
+        print("bot> ", end="", flush=True)
+        text = text_stream(enc)
+        try:
+            with ctx:
+                for tok in chat.reply(line, c.max_new_tokens):
+                    print(text(tok), end="", flush=True)
+        except KeyboardInterrupt:
+            print(" [stopped]", end="")
+        except UserError as e:
+            print(f"(chat.py: {e}; /clear to start over)", end="")
+        print(text(), flush=True)
+
+
+if __name__ == "__main__":
+    main()
