@@ -46,7 +46,7 @@ import time
 
 from checkpoint import load_model
 from configurator import UserError, configure, config_keys
-from data.loader import EOT, bytes_to_unicode
+from data.loader import BOS, CHAT_TOKENS, EOS, EOT, bytes_to_unicode
 from model import DTYPES
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -59,6 +59,7 @@ tokenizer = True                 # write the tokenizer files (--to=hf)
 # -----------------------------------------------------------------------------------------------------------------
 _SETTINGS = config_keys(globals())
 EOT_TEXT = "<|endoftext|>"
+BOS_TEXT, EOS_TEXT = ({i: t for t, i in CHAT_TOKENS.items()}[i] for i in (BOS, EOS))
 # the network fields of the official ModelArgs: its generate.py builds ModelArgs(**json.load(f)), so config.json
 # holds these and "dtype", nothing else
 OFFICIAL_FIELDS = ["max_seq_len", "vocab_size", "dim", "inter_dim", "moe_inter_dim", "n_layers", "n_dense_layers",
@@ -175,8 +176,17 @@ def recover_merges(ranks):
     return merges
 
 
-def write_tokenizer(enc, dest, max_len):
-    """tokenizer.json (+ tokenizer_config.json, special_tokens_map.json) equivalent to the tiktoken GPT-2 encoding."""
+# data/loader.py's chat template in Jinja, for transformers' apply_chat_template (the same ids: the special tokens
+# split the text, so each message's content is encoded on its own, as render_conversation does)
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}"
+                 "{% elif m['role'] == 'user' %}{{ '<｜User｜>' + m['content'] }}"
+                 "{% else %}{{ '<｜Assistant｜>' + m['content'] + eos_token }}{% endif %}{% endfor %}"
+                 "{% if add_generation_prompt %}{{ '<｜Assistant｜>' }}{% endif %}")
+
+
+def write_tokenizer(enc, dest, max_len, chat=False):
+    """tokenizer.json (+ tokenizer_config.json, special_tokens_map.json) equivalent to the tiktoken GPT-2 encoding;
+    chat=True adds the chat tokens (ids 50257-50260), makes BOS/EOS the chat's and writes the chat_template."""
     _require("tokenizers")
     from tokenizers import Tokenizer, AddedToken, decoders, models, pre_tokenizers, processors
     ranks = enc._mergeable_ranks
@@ -190,13 +200,16 @@ def write_tokenizer(enc, dest, max_len):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    tok.add_special_tokens([AddedToken(EOT_TEXT, special=True, normalized=False)])
-    assert tok.token_to_id(EOT_TEXT) == EOT
+    added = {EOT_TEXT: EOT, **(CHAT_TOKENS if chat else {})}
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in added])
+    assert all(tok.token_to_id(t) == i for t, i in added.items())
     tok.save(os.path.join(dest, "tokenizer.json"))
-    special = {"bos_token": EOT_TEXT, "eos_token": EOT_TEXT, "unk_token": EOT_TEXT}
+    bos, eos = (BOS_TEXT, EOS_TEXT) if chat else (EOT_TEXT, EOT_TEXT)
+    special = {"bos_token": bos, "eos_token": eos, "unk_token": EOT_TEXT}
     _write_json(os.path.join(dest, "tokenizer_config.json"), {
         "tokenizer_class": "PreTrainedTokenizerFast", **special, "model_max_length": max_len, "add_prefix_space": False,
-        "clean_up_tokenization_spaces": False, "add_bos_token": False, "add_eos_token": False})
+        "clean_up_tokenization_spaces": False, "add_bos_token": False, "add_eos_token": False,
+        **({"chat_template": CHAT_TEMPLATE} if chat else {})})
     _write_json(os.path.join(dest, "special_tokens_map.json"), special)
 
 
@@ -263,8 +276,9 @@ def resolve_mtp(setting, cfg, to):
     return choice[str(setting)]
 
 
-def export(model_cfg, state, dest, to="hf", dtype="float32", mtp="auto", enc=None, write_tok=True):
-    """Write the export of one model (ModelConfig + state dict) into dest. Returns a dict of what was written."""
+def export(model_cfg, state, dest, to="hf", dtype="float32", mtp="auto", enc=None, write_tok=True, chat=False):
+    """Write the export of one model (ModelConfig + state dict) into dest; chat=True for a chat-tuned model (its
+    tokenizer gets the chat tokens and template, and generation stops at its EOS). Returns what was written."""
     if dtype not in DTYPES:
         raise ExportError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if to not in ("hf", "official"):
@@ -283,6 +297,8 @@ def export(model_cfg, state, dest, to="hf", dtype="float32", mtp="auto", enc=Non
         _write_json(path("config.json"), official_config(model_cfg))
         return {"tensors": len(tensors), "bytes": nbytes, "mtp": None}
     cfg_json = hf_config(model_cfg, dtype)
+    if chat:
+        cfg_json.update(bos_token_id=BOS, eos_token_id=EOS)
     if with_mtp is None:
         cfg_json["num_nextn_predict_layers"] = 0
     tensors = hf_state_dict(state, model_cfg, with_mtp is not None)
@@ -300,7 +316,7 @@ def export(model_cfg, state, dest, to="hf", dtype="float32", mtp="auto", enc=Non
         if enc is None:
             from data.loader import get_tokenizer
             enc = get_tokenizer()
-        write_tokenizer(enc, dest, model_cfg.max_seq_len)
+        write_tokenizer(enc, dest, model_cfg.max_seq_len, chat)
     return {"tensors": len(tensors), "bytes": nbytes, "mtp": with_mtp}
 
 
@@ -310,9 +326,10 @@ def main(argv=None):
                      quiet=True)
     t0 = time.time()
     try:
-        model, _ = load_model(args["out_dir"], device="cpu")  # validated: a one-line error for a bad checkpoint
+        model, ckpt = load_model(args["out_dir"], device="cpu")  # validated: one-line errors for a bad checkpoint
+        chat = bool(ckpt.get("config", {}).get("chat_data"))  # an SFT run: a chat model
         info = export(model.cfg, model.state_dict(), args["hf_dir"], to=args["to"], dtype=args["dtype"],
-                      mtp=args["mtp"], write_tok=args["tokenizer"])
+                      mtp=args["mtp"], write_tok=args["tokenizer"], chat=chat)
     except UserError as e:
         sys.exit(f"export.py: error: {e}")
     size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(args["hf_dir"]) for f in fs)

@@ -305,3 +305,39 @@ def test_cli_hf_dir_is_a_file_is_one_line(tmp_path, to):
     assert p.returncode == 1 and "Traceback" not in err, err
     assert len(err.splitlines()) == 1 and err.startswith("export.py: error: ") and str(target) in err, err
     assert target.read_bytes() == b"someone's file\n\x00\x01"
+
+
+CHATS = [
+    [{"role": "user", "content": "What is 17 + 25?"}],
+    [{"role": "system", "content": "You are brief."}, {"role": "user", "content": "Hello there!"}],
+    [{"role": "user", "content": "Spell 'cat' backwards."}, {"role": "assistant", "content": "tac"},
+     {"role": "user", "content": "  And 'dog', with spaces? 🙂 "}],
+    [{"role": "system", "content": "Answer in one word.\nBe polite."}, {"role": "user", "content": "Hi"},
+     {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Colour of the sky?"}],
+]
+
+
+def test_chat_export_template_and_greedy_generation_equal_ours(tmp_path, gpt2_enc):
+    """An SFT model's export: apply_chat_template(..., add_generation_prompt=True) gives exactly render_prompt's ids
+    (with and without a system prompt, multi-turn), and transformers' greedy generate from them is chat.py's
+    greedy reply, token for token, stopping at the chat's EOS."""
+    import chat
+    from data.loader import EOS, render_prompt
+    m = random_model(3, vocab_size=50304, max_seq_len=96)
+    export.export(m.cfg, m.state_dict(), str(tmp_path), enc=gpt2_enc, chat=True)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    assert tok.eos_token_id == EOS and tok.bos_token_id == 50257
+    hf = load_hf_clean(tmp_path)
+    assert hf.generation_config.eos_token_id == EOS
+    for messages in CHATS:
+        ids = render_prompt(messages, gpt2_enc)
+        assert tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                       return_dict=False) == ids, messages
+        ours = list(generate_tokens(m, ids, 12, temperature=0.0, eot=EOS, n_vocab=EOS + 1))  # what chat.py decodes
+        if all(msg["role"] != "assistant" for msg in messages):  # a first turn: chat.py's Chat replies the same
+            system = messages[0]["content"] if messages[0]["role"] == "system" else ""
+            reply = chat.Chat(m, gpt2_enc, system=system, temperature=0.0).reply(messages[-1]["content"], 12)
+            assert list(reply) == [t for t in ours if t != EOS]
+        out = hf.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=EOS, pad_token_id=EOS,
+                          suppress_tokens=list(range(EOS + 1, 50304)))  # chat.py samples among ids <= EOS
+        assert out[0, len(ids):].tolist() == ours, messages
