@@ -36,18 +36,15 @@ import itertools
 import json
 import multiprocessing
 import os
-import socket
 import sys
-import threading
 import time
-import urllib.parse
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script (python data/fineweb.py), too
-from data.loader import HERE, DataError, atomic_write, first_line, get_tokenizer  # noqa: E402
+from data.loader import HERE, DataError, atomic_write, first_line, get_tokenizer, hub_offline_reason  # noqa: E402
 
 HUB_DATASET = "HuggingFaceFW/fineweb-edu"
 INPUT_SUFFIXES = (".parquet", ".jsonl", ".json", ".csv", ".txt")
@@ -68,35 +65,6 @@ def tokenize(text):
 
 # ----------------------------------------------------------------------------------------------------------------
 # document sources: each yields the texts of its documents, in a fixed order (resuming depends on it)
-
-HUB_CHECK_SECONDS = 2.0
-
-
-def hub_offline_reason():
-    """None if the Hugging Face Hub looks reachable, else why not (one phrase): HF_HUB_OFFLINE / HF_DATASETS_OFFLINE
-    answer at once; otherwise a TCP connection to the HTTPS proxy or the Hub (HF_ENDPOINT), given up after
-    HUB_CHECK_SECONDS, a hanging name lookup included (datasets would retry for half a minute)."""
-    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-        if os.environ.get(var, "").strip().upper() in ("1", "ON", "YES", "TRUE"):
-            return f"{var}={os.environ[var]} is set"
-    target = (os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy") or os.environ.get("HF_ENDPOINT")
-              or "https://huggingface.co")
-    url = urllib.parse.urlsplit(target if "://" in target else f"http://{target}")
-    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
-    result = []
-
-    def connect():
-        try:
-            socket.create_connection((host, port), timeout=HUB_CHECK_SECONDS).close()
-            result.append(None)
-        except OSError as e:
-            result.append(f"cannot connect to {host}:{port}: {first_line(e)}")
-
-    t = threading.Thread(target=connect, daemon=True)  # a thread, so that a hanging name lookup is cut off too
-    t.start()
-    t.join(HUB_CHECK_SECONDS)
-    return result[0] if result else f"no connection to {host}:{port} within {HUB_CHECK_SECONDS:g} s"
-
 
 def hub_documents(subset):
     reason = hub_offline_reason()

@@ -16,6 +16,9 @@ import gzip
 import json
 import os
 import secrets
+import socket
+import threading
+import urllib.parse
 from pathlib import Path
 
 import numpy as np
@@ -327,6 +330,35 @@ def read_conversations(path):
     return out
 
 
+HUB_CHECK_SECONDS = 2.0
+
+
+def hub_offline_reason():
+    """None if the Hugging Face Hub looks reachable, else why not (one phrase): HF_HUB_OFFLINE / HF_DATASETS_OFFLINE
+    answer at once; otherwise a TCP connection to the HTTPS proxy or the Hub (HF_ENDPOINT), given up after
+    HUB_CHECK_SECONDS, a hanging name lookup included (datasets would retry for half a minute)."""
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if os.environ.get(var, "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+            return f"{var}={os.environ[var]} is set"
+    target = (os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy") or os.environ.get("HF_ENDPOINT")
+              or "https://huggingface.co")
+    url = urllib.parse.urlsplit(target if "://" in target else f"http://{target}")
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    result = []
+
+    def connect():
+        try:
+            socket.create_connection((host, port), timeout=HUB_CHECK_SECONDS).close()
+            result.append(None)
+        except OSError as e:
+            result.append(f"cannot connect to {host}:{port}: {first_line(e)}")
+
+    t = threading.Thread(target=connect, daemon=True)  # a thread, so that a hanging name lookup is cut off too
+    t.start()
+    t.join(HUB_CHECK_SECONDS)
+    return result[0] if result else f"no connection to {host}:{port} within {HUB_CHECK_SECONDS:g} s"
+
+
 HUB_CHAT = {"smoltalk": ("HuggingFaceTB/smol-smoltalk", None), "gsm8k": ("openai/gsm8k", "main")}
 
 
@@ -348,6 +380,10 @@ def hub_conversations(name, split):
     except ImportError:
         raise DataError(f"chat_data={name!r} needs the datasets package: pip install datasets") from None
     path, subset = HUB_CHAT[name]
+    reason = hub_offline_reason()
+    if reason:
+        raise DataError(f"could not reach the Hugging Face Hub for {path} ({reason}); offline, use chat_data='tasks' "
+                        "or a .jsonl of conversations")
     try:
         rows = datasets.load_dataset(path, subset, split="train" if split == "train" else "test")
     except (ConnectionError, OSError, ValueError) as e:

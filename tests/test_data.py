@@ -391,26 +391,26 @@ def test_hub_unreachable_fails_fast(tmp_path, hub_env):
     hub_env.setattr(socket, "create_connection", refused)
     msg = one_line_exit(["--out_dir", str(tmp_path), "--num_workers", "1"])
     assert "could not reach the Hugging Face Hub" in msg and "huggingface.co:443" in msg and "--input" in msg
-    assert tried == [(("huggingface.co", 443), fineweb.HUB_CHECK_SECONDS)] and not calls
+    assert tried == [(("huggingface.co", 443), loader.HUB_CHECK_SECONDS)] and not calls
 
     tried.clear()  # through a proxy, the proxy is what must answer; HF_ENDPOINT names a mirror
     hub_env.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
-    assert "127.0.0.1:9" in fineweb.hub_offline_reason() and tried[0][0] == ("127.0.0.1", 9)
+    assert "127.0.0.1:9" in loader.hub_offline_reason() and tried[0][0] == ("127.0.0.1", 9)
     hub_env.delenv("HTTPS_PROXY")
     hub_env.setenv("HF_ENDPOINT", "https://hf-mirror.example.org")
-    assert "hf-mirror.example.org:443" in fineweb.hub_offline_reason()
+    assert "hf-mirror.example.org:443" in loader.hub_offline_reason()
 
     def hangs(address, timeout=None):  # e.g. a name lookup that never answers: cut off after the time limit
         time.sleep(3)
         raise TimeoutError("timed out")
 
     hub_env.setattr(socket, "create_connection", hangs)
-    hub_env.setattr(fineweb, "HUB_CHECK_SECONDS", 0.2)
+    hub_env.setattr(loader, "HUB_CHECK_SECONDS", 0.2)
     t0 = time.time()
-    assert "within 0.2 s" in fineweb.hub_offline_reason() and time.time() - t0 < 1.5
+    assert "within 0.2 s" in loader.hub_offline_reason() and time.time() - t0 < 1.5
 
     hub_env.setattr(socket, "create_connection", lambda address, timeout=None: types.SimpleNamespace(close=lambda: 0))
-    assert fineweb.hub_offline_reason() is None
+    assert loader.hub_offline_reason() is None
 
 
 # ---------------------------------------------------------------------------------------------------- reader
