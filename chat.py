@@ -85,21 +85,30 @@ class Chat:
             self.messages.append({"role": "assistant", "content": self.enc.decode(out)})
 
 
-def complete(model, enc, conversations, max_new_tokens=32):
-    """Greedy replies (text) to conversations that end with a user turn: what tasks.evaluate scores."""
+def complete(model, enc, conversations, max_new_tokens=32, ended=None):
+    """Greedy replies (text) to conversations that end with a user turn: what tasks.evaluate scores. `ended` (a
+    list) receives, per reply, whether the model closed it with EOS within max_new_tokens."""
     replies = []
     for messages in conversations:
         ids = render_prompt(messages, enc)
         n = min(max_new_tokens, model.cfg.max_seq_len - len(ids))
         toks = list(generate_tokens(model, ids, n, temperature=0.0, eot=EOS, n_vocab=EOS + 1)) if n > 0 else []
         replies.append(enc.decode([t for t in toks if t < BOS]))
+        if ended is not None:
+            ended.append(bool(toks) and toks[-1] == EOS)
     return replies
 
 
 def evaluate(model, enc, n, seed=0):
-    """{task: {correct, n, accuracy}} on n held-out problems per task, greedy."""
+    """{task: {correct, n, accuracy, ended}} on n held-out problems per task, greedy; ended is the fraction of
+    replies the model closed with EOS (within 32 tokens)."""
     import tasks
-    return tasks.evaluate(lambda convs: complete(model, enc, convs), n, seed)
+    res = {}
+    for task in tasks.TASKS:
+        ended = []
+        res[task] = tasks.evaluate(lambda convs: complete(model, enc, convs, ended=ended), n, seed, [task])[task]
+        res[task]["ended"] = sum(ended) / max(len(ended), 1)
+    return res
 
 
 def main(argv=None):
@@ -130,7 +139,8 @@ def main(argv=None):
         with ctx:
             res = evaluate(model, enc, c.eval_tasks, c.seed)
         for task, r in res.items():
-            print(f"{task:8s} {r['correct']:4d} / {r['n']:4d} = {r['accuracy']:.3f}")
+            print(f"{task:8s} {r['correct']:4d} / {r['n']:4d} = {r['accuracy']:.3f} exact match, "
+                  f"{r['ended']:.0%} of replies ended with EOS")
         path = os.path.join(c.out_dir if os.path.isdir(c.out_dir) else os.path.dirname(c.out_dir), "chat_eval.json")
         record = {"checkpoint": c.out_dir, "step": ckpt.get("step"), "n_per_task": c.eval_tasks, "tasks": res}
         atomic_write(path, lambda f: f.write(json.dumps(record, indent=2) + "\n"), mode="w")

@@ -23,7 +23,6 @@ is wrong.
     python tasks.py        # a few problems of every task, their token lengths and split sizes
 """
 import hashlib
-import json
 import random
 import re
 from pathlib import Path
@@ -219,25 +218,6 @@ def evaluate(generate_fn, n_per_task, seed=0, tasks=None):
         correct = sum(check(task, c, a) for c, (_, a) in zip(completions, probs))
         results[task] = {"correct": correct, "n": len(probs), "accuracy": correct / len(probs) if probs else 0.0}
     return results
-
-
-def load_conversations(path=CHAT_SAMPLE):
-    """The conversations of a JSON-lines file of {"messages": [...]} objects (default: the bundled chat sample).
-    A DataError names the first bad line; the roles are checked by data.loader.render_conversation."""
-    convs = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    messages = json.loads(line)["messages"]
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise DataError(f"{path} line {i}: expected a JSON object with a 'messages' list ({e!r})") from e
-                convs.append(messages)
-    except FileNotFoundError as e:
-        raise DataError(f"{path} not found (the bundled sample is made by python data/make_chat_sample.py)") from e
-    return convs
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 import tasks
-from data.loader import ASSISTANT, BOS, EOS, USER, DataError, render_conversation, render_prompt
+from data.loader import ASSISTANT, BOS, EOS, USER, DataError, read_conversations, render_conversation, render_prompt
 from tasks import TASKS, check, conversation, evaluate, problems, sft_conversations, split_of
 
 MAX_TOKENS = 100  # every rendered conversation must be shorter: the offline recipe's context is 128 tokens
@@ -173,7 +173,7 @@ def test_chat_sample(gpt2_enc):
     path = tasks.CHAT_SAMPLE
     assert path.stat().st_size < 100_000
     lines = path.read_text(encoding="utf-8").splitlines()
-    convs = tasks.load_conversations()
+    convs = read_conversations(path)
     assert 100 <= len(convs) == len(lines) <= 200
     for line, conv in zip(lines, convs):
         assert set(json.loads(line)) == {"messages"}
@@ -198,15 +198,6 @@ def test_chat_sample_is_regenerated_exactly(tmp_path, monkeypatch):
     monkeypatch.setattr(make_chat_sample, "OUT", out)
     make_chat_sample.main()
     assert out.read_bytes() == tasks.CHAT_SAMPLE.read_bytes()
-
-
-def test_load_conversations_errors(tmp_path):
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"messages": []}\n{"text": "hi"}\n')
-    with pytest.raises(DataError, match="line 2"):
-        tasks.load_conversations(bad)
-    with pytest.raises(DataError, match="not found"):
-        tasks.load_conversations(tmp_path / "missing.jsonl")
 
 
 def test_tasks_script_runs():
