@@ -2,7 +2,6 @@
 with train.py end to end."""
 import json
 
-import numpy as np
 import pytest
 
 from data.loader import (ASSISTANT, BOS, EOS, USER, ChatReader, DataError, gsm8k_conversation, read_conversations,
