@@ -24,7 +24,7 @@ eval_interval = 50
 eval_iters = 8                    # all 8 x 8 rows of held-out conversations
 log_interval = 10
 sample_tokens = 0
-chat_eval_interval = 150          # greedy exact match on held-out problems at steps 0, 150 and 300
+chat_eval_interval = 300          # greedy exact match on 20 held-out problems per task at steps 0 and 300
 chat_eval_n = 20
 # The expert-bias update is frozen: SFT is short and narrow (digits and short words), and re-balancing the
 # routers on it would move tokens away from the experts that learned them in pretraining.
