@@ -313,7 +313,7 @@ def test_config_files_are_valid(config, tmp_path):
     if config == "sft_tiny.py":
         assert p.returncode == 0 and "done: 0 steps" in p.stdout, p.stderr[-1000:]
     elif config == "sft_fineweb.py":
-        assert p.returncode == 1 and "cannot load HuggingFaceTB/smol-smoltalk" in last, p.stderr[-1000:]
+        assert p.returncode == 1 and "HuggingFaceTB/smol-smoltalk" in last and "chat_data='tasks'" in last, last
     else:
         assert p.returncode == 1 and "meta.json missing" in last, p.stderr[-500:]
 
