@@ -12,7 +12,8 @@ conversation again. --speculative=True drafts with the MTP module(s). The conver
 (data/loader.py); when it no longer fits max_seq_len, the oldest turns are dropped.
 
 --eval_tasks=N: greedy exact match on N held-out problems of each of tasks.py's tasks (never seen in SFT); one line per
-task, and the results in <out_dir>/chat_eval.json.
+task, and the results in <out_dir>/chat_eval.json. --eval_gsm8k=N: the first N problems of GSM8K's test split (the GPU
+recipe's; downloaded with datasets), right when the reply's last number is the answer.
 """
 import json
 import os
@@ -32,6 +33,7 @@ out_dir = 'out-tiny-sft'      # a train.py out_dir (holding ckpt.pt) or the path
 prompt = ''                   # one reply to this message on stdout, then exit
 system = ''                   # an optional system prompt
 eval_tasks = 0                # score N held-out problems per task (greedy), then exit
+eval_gsm8k = 0                # score the first N problems of GSM8K's test split (greedy; needs datasets), then exit
 temperature = 0.7             # 0: greedy
 top_k = 50                    # 0: off
 top_p = 1.0                   # 1: off
@@ -99,6 +101,17 @@ def complete(model, enc, conversations, max_new_tokens=32, ended=None):
     return replies
 
 
+def evaluate_gsm8k(model, enc, n):
+    """{correct, n, accuracy}: greedy replies to the first n GSM8K test problems, right when their last number is
+    the reference's final answer (tasks.check_number, GRPO's reward too)."""
+    import tasks
+    from data.loader import hub_conversations
+    convs = hub_conversations("gsm8k", "val")[:n]
+    replies = complete(model, enc, [c[:1] for c in convs], max_new_tokens=256)
+    correct = sum(tasks.check_number(r, tasks.last_number(c[1]["content"])) for r, c in zip(replies, convs))
+    return {"correct": correct, "n": len(convs), "accuracy": correct / max(len(convs), 1)}
+
+
 def evaluate(model, enc, n, seed=0):
     """{task: {correct, n, accuracy, ended}} on n held-out problems per task, greedy; ended is the fraction of
     replies the model closed with EOS (within 32 tokens)."""
@@ -116,7 +129,7 @@ def main(argv=None):
                                     description=__doc__.strip().split("\n\n")[0], quiet=True))
     try:
         ctx = autocast_context(check_device(c.device).type, c.dtype)
-        if c.temperature < 0 or c.top_k < 0 or not 0 < c.top_p <= 1 or c.max_new_tokens < 1 or c.eval_tasks < 0:
+        if c.temperature < 0 or c.top_k < 0 or not 0 < c.top_p <= 1 or c.max_new_tokens < 1 or min(c.eval_tasks, c.eval_gsm8k) < 0:
             raise UserError("need temperature >= 0, top_k >= 0, 0 < top_p <= 1, max_new_tokens >= 1, eval_tasks >= 0")
         model, ckpt = load_model(c.out_dir, c.device)
         if model.cfg.vocab_size <= ASSISTANT:
@@ -135,14 +148,20 @@ def main(argv=None):
                     generator=torch.Generator(device=c.device).manual_seed(c.seed), speculative=c.speculative)
     chat = Chat(model, enc, c.system, **sampling)
 
-    if c.eval_tasks:
+    if c.eval_tasks or c.eval_gsm8k:
         with ctx:
-            res = evaluate(model, enc, c.eval_tasks, c.seed)
+            res = evaluate(model, enc, c.eval_tasks, c.seed) if c.eval_tasks else {}
+            if c.eval_gsm8k:
+                try:
+                    res["gsm8k"] = {**evaluate_gsm8k(model, enc, c.eval_gsm8k), "ended": None}
+                except UserError as e:
+                    sys.exit(f"chat.py: error: {e}")
         for task, r in res.items():
-            print(f"{task:8s} {r['correct']:4d} / {r['n']:4d} = {r['accuracy']:.3f} exact match, "
-                  f"{r['ended']:.0%} of replies ended with EOS")
+            print(f"{task:8s} {r['correct']:4d} / {r['n']:4d} = {r['accuracy']:.3f} exact match"
+                  + (f", {r['ended']:.0%} of replies ended with EOS" if r["ended"] is not None else ""))
         path = os.path.join(c.out_dir if os.path.isdir(c.out_dir) else os.path.dirname(c.out_dir), "chat_eval.json")
-        record = {"checkpoint": c.out_dir, "step": ckpt.get("step"), "n_per_task": c.eval_tasks, "tasks": res}
+        record = {"checkpoint": c.out_dir, "step": ckpt.get("step"), "n_per_task": c.eval_tasks,
+                  "n_gsm8k": c.eval_gsm8k, "tasks": res}
         atomic_write(path, lambda f: f.write(json.dumps(record, indent=2) + "\n"), mode="w")
         print(f"wrote {path}", file=sys.stderr)
         return res

@@ -217,3 +217,30 @@ def test_sft_from_a_pretrained_out_dir_resumes_exactly_and_runs_under_ddp(chat_m
     assert "2 processes x 1 accumulation steps" in p.stdout
     for a, b in zip(ddp, single):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+
+
+def test_hub_chat_sources_and_gsm8k_eval_on_an_offline_fixture(monkeypatch, chat_model, gpt2_enc):
+    """The GPU recipe's loaders, on rows in the datasets' own formats (a stand-in `datasets` module: no network):
+    smol-smoltalk's `messages` pass through, GSM8K's rows become conversations, and chat.py's GSM8K score reads the
+    final number. Offline (the Hub check fails), one line."""
+    import types
+    from data import loader
+    rows = {("HuggingFaceTB/smol-smoltalk", "train"): [{"messages": CONV[1:3], "source": "x"}],
+            ("openai/gsm8k", "test"): [{"question": "What is 2 + 3?", "answer": "2+3=<<2+3=5>>5\n#### 5"},
+                                       {"question": "What is 4 + 4?", "answer": "#### 8"}]}
+    asked = []
+
+    def load_dataset(path, name=None, split=None):
+        asked.append((path, name, split))
+        return rows[(path, split)]
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    monkeypatch.setattr(loader, "hub_offline_reason", lambda: None)
+    assert loader.hub_conversations("smoltalk", "train") == [CONV[1:3]]
+    gsm = loader.hub_conversations("gsm8k", "val")
+    assert asked[-1] == ("openai/gsm8k", "main", "test") and gsm[0][1]["content"] == "2+3=5\nThe answer is 5."
+    monkeypatch.setattr(chat, "complete", lambda model, enc, convs, max_new_tokens: ["so 5", "it is 9"])
+    assert chat.evaluate_gsm8k(chat_model, gpt2_enc, 2) == {"correct": 1, "n": 2, "accuracy": 0.5}
+    monkeypatch.setattr(loader, "hub_offline_reason", lambda: "HF_HUB_OFFLINE=1 is set")
+    with pytest.raises(DataError, match="could not reach the Hugging Face Hub for openai/gsm8k") as e:
+        loader.hub_conversations("gsm8k", "train")
+    assert "\n" not in str(e.value)
