@@ -280,6 +280,8 @@ def run(args):
             os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
             atomic_write(out, lambda f: f.write(json.dumps(record, indent=2) + "\n"), mode="w")
             print(f"hellaswag: {res['n'] / max(dt, 1e-9):.1f} items/s, wrote {out}", file=sys.stderr)
+        if ddp:
+            dist.barrier()  # leave together: tearing gloo down while a peer still writes can abort it
         return res
     finally:
         if ddp:

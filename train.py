@@ -452,4 +452,5 @@ while True:
 log(f"done: {step} steps, {tokens_seen:,} tokens in {train_time:.0f} s of training, best val loss {best_val:.4f}, "
     f"checkpoint {ckpt_path}")
 if ddp:
+    dist.barrier()  # leave together: a rank tearing gloo down while another still writes can abort it (SIGABRT)
     dist.destroy_process_group()
