@@ -291,7 +291,9 @@ def evaluate():
     model.eval()
     val_data.reset()
     sums = torch.zeros(2, device=device)
-    for _ in tqdm(range(eval_iters), desc=f"val @ step {step}", unit="batch", leave=False, disable=not master):
+    # a progress bar on a terminal only: redirected to a log, its redraws would bury the eval line
+    for _ in tqdm(range(eval_iters), desc=f"val @ step {step}", unit="batch", leave=False,
+                  disable=not (master and sys.stderr.isatty())):
         x, y = (t.to(device) for t in val_data.next_batch())
         with ctx:
             _, parts = model(x, y)
