@@ -47,11 +47,11 @@ class ModelConfig:
     qk_rope_head_dim: int = 32       # d_h^R, the decoupled RoPE part
     v_head_dim: int = 64
     # DeepSeekMoE
-    n_routed_experts: int = 64
-    n_shared_experts: int = 2
+    n_routed_experts: int = 64       # N_r fine-grained experts; each token picks K_r = n_activated_experts
+    n_shared_experts: int = 2        # N_s experts every token goes through
     n_activated_experts: int = 6
-    n_expert_groups: int = 1
-    n_limited_groups: int = 1
+    n_expert_groups: int = 1         # group-limited routing: a token's experts come from n_limited_groups of
+    n_limited_groups: int = 1        # the n_expert_groups groups (1 and 1: plain top-k)
     score_func: str = "sigmoid"      # V3's sigmoid affinities (the only router here; V2's softmax rule is not)
     route_scale: float = 1.0
     # RoPE / YaRN
@@ -60,10 +60,10 @@ class ModelConfig:
                                      # extend a trained model from original_seq_len to max_seq_len
     original_seq_len: int = 4096
     rope_theta: float = 10000.0
-    rope_factor: float = 40.0
-    beta_fast: int = 32
+    rope_factor: float = 40.0        # YaRN's scale factor s (V3: 40, from 4K to 160K tokens)
+    beta_fast: int = 32              # YaRN's ramp between interpolated and kept frequencies
     beta_slow: int = 1
-    mscale: float = 1.0
+    mscale: float = 1.0              # YaRN's attention temperature: softmax scale * (0.1 mscale ln s + 1)^2
     # training-side (the loss weights are train.py settings: the architecture does not depend on them)
     n_mtp: int = 1                   # D, number of sequential MTP modules (0 disables)
     init_std: float = 0.006

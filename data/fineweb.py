@@ -323,9 +323,6 @@ def prepare_sample(out_dir=SAMPLE_DIR):
     return summary
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# the reader
-
 def main(argv=None):
     args = parse_args(argv)
     try:
