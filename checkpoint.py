@@ -3,7 +3,9 @@ Checkpoints, in one place: train.py writes them and resumes from them; sample.py
 export.py read them.
 
 A checkpoint (out_dir/ckpt.pt) is a dict of tensors and plain Python values only:
-  model           the raw model's state dict (expert biases included; no wrapper prefixes)
+  model           the raw model's state dict (expert biases included; no wrapper prefixes); a LoRA run's holds
+                  its adapters only, and lora = {base: the base checkpoint's path, hash: base_hash of its weights,
+                  rank, alpha, dropout, targets, experts}
   model_config    dataclasses.asdict(ModelConfig)
   optimizer       the optimizer's state dict
   config          every train.py setting of the run
@@ -24,6 +26,7 @@ import torch
 
 from configurator import UserError
 from data.loader import atomic_write
+from lora import add_lora, base_hash, load_adapters, merge_lora
 from model import ModelConfig, Transformer
 
 
@@ -58,9 +61,35 @@ def load_model(path, device="cpu"):
     device or stays in memory."""
     ckpt = load_checkpoint(path)
     model = Transformer(ModelConfig.from_dict(ckpt["model_config"]))
-    load_state(model, ckpt.pop("model"), path)
+    load_weights(model, ckpt, path)
+    ckpt.pop("model")
     ckpt.pop("optimizer", None)
     return model.to(device).eval(), ckpt
+
+
+def load_weights(model, ckpt, path):
+    """Fill `model` with a checkpoint's weights: its state dict, or, for a LoRA run (ckpt["lora"]), its base's
+    weights with the adapters merged in (lora.py), so every reader gets a plain model."""
+    if "lora" not in ckpt:
+        return load_state(model, ckpt["model"], path)
+    info = ckpt["lora"]
+    load_lora_base(model, info, path)
+    add_lora(model, info["rank"], info["alpha"], 0.0, info["targets"], info["experts"])
+    load_adapters(model, ckpt["model"], path)
+    merge_lora(model).requires_grad_(True)
+
+
+def load_lora_base(model, info, path):
+    """Load the base weights a LoRA run was trained on (info: its ckpt["lora"]), refusing any other weights: the
+    adapters only make sense on the base whose hash they recorded."""
+    try:
+        load_weights(model, load_checkpoint(info["base"]), info["base"])
+    except UserError as e:
+        raise UserError(f"{path} holds LoRA adapters for the base {info['base']}, which cannot be loaded: {e}") from None
+    if base_hash(model.state_dict()) != info["hash"]:
+        raise UserError(f"{path} holds LoRA adapters trained on other weights than {info['base']} holds now (hash "
+                        f"{info['hash'][:12]}..., now {base_hash(model.state_dict())[:12]}...): restore that base "
+                        "checkpoint, or train new adapters")
 
 
 def load_state(model, state, source="checkpoint"):
@@ -100,7 +129,7 @@ def resume(path, model, optimizer, cfg, world_size, ckpt=None):
     if len(ckpt["data"]) != world_size:
         raise UserError(f"{path} was written by {len(ckpt['data'])} processes, now there are {world_size}: "
                          "resume with the same number of processes to continue the data stream exactly")
-    load_state(model, ckpt.pop("model"), path)
+    (load_adapters if "lora" in ckpt else load_state)(model, ckpt.pop("model"), path)
     try:
         optimizer.load_state_dict(ckpt.pop("optimizer"))
     except (ValueError, KeyError):

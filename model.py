@@ -242,7 +242,9 @@ class MLA(nn.Module):
         end = start_pos + T
         kv_cache[:B, start_pos:end] = c.to(kv_cache.dtype)
         pe_cache[:B, start_pos:end] = k_pe.squeeze(2).to(pe_cache.dtype)
-        w = self.wkv_b.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
+        # absorption splits the whole matrix per head: with a LoRA adapter (lora.py) that is W + BA, merged here
+        w = self.wkv_b.merged_weight() if hasattr(self.wkv_b, "merged_weight") else self.wkv_b.weight
+        w = w.view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
         q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w[:, :self.nope])
         kvc, pec = kv_cache[:B, :end].type_as(q), pe_cache[:B, :end].type_as(q)
         scores = (torch.einsum("bthc,bsc->bths", q_lat, kvc) +
@@ -318,6 +320,15 @@ class Experts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(E, D, H))
         self.w3 = nn.Parameter(torch.empty(E, H, D))
 
+    def mm(self, x, name, offs):
+        """x (rows sorted by expert) times the transposed weight `name` of each row's expert: one grouped matmul.
+        offs: each expert's end row. (lora.LoRAExperts adds its adapters here.)"""
+        return F.grouped_mm(x, getattr(self, name).to(x.dtype).mT, offs=offs)
+
+    def forward(self, xs, offs):
+        """The SwiGLU w2(silu(w1 x) * w3 x) of every expert-sorted row of xs (N*K, dim)."""
+        return self.mm(F.silu(self.mm(xs, "w1", offs)) * self.mm(xs, "w3", offs), "w2", offs)
+
 
 def moe_dispatch(x, weights, indices, experts: Experts):
     """Vectorised routed-expert FFN: route -> sort token-slots by expert -> grouped matmuls -> combine.
@@ -331,9 +342,7 @@ def moe_dispatch(x, weights, indices, experts: Experts):
     dev = x.device.type  # grouped_mm is not autocast (its CUDA fast path is bf16 only): cast by hand
     dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
     xs = x[order // K].to(dt)                                     # (N*K, dim), expert-sorted
-    w1, w2, w3 = (w.to(dt).transpose(-2, -1) for w in (experts.w1, experts.w2, experts.w3))
-    h = F.silu(F.grouped_mm(xs, w1, offs=offs)) * F.grouped_mm(xs, w3, offs=offs)
-    ys = F.grouped_mm(h, w2, offs=offs)                           # (N*K, dim)
+    ys = experts(xs, offs)                                        # (N*K, dim): grouped matmuls
     # Un-sort with a permutation copy (deterministic, no atomics), then mix the K outputs in fp32.
     ys = torch.zeros_like(ys).index_copy(0, order, ys).view(N, K, -1)
     out = (ys.float() * weights.unsqueeze(-1)).sum(dim=1)

@@ -25,11 +25,12 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import fingerprint, load_checkpoint, load_state, resume, rng_state, save_checkpoint
+from checkpoint import fingerprint, load_checkpoint, load_lora_base, load_weights, resume, rng_state, save_checkpoint
 from configurator import UserError, configure, config_keys
 from data.fineweb import SAMPLE_DIR, prepare_sample
 from data.loader import (ChatReader, ShardReader, atomic_write, check_token_ids, get_tokenizer, hub_conversations,
                          read_conversations)
+from lora import TARGETS, add_lora, adapter_state, base_hash
 from optim import build_optimizer
 from model import ModelConfig, Transformer, autocast_context, gpu_peak_flops, init_distributed
 from sample import generate_tokens
@@ -59,6 +60,12 @@ chat_data = ''                   # '' = pretraining on data_dir; else comma-sepa
 chat_tasks = 2000                # generated training conversations per task, for 'tasks'
 chat_eval_interval = 0           # steps between greedy exact-match evals on held-out tasks (rank 0), 0 = off
 chat_eval_n = 20                 # held-out problems per task per eval
+# LoRA (lora.py): train low-rank adapters on a pretrained model (init_from) instead of all its weights
+lora_rank = 0                    # 0 = off (full fine-tuning); r of the adapters
+lora_alpha = 16.0                # the adapters' output is scaled by lora_alpha / lora_rank
+lora_dropout = 0.0               # dropout on the adapters' input
+lora_targets = ','.join(TARGETS) # MLA projections (wq | wq_a, wq_b; wkv_a, wkv_b, wo) and dense/shared SwiGLU w1-w3
+lora_experts = False             # also the routed experts: stacked per-expert adapters through the grouped matmuls
 # data / batch
 batch_size = 16                  # sequences per micro-step per process
 total_batch_size = 524288        # tokens per optimizer step; gradient accumulation = this / (batch_size*max_seq_len*world)
@@ -131,6 +138,10 @@ if not 0 <= wsd_decay_frac <= 1:
 for _name, _choices in (("lr_schedule", ("cosine", "wsd")), ("optimizer", ("adamw", "muon"))):
     if globals()[_name] not in _choices:
         fail(f"{_name} must be one of {_choices}, not {globals()[_name]!r}")
+if lora_rank and init_from == "scratch":
+    fail("lora_rank > 0 adapts a pretrained model: set init_from to its out_dir (or 'resume')")
+if lora_rank and optimizer != "adamw":
+    fail("LoRA adapters train with AdamW (lora.py says why): use optimizer='adamw'")
 if dtype == "float16":
     fail("dtype='float16' is not supported for training: without a GradScaler most of its gradients underflow "
          "to 0; use dtype='bfloat16' (same speed, no scaler needed) or 'float32'")
@@ -219,12 +230,31 @@ if hellaswag_interval:  # find (rank 0: download) the file now, not at the first
 
 # ---- model, optimizer, resume -----------------------------------------------------------------------
 raw_model = Transformer(cfg).to(device)  # the module itself: checkpoints, bias updates, sampling
+if init_from not in ("scratch", "resume"):  # fine-tuning: the pretrained weights, a fresh optimizer and step 0
+    load_weights(raw_model, base, init_from)
+    log(f"initialised from {init_from} (its step {base.get('step')})")
+if init_from == "resume" and bool(lora_rank) != ("lora" in base):
+    fail(f"{ckpt_path} is {'a LoRA' if 'lora' in base else 'a full fine-tuning'} run: resume it with "
+         f"{'its lora_rank' if 'lora' in base else 'lora_rank=0'}")
+if lora_rank:  # freeze the model, add the adapters; the checkpoint records the base's path and weights' hash
+    lora = dict(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, targets=lora_targets.split(","),
+                experts=lora_experts)
+    if init_from == "resume":
+        saved = base["lora"]
+        changed = ", ".join(f"lora_{k}={saved[k]!r}" for k in lora if saved[k] != lora[k])
+        if changed:
+            fail(f"{ckpt_path} trained its adapters with {changed}: resume with the same LoRA settings")
+        lora = saved
+        load_lora_base(raw_model, lora, ckpt_path)
+    else:
+        lora.update(base=init_from, hash=base_hash(raw_model.state_dict()))
+    n_base = sum(p.numel() for p in raw_model.parameters())
+    n_train = add_lora(raw_model, lora_rank, lora_alpha, lora_dropout, lora["targets"], lora_experts)
+    log(f"LoRA rank {lora_rank} on {lora_targets}{' and the routed experts' if lora_experts else ''}: "
+        f"{n_train:,} trainable parameters, {100 * n_train / n_base:.2f}% of the model's {n_base:,}")
 opt = build_optimizer(raw_model, optimizer, learning_rate, weight_decay, (beta1, beta2), muon_momentum)
 step, tokens_seen, best_val, train_time = 0, 0, float("inf"), 0.0  # train_time: seconds in training steps
 os.makedirs(out_dir, exist_ok=True)
-if init_from not in ("scratch", "resume"):  # fine-tuning: the pretrained weights, a fresh optimizer and step 0
-    load_state(raw_model, base["model"], init_from)
-    log(f"initialised from {init_from} (its step {base.get('step')})")
 if init_from == "resume":
     resume(ckpt_path, raw_model, opt, cfg, world, ckpt=base)
     train_data.load_state_dict(base["data"][rank])
@@ -351,9 +381,10 @@ def write_checkpoint():
             fail(f"DDP ranks disagree on parameters/expert biases at step {step}")
     if master:
         save_checkpoint(ckpt_path, {
-            "model": raw_model.state_dict(), "optimizer": opt.state_dict(), "model_config": asdict(cfg),
-            "config": config, "step": step, "tokens": tokens_seen, "best_val_loss": best_val, "train_time": train_time,
-            "rng": rng_state(), "data": data_states})
+            "model": adapter_state(raw_model) if lora_rank else raw_model.state_dict(), "optimizer": opt.state_dict(),
+            "model_config": asdict(cfg), "config": config, "step": step, "tokens": tokens_seen,
+            "best_val_loss": best_val, "train_time": train_time, "rng": rng_state(), "data": data_states,
+            **({"lora": lora} if lora_rank else {})})
     log(f"saved {ckpt_path} (step {step})")
 
 
@@ -420,7 +451,7 @@ while True:
     grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else math.inf)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    gamma = 0.0 if 0 <= bias_freeze_iter <= step else bias_update_speed
+    gamma = 0.0 if 0 <= bias_freeze_iter <= step or lora_rank else bias_update_speed  # LoRA: frozen too
     load_max, load_min = raw_model.update_expert_bias(gamma, dist.all_reduce if ddp else None)
     bad_step = torch.where((bad_step < 0) & ~torch.isfinite(logged[0]), step, bad_step)  # no host sync here
     step += 1

@@ -1,0 +1,180 @@
+"""LoRA (lora.py): adapters on MLA and the SwiGLUs (and, optionally, the routed experts), merged for decoding and
+export; LoRA SFT through train.py with exact resume, DDP and its base pinned by hash."""
+import copy
+import json
+from dataclasses import asdict
+
+import pytest
+import torch
+
+import export
+from checkpoint import load_model, save_checkpoint
+from conftest import TORCHRUN, ok, one_line_error, run, save_ckpt, tiny_model
+from lora import LoRAExperts, LoRALinear, add_lora, adapter_state, base_hash, merge_lora
+from model import ModelConfig, Transformer
+from optim import build_optimizer
+
+
+def adapted(experts, seed=0, **cfg):
+    """A random tiny model with random adapters (B != 0, so they change the output) and nonzero expert biases."""
+    m = tiny_model(seed, **cfg)
+    with torch.no_grad():
+        for g in m.gates():
+            g.bias.uniform_(-0.2, 0.2)
+    base = copy.deepcopy(m.state_dict())
+    add_lora(m, 4, 8.0, 0.0, experts=experts)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.05)
+    return m.eval(), base
+
+
+@pytest.mark.parametrize("experts", [False, True])
+@pytest.mark.parametrize("q_lora_rank", [0, 8])
+def test_merged_equals_unmerged_and_cached_decode_equals_forward(experts, q_lora_rank):
+    m, base_state = adapted(experts, q_lora_rank=q_lora_rank)
+    wanted = {"wq_a", "wq_b"} if q_lora_rank else {"wq"}
+    got = {n.split(".")[-1] for n, mod in m.named_modules() if isinstance(mod, LoRALinear)}
+    assert got == wanted | {"wkv_a", "wkv_b", "wo", "w1", "w2", "w3"}
+    assert any(isinstance(mod, LoRAExperts) for mod in m.modules()) == experts
+    x = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        logits, parts = m(x, y)
+        plain = merge_lora(copy.deepcopy(m))
+        merged_logits, merged_parts = plain(x, y)
+        # cached decode with the adapters unmerged: prefill 10 tokens, then one at a time
+        cache = m.init_cache(2, dtype=torch.float32)
+        steps = [m.decode(x[:, :10], cache, 0)[0]] + [m.decode(x[:, i:i + 1], cache, i)[0] for i in range(10, 24)]
+    assert (logits - merged_logits).abs().max().item() <= 1e-5
+    assert (parts["mtp"] - merged_parts["mtp"]).abs().max().item() <= 1e-5
+    assert (torch.cat(steps, 1) - logits).abs().max().item() <= 1e-5
+    # the adapters really act: the base model alone gives other logits
+    base = tiny_model(0, q_lora_rank=q_lora_rank)
+    base.load_state_dict(base_state)
+    assert (base.eval()(x)[0] - logits).abs().max().item() > 1e-3
+    # merged: plain modules and exactly the base model's state-dict keys and shapes
+    assert not any(isinstance(mod, (LoRALinear, LoRAExperts)) for mod in plain.modules())
+    assert {k: v.shape for k, v in plain.state_dict().items()} == {k: v.shape for k, v in base.state_dict().items()}
+
+
+def test_only_the_adapters_train_and_their_size():
+    """After optimizer steps on a loss, only adapter tensors moved: the embedding, head, norms, router weight,
+    expert bias and the base matrices are bit for bit the same. Trainable parameters on the quick-start model
+    (config/train_tiny.py's architecture) and the optimizer state, against full fine-tuning's."""
+    m, base = adapted(True)
+    m.train()
+    opt = build_optimizer(m, "adamw", 1e-2, 0.1, (0.9, 0.95))
+    x = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
+    for _ in range(2):
+        _, parts = m(x, x)
+        (parts["ce"] + parts["mtp"].sum()).backward()
+        opt.step()
+        opt.zero_grad()
+        m.update_expert_bias(0.0)
+    after = m.state_dict()
+    for k, v in base.items():
+        assert torch.equal(after[k], v), k
+    assert all("lora_" in n for n, p in m.named_parameters() if p.requires_grad)
+
+    cfg = {}
+    exec(open("config/train_tiny.py").read(), {}, cfg)
+    tiny = ModelConfig(**{k: v for k, v in cfg.items() if k in ModelConfig.__dataclass_fields__})
+    sizes = {}
+    for experts in (None, False, True):
+        torch.manual_seed(0)
+        model = Transformer(tiny)
+        total = sum(p.numel() for p in model.parameters())
+        trainable = total if experts is None else add_lora(model, 8, 16.0, experts=experts)
+        opt = build_optimizer(model, "adamw", 1e-3, 0.1, (0.9, 0.95))
+        _, parts = model(torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8, dtype=torch.long))
+        parts["ce"].backward()
+        opt.step()
+        state = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if t.dim())
+        sizes[experts] = (trainable / total, state)
+    print(f"\ntrainable fraction / optimizer state bytes: full {sizes[None]}, LoRA {sizes[False]}, "
+          f"LoRA with experts {sizes[True]}")
+    assert sizes[False][0] <= 0.01 and sizes[False][0] < sizes[True][0]
+    assert sizes[None][1] >= 10 * sizes[True][1] and sizes[None][1] >= 10 * sizes[False][1]
+
+
+def test_merged_export_loads_in_transformers(tmp_path):
+    """A LoRA checkpoint (adapters + its base's path and hash) exports as one plain model whose logits in
+    transformers' DeepseekV3 equal ours with the adapters unmerged."""
+    from test_export import load_hf_clean
+    m, base_state = adapted(True, vocab_size=256)
+    base = tiny_model(0, vocab_size=256)
+    base.load_state_dict(base_state)
+    save_ckpt(tmp_path / "base", base)
+    lora = dict(base=str(tmp_path / "base"), hash=base_hash(base.state_dict()), rank=4, alpha=8.0, dropout=0.0,
+                targets=["wq", "wq_a", "wq_b", "wkv_a", "wkv_b", "wo", "w1", "w2", "w3"], experts=True)
+    (tmp_path / "lora").mkdir()
+    save_checkpoint(str(tmp_path / "lora" / "ckpt.pt"), {"model": adapter_state(m), "model_config": asdict(m.cfg),
+                                                          "lora": lora})
+    export.main([f"--out_dir={tmp_path / 'lora'}", f"--hf_dir={tmp_path / 'hf'}", "--tokenizer=False"])
+    hf = load_hf_clean(tmp_path / "hf")
+    idx = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        diff = (hf(idx).logits - m(idx)[0]).abs().max().item()
+    print(f"\nLoRA export: max |logit diff| vs transformers = {diff:.3g}")
+    assert diff <= 1e-4
+
+
+def lora_sft(out, base, *args, launch=()):
+    return run(*launch, "train.py", f"--init_from={base}", f"--out_dir={out}", "--chat_data=tasks",
+               "--chat_tasks=40", "--device=cpu", "--dtype=float32", "--compile=False", "--batch_size=2",
+               "--total_batch_size=384", "--learning_rate=1e-2", "--min_lr=1e-3", "--warmup_iters=2",
+               "--lr_decay_iters=6", "--eval_iters=2", "--log_interval=1", "--sample_tokens=0",
+               "--lora_rank=4", "--lora_experts=True", "--lora_dropout=0.1", *args)
+
+
+def test_lora_sft_resumes_exactly_runs_under_ddp_and_pins_its_base(tmp_path):
+    """train.py --lora_rank: the checkpoint holds the adapters only (plus the base's path and hash) and the expert
+    bias stays frozen; resuming is bit-exact (dropout's RNG included); 2 DDP ranks train as one process does;
+    readers (load_model, chat.py) get the merged model; a changed base is refused in one line."""
+    chat_model = tiny_model(0, vocab_size=50304, max_seq_len=96)
+    with torch.no_grad():
+        for g in chat_model.gates():
+            g.bias.uniform_(-0.1, 0.1)
+    base = save_ckpt(tmp_path / "base", chat_model, step=200)
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    p = ok(lora_sft(straight, base, "--max_iters=6", "--eval_interval=3"))
+    assert "LoRA rank 4 on" in p.stdout and "trainable parameters" in p.stdout
+    ok(lora_sft(split, base, "--max_iters=3", "--eval_interval=3"))
+    ok(lora_sft(split, base, "--max_iters=6", "--eval_interval=3", "--init_from=resume"))
+    logs = [[json.loads(line) for line in open(d / "log.jsonl")] for d in (straight, split)]
+    assert [r["loss"] for r in logs[0]] == [r["loss"] for r in logs[1]] and len(logs[0]) == 6
+    a, b = (torch.load(d / "ckpt.pt", weights_only=True) for d in (straight, split))
+    assert set(a["model"]) == set(b["model"]) and all("lora_" in k for k in a["model"])
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["lora"]["hash"] == base_hash(chat_model.state_dict()) and a["lora"]["base"] == str(base)
+    assert a["model"]["layers.1.ffn.experts.w1_lora_B"].abs().sum() > 0  # the experts' adapters trained
+    # readers get the merged model: base weights + (alpha / r) B A, expert bias unchanged
+    merged, _ = load_model(straight)
+    expected = copy.deepcopy(chat_model)
+    add_lora(expected, 4, 16.0, experts=True)
+    expected.load_state_dict(a["model"], strict=False)
+    x = torch.randint(0, 50257, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (merged(x)[0] - expected.eval()(x)[0]).abs().max().item() <= 1e-5
+    assert torch.equal(merged.layers[1].ffn.gate.bias, chat_model.layers[1].ffn.gate.bias)
+    ok(run("chat.py", f"--out_dir={straight}", "--prompt=What is 2 + 3?", "--device=cpu", "--max_new_tokens=4"))
+    # DDP: 2 ranks x 1 row equal 1 process x 2 accumulation steps (dropout off: its masks differ per rank)
+    ok(lora_sft(tmp_path / "single", base, "--max_iters=3", "--eval_interval=100", "--batch_size=1",
+                "--total_batch_size=192", "--lora_dropout=0.0"))
+    ok(lora_sft(tmp_path / "ddp", base, "--max_iters=3", "--eval_interval=100", "--batch_size=1",
+                "--total_batch_size=192", "--lora_dropout=0.0", launch=TORCHRUN))
+    s, d = ([json.loads(line)["loss"] for line in open(tmp_path / n / "log.jsonl")] for n in ("single", "ddp"))
+    assert d == pytest.approx(s, rel=1e-4)
+    # a different base: every reader and a resume refuse it in one line, and nothing is written
+    other = tiny_model(1, vocab_size=50304, max_seq_len=96)
+    save_ckpt(base, other, step=200)
+    err = one_line_error(run("chat.py", f"--out_dir={straight}", "--prompt=hi", "--device=cpu"), "chat.py")
+    assert "LoRA adapters trained on other weights" in err
+    before = (straight / "ckpt.pt").read_bytes()
+    err = one_line_error(lora_sft(straight, base, "--max_iters=9", "--eval_interval=3", "--init_from=resume"),
+                         "train.py")
+    assert "other weights" in err and (straight / "ckpt.pt").read_bytes() == before
+    err = one_line_error(lora_sft(straight, base, "--max_iters=9", "--init_from=resume", "--lora_rank=8"), "train.py")
+    assert "lora_rank=4" in err
