@@ -5,7 +5,7 @@ export.py read them.
 A checkpoint (out_dir/ckpt.pt) is a dict of tensors and plain Python values only:
   model           the raw model's state dict (expert biases included; no wrapper prefixes); a LoRA run's holds
                   its adapters only, and lora = {base: the base checkpoint's path, hash: base_hash of its weights,
-                  rank, alpha, dropout, targets, experts}
+                  rank, alpha, dropout, targets, experts, token_rows}
   model_config    dataclasses.asdict(ModelConfig)
   optimizer       the optimizer's state dict
   config          every train.py setting of the run
@@ -74,7 +74,7 @@ def load_weights(model, ckpt, path):
         return load_state(model, ckpt["model"], path)
     info = ckpt["lora"]
     load_lora_base(model, info, path)
-    add_lora(model, info["rank"], info["alpha"], 0.0, info["targets"], info["experts"])
+    add_lora(model, info["rank"], info["alpha"], 0.0, info["targets"], info["experts"], info.get("token_rows"))
     load_adapters(model, ckpt["model"], path)
     merge_lora(model).requires_grad_(True)
 

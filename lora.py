@@ -11,7 +11,9 @@ of the dense FFNs and the shared experts, in the MTP blocks too. With experts=Tr
 adapters as well: per-expert A and B, stacked like the experts' weights, applied to the expert-sorted token rows
 through the same grouped matmuls (x A^T, then B^T), so W + BA is never formed during training. Everything else,
 the embedding, the head, the norms, the router and its expert bias, stays frozen (train.py also stops the bias
-update), and the optimizer sees the adapters only: AdamW, as in the LoRA paper. Muon is not offered: it
+update), except, in chat SFT, the embedding and head rows of the 4 chat tokens (TokenRows): pretraining never saw
+those tokens, so their rows are untrained, and no low-rank adapter can stand in for them (measured in
+docs/results.md). The optimizer sees the adapters (and those rows) only: AdamW, as in the LoRA paper. Muon is not offered: it
 orthogonalises each matrix's update, and for the factors of a rank-r product that neither gives the product an
 orthogonal update nor has Muon's rationale behind it.
 
@@ -93,9 +95,37 @@ class LoRAExperts(Experts):
         return plain
 
 
-def add_lora(model, rank, alpha, dropout=0.0, targets=TARGETS, experts=False):
+class TokenRows(nn.Module):
+    """A frozen embedding or output head (weight (vocab, dim)) whose rows lo..hi-1 train, as lora_rows (a copy of
+    them at first): for tokens the base model never saw, such as the chat tokens, whose rows pretraining never
+    trained. An adapter elsewhere cannot give an untrained row a meaning, and training all rows would cost a
+    full-size optimizer state for the two largest matrices."""
+
+    def __init__(self, base, lo, hi):
+        super().__init__()
+        self.weight, self.lo, self.hi = base.weight.requires_grad_(False), lo, hi
+        self.lora_rows = nn.Parameter(base.weight[lo:hi].detach().clone())
+        self.is_head = isinstance(base, nn.Linear)
+
+    def forward(self, x):
+        if self.is_head:  # x (..., dim) -> logits; the slice of the new rows is replaced in place
+            logits = F.linear(x, self.weight)
+            logits[..., self.lo:self.hi] = F.linear(x, self.lora_rows.to(logits.dtype))
+            return logits
+        new = (x >= self.lo) & (x < self.hi)  # x: token ids
+        rows = self.lora_rows[(x - self.lo).clamp(0, self.hi - self.lo - 1)]
+        return torch.where(new[..., None], rows, F.embedding(x, self.weight))
+
+    def merged_weight(self):
+        w = self.weight.clone()
+        w[self.lo:self.hi] = self.lora_rows
+        return w
+
+
+def add_lora(model, rank, alpha, dropout=0.0, targets=TARGETS, experts=False, token_rows=None):
     """Freeze every parameter of `model` and give each target an adapter (in place; new parameters on the
-    model's device, initialised from torch's global RNG). Returns the number of trainable parameters."""
+    model's device, initialised from torch's global RNG); token_rows=(lo, hi) also trains those rows of the
+    embedding and the head (TokenRows). Returns the number of trainable parameters."""
     unknown = sorted(set(targets) - set(TARGETS))
     if unknown or not targets:
         raise UserError(f"lora_targets: unknown or empty {unknown or list(targets)}; choose from {', '.join(TARGETS)}")
@@ -108,6 +138,8 @@ def add_lora(model, rank, alpha, dropout=0.0, targets=TARGETS, experts=False):
                 setattr(module, name, LoRALinear(child, rank, alpha, dropout))
             elif experts and isinstance(child, Experts):
                 setattr(module, name, LoRAExperts(child, rank, alpha, dropout))
+    if token_rows:
+        model.embed, model.head = TokenRows(model.embed, *token_rows), TokenRows(model.head, *token_rows)
     n = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if n == 0:
         raise UserError(f"lora_targets {list(targets)} match no layer of this model")
@@ -120,10 +152,10 @@ def merge_lora(model):
     (in place; the state dict then has the base model's keys). Returns the model."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if isinstance(child, LoRALinear):
-                out_features, in_features = child.weight.shape
-                plain = nn.Linear(in_features, out_features, bias=False, device=child.weight.device,
-                                  dtype=child.weight.dtype)
+            if isinstance(child, (LoRALinear, TokenRows)):
+                rows, cols = child.weight.shape
+                embed = isinstance(child, TokenRows) and not child.is_head
+                plain = (nn.Embedding(rows, cols) if embed else nn.Linear(cols, rows, bias=False)).to(child.weight)
                 plain.weight.copy_(child.merged_weight())
                 setattr(module, name, plain)
             elif isinstance(child, LoRAExperts):

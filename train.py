@@ -28,8 +28,8 @@ from tqdm import tqdm
 from checkpoint import fingerprint, load_checkpoint, load_lora_base, load_weights, resume, rng_state, save_checkpoint
 from configurator import UserError, configure, config_keys
 from data.fineweb import SAMPLE_DIR, prepare_sample
-from data.loader import (ChatReader, ShardReader, atomic_write, check_token_ids, get_tokenizer, hub_conversations,
-                         read_conversations)
+from data.loader import (ASSISTANT, BOS, ChatReader, ShardReader, atomic_write, check_token_ids, get_tokenizer,
+                         hub_conversations, read_conversations)
 from lora import TARGETS, add_lora, adapter_state, base_hash
 from optim import build_optimizer
 from model import ModelConfig, Transformer, autocast_context, gpu_peak_flops, init_distributed
@@ -66,6 +66,8 @@ lora_alpha = 16.0                # the adapters' output is scaled by lora_alpha 
 lora_dropout = 0.0               # dropout on the adapters' input
 lora_targets = ','.join(TARGETS) # MLA projections (wq | wq_a, wq_b; wkv_a, wkv_b, wo) and dense/shared SwiGLU w1-w3
 lora_experts = False             # also the routed experts: stacked per-expert adapters through the grouped matmuls
+lora_chat_tokens = True          # with chat_data: also train the embedding and head rows of the 4 chat tokens, which
+                                 # pretraining never saw (lora.TokenRows; 2 x 4 x dim parameters)
 # data / batch
 batch_size = 16                  # sequences per micro-step per process
 total_batch_size = 524288        # tokens per optimizer step; gradient accumulation = this / (batch_size*max_seq_len*world)
@@ -142,6 +144,8 @@ if lora_rank and init_from == "scratch":
     fail("lora_rank > 0 adapts a pretrained model: set init_from to its out_dir (or 'resume')")
 if lora_rank and optimizer != "adamw":
     fail("LoRA adapters train with AdamW (lora.py says why): use optimizer='adamw'")
+if lora_rank % 8 and lora_experts and device.startswith("cuda"):
+    fail(f"lora_experts on CUDA needs lora_rank a multiple of 8 (grouped_mm's alignment), got {lora_rank}")
 if dtype == "float16":
     fail("dtype='float16' is not supported for training: without a GradScaler most of its gradients underflow "
          "to 0; use dtype='bfloat16' (same speed, no scaler needed) or 'float32'")
@@ -237,8 +241,9 @@ if init_from == "resume" and bool(lora_rank) != ("lora" in base):
     fail(f"{ckpt_path} is {'a LoRA' if 'lora' in base else 'a full fine-tuning'} run: resume it with "
          f"{'its lora_rank' if 'lora' in base else 'lora_rank=0'}")
 if lora_rank:  # freeze the model, add the adapters; the checkpoint records the base's path and weights' hash
+    rows = [BOS, ASSISTANT + 1] if lora_chat_tokens and chat_data and cfg.vocab_size > ASSISTANT else None
     lora = dict(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, targets=lora_targets.split(","),
-                experts=lora_experts)
+                experts=lora_experts, token_rows=rows)
     if init_from == "resume":
         saved = base["lora"]
         changed = ", ".join(f"lora_{k}={saved[k]!r}" for k in lora if saved[k] != lora[k])
@@ -249,8 +254,9 @@ if lora_rank:  # freeze the model, add the adapters; the checkpoint records the 
     else:
         lora.update(base=init_from, hash=base_hash(raw_model.state_dict()))
     n_base = sum(p.numel() for p in raw_model.parameters())
-    n_train = add_lora(raw_model, lora_rank, lora_alpha, lora_dropout, lora["targets"], lora_experts)
-    log(f"LoRA rank {lora_rank} on {lora_targets}{' and the routed experts' if lora_experts else ''}: "
+    n_train = add_lora(raw_model, lora_rank, lora_alpha, lora_dropout, lora["targets"], lora_experts, rows)
+    log(f"LoRA rank {lora_rank} on {lora_targets}{' and the routed experts' if lora_experts else ''}"
+        f"{' and the chat tokens rows' if rows else ''}: "
         f"{n_train:,} trainable parameters, {100 * n_train / n_base:.2f}% of the model's {n_base:,}")
 opt = build_optimizer(raw_model, optimizer, learning_rate, weight_decay, (beta1, beta2), muon_momentum)
 step, tokens_seen, best_val, train_time = 0, 0, float("inf"), 0.0  # train_time: seconds in training steps

@@ -15,14 +15,14 @@ from model import ModelConfig, Transformer
 from optim import build_optimizer
 
 
-def adapted(experts, seed=0, **cfg):
+def adapted(experts, seed=0, token_rows=None, **cfg):
     """A random tiny model with random adapters (B != 0, so they change the output) and nonzero expert biases."""
     m = tiny_model(seed, **cfg)
     with torch.no_grad():
         for g in m.gates():
             g.bias.uniform_(-0.2, 0.2)
     base = copy.deepcopy(m.state_dict())
-    add_lora(m, 4, 8.0, 0.0, experts=experts)
+    add_lora(m, 4, 8.0, 0.0, experts=experts, token_rows=token_rows)
     with torch.no_grad():
         for name, p in m.named_parameters():
             if "lora_" in name:
@@ -33,12 +33,14 @@ def adapted(experts, seed=0, **cfg):
 @pytest.mark.parametrize("experts", [False, True])
 @pytest.mark.parametrize("q_lora_rank", [0, 8])
 def test_merged_equals_unmerged_and_cached_decode_equals_forward(experts, q_lora_rank):
-    m, base_state = adapted(experts, q_lora_rank=q_lora_rank)
+    """With experts, also trained rows 100-103 of the embedding and head (TokenRows, as for the chat tokens)."""
+    m, base_state = adapted(experts, q_lora_rank=q_lora_rank, token_rows=(100, 104) if experts else None)
     wanted = {"wq_a", "wq_b"} if q_lora_rank else {"wq"}
     got = {n.split(".")[-1] for n, mod in m.named_modules() if isinstance(mod, LoRALinear)}
     assert got == wanted | {"wkv_a", "wkv_b", "wo", "w1", "w2", "w3"}
     assert any(isinstance(mod, LoRAExperts) for mod in m.modules()) == experts
     x = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
+    x[:, ::3] = torch.arange(100, 104).repeat(4)[:8]  # the trained rows' tokens, as inputs and as targets
     y = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         logits, parts = m(x, y)
@@ -63,7 +65,7 @@ def test_only_the_adapters_train_and_their_size():
     """After optimizer steps on a loss, only adapter tensors moved: the embedding, head, norms, router weight,
     expert bias and the base matrices are bit for bit the same. Trainable parameters on the quick-start model
     (config/train_tiny.py's architecture) and the optimizer state, against full fine-tuning's."""
-    m, base = adapted(True)
+    m, base = adapted(True, token_rows=(100, 104))
     m.train()
     opt = build_optimizer(m, "adamw", 1e-2, 0.1, (0.9, 0.95))
     x = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
@@ -76,6 +78,9 @@ def test_only_the_adapters_train_and_their_size():
     after = m.state_dict()
     for k, v in base.items():
         assert torch.equal(after[k], v), k
+    rows = {n: p for n, p in m.named_parameters() if "lora_rows" in n}
+    assert set(rows) == {"embed.lora_rows", "head.lora_rows"}
+    assert not torch.equal(rows["head.lora_rows"], base["head.weight"][100:104])  # the rows did train
     assert all("lora_" in n for n, p in m.named_parameters() if p.requires_grad)
 
     cfg = {}
@@ -86,7 +91,7 @@ def test_only_the_adapters_train_and_their_size():
         torch.manual_seed(0)
         model = Transformer(tiny)
         total = sum(p.numel() for p in model.parameters())
-        trainable = total if experts is None else add_lora(model, 8, 16.0, experts=experts)
+        trainable = total if experts is None else add_lora(model, 8, 16.0, experts=experts, token_rows=(50257, 50261))
         opt = build_optimizer(model, "adamw", 1e-3, 0.1, (0.9, 0.95))
         _, parts = model(torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8, dtype=torch.long))
         parts["ce"].backward()
@@ -103,18 +108,20 @@ def test_merged_export_loads_in_transformers(tmp_path):
     """A LoRA checkpoint (adapters + its base's path and hash) exports as one plain model whose logits in
     transformers' DeepseekV3 equal ours with the adapters unmerged."""
     from test_export import load_hf_clean
-    m, base_state = adapted(True, vocab_size=256)
+    m, base_state = adapted(True, vocab_size=256, token_rows=(100, 104))
     base = tiny_model(0, vocab_size=256)
     base.load_state_dict(base_state)
     save_ckpt(tmp_path / "base", base)
     lora = dict(base=str(tmp_path / "base"), hash=base_hash(base.state_dict()), rank=4, alpha=8.0, dropout=0.0,
-                targets=["wq", "wq_a", "wq_b", "wkv_a", "wkv_b", "wo", "w1", "w2", "w3"], experts=True)
+                targets=["wq", "wq_a", "wq_b", "wkv_a", "wkv_b", "wo", "w1", "w2", "w3"], experts=True,
+                token_rows=[100, 104])
     (tmp_path / "lora").mkdir()
     save_checkpoint(str(tmp_path / "lora" / "ckpt.pt"), {"model": adapter_state(m), "model_config": asdict(m.cfg),
                                                           "lora": lora})
     export.main([f"--out_dir={tmp_path / 'lora'}", f"--hf_dir={tmp_path / 'hf'}", "--tokenizer=False"])
     hf = load_hf_clean(tmp_path / "hf")
     idx = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(3))
+    idx[:, ::4] = 101
     with torch.no_grad():
         diff = (hf(idx).logits - m(idx)[0]).abs().max().item()
     print(f"\nLoRA export: max |logit diff| vs transformers = {diff:.3g}")
@@ -149,11 +156,12 @@ def test_lora_sft_resumes_exactly_runs_under_ddp_and_pins_its_base(tmp_path):
     assert set(a["model"]) == set(b["model"]) and all("lora_" in k for k in a["model"])
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert a["lora"]["hash"] == base_hash(chat_model.state_dict()) and a["lora"]["base"] == str(base)
+    assert a["lora"]["token_rows"] == [50257, 50261] and a["model"]["embed.lora_rows"].shape == (4, 32)
     assert a["model"]["layers.1.ffn.experts.w1_lora_B"].abs().sum() > 0  # the experts' adapters trained
     # readers get the merged model: base weights + (alpha / r) B A, expert bias unchanged
     merged, _ = load_model(straight)
     expected = copy.deepcopy(chat_model)
-    add_lora(expected, 4, 16.0, experts=True)
+    add_lora(expected, 4, 16.0, experts=True, token_rows=(50257, 50261))
     expected.load_state_dict(a["model"], strict=False)
     x = torch.randint(0, 50257, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
