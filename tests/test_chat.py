@@ -1,15 +1,26 @@
 """The chat stage: the chat format (data/loader.py), SFT rows (ChatReader), the conversation sources, and SFT
 with train.py end to end."""
 import json
+import sys
+import types
 
 import pytest
+import torch
+import torch.nn.functional as F
 
+import chat
+import tasks
+from conftest import TORCHRUN, exit_message, ok, run, save_ckpt, tiny_model
+from data import loader
 from data.loader import (ASSISTANT, BOS, EOS, USER, ChatReader, DataError, gsm8k_conversation, read_conversations,
                          render_conversation, render_prompt)
 
-CONV = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-        {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "What is 2 + 2?"},
-        {"role": "assistant", "content": "4"}]
+def turn(role, content):
+    return {"role": role, "content": content}
+
+
+CONV = [turn("system", "Be brief."), turn("user", "Hi"), turn("assistant", "Hello!"), turn("user", "What is 2 + 2?"),
+        turn("assistant", "4")]
 
 
 def test_render_conversation_ids_and_mask(gpt2_enc):
@@ -19,23 +30,16 @@ def test_render_conversation_ids_and_mask(gpt2_enc):
     e = gpt2_enc.encode_ordinary
     want = ([BOS] + e("Be brief.") + [USER] + e("Hi") + [ASSISTANT] + e("Hello!") + [EOS] + [USER]
             + e("What is 2 + 2?") + [ASSISTANT] + e("4") + [EOS])
-    assert ids == want
-    trained = [i for i, m in zip(ids, mask) if m]
-    assert trained == e("Hello!") + [EOS] + e("4") + [EOS]
+    assert ids == want and [i for i, m in zip(ids, mask) if m] == e("Hello!") + [EOS] + e("4") + [EOS]
     assert max(e("Be brief. Hi Hello! What is 2 + 2? 4")) < BOS < EOS < USER < ASSISTANT < 50304
     assert render_prompt(CONV[:4]) == want[:-len(e("4")) - 1]  # everything up to and including <Assistant>
     assert render_prompt(CONV[1:2]) == [BOS, USER] + e("Hi") + [ASSISTANT]
 
 
-@pytest.mark.parametrize("bad", [
-    [],
-    [{"role": "assistant", "content": "I start"}],
-    [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
-    [{"role": "user", "content": "a"}, {"role": "robot", "content": "b"}],
-    [{"role": "user", "content": "a"}, {"role": "assistant", "content": 3}],
-    [{"role": "user", "content": "a"}],                                   # no reply to train on
-    [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "system", "content": "c"}],
-])
+@pytest.mark.parametrize("bad", [[], [turn("assistant", "I start")], [turn("user", "a"), turn("user", "b")],
+                                 [turn("user", "a"), turn("robot", "b")], [turn("user", "a"), turn("assistant", 3)],
+                                 [turn("user", "a")],  # no reply to train on
+                                 [turn("user", "a"), turn("assistant", "b"), turn("system", "c")]])
 def test_turns_that_do_not_alternate_are_one_clear_error(bad):
     with pytest.raises(DataError) as e:
         render_conversation(bad)
@@ -43,9 +47,8 @@ def test_turns_that_do_not_alternate_are_one_clear_error(bad):
 
 
 def test_chat_reader_packs_whole_conversations_and_masks_targets():
-    convs = [[{"role": "user", "content": f"Question number {i}?"}, {"role": "assistant", "content": f"Answer {i}."}]
-             for i in range(40)]
-    long = [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "too long"}]
+    convs = [[turn("user", f"Question number {i}?"), turn("assistant", f"Answer {i}.")] for i in range(40)]
+    long = [turn("user", "word " * 200), turn("assistant", "too long")]
     r = ChatReader(convs + [long], batch_size=4, seq_len=32, seed=1, shuffle=False)
     assert r.n_dropped == 1 and r.n_conversations == 40
     rendered = [render_conversation(c) for c in convs]
@@ -63,14 +66,11 @@ def test_chat_reader_packs_whole_conversations_and_masks_targets():
     for i in range(4):
         ids = [t for t, _ in rows[i]] + [EOS] * (33 - len(rows[i]))
         tgt = [t if m else -1 for t, m in rows[i]] + [-1] * (33 - len(rows[i]))
-        assert x[i].tolist() == ids[:-1] and y[i].tolist() == tgt[1:]
-        assert x[i, 0] == BOS  # every row starts a conversation: none is ever cut
+        assert x[i].tolist() == ids[:-1] and y[i].tolist() == tgt[1:] and x[i, 0] == BOS  # no conversation is cut
     # exact resume: the state before a batch gives that batch again
-    r2 = ChatReader(convs, batch_size=4, seq_len=32, seed=1)
+    r2, r3 = (ChatReader(convs, batch_size=4, seq_len=32, seed=1) for _ in range(2))
     r2.next_batch()
-    state = r2.state_dict()
-    want = r2.next_batch()
-    r3 = ChatReader(convs, batch_size=4, seq_len=32, seed=1)
+    state, want = r2.state_dict(), r2.next_batch()
     r3.load_state_dict(state)
     assert all((a == b).all() for a, b in zip(r3.next_batch(), want))
 
@@ -88,24 +88,14 @@ def test_conversation_files_and_gsm8k_rows(tmp_path):
            "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips "
                      "altogether in April and May.\n#### 72"}
     conv = gsm8k_conversation(row)
-    assert conv[0] == {"role": "user", "content": row["question"]}
-    assert conv[1]["content"] == ("Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips altogether "
-                                  "in April and May.\nThe answer is 72.")
-    import tasks
+    assert conv[0] == turn("user", row["question"]) and conv[1]["content"] == ("Natalia sold 48/2 = 24 clips in May.\n"
+                                                                             "Natalia sold 48+24 = 72 clips altogether "
+                                                                             "in April and May.\nThe answer is 72.")
     assert tasks.check("add", conv[1]["content"], "72")  # the task checkers read it
     render_conversation(conv)
 
 
 # ---- chat.py: the cache across turns, the one-shot CLI, the task eval ---------------------------------------
-
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-
-import torch  # noqa: E402
-
-import chat  # noqa: E402
-from conftest import ROOT, save_ckpt, tiny_model  # noqa: E402
-
 
 @pytest.fixture(scope="module")
 def chat_model():
@@ -121,8 +111,7 @@ def test_multi_turn_reply_with_the_kept_cache_equals_a_from_scratch_forward(chat
     session = chat.Chat(m, gpt2_enc, temperature=0.0, speculative=speculative)
     first = list(session.reply("Hello there", 6))
     before = list(session.ids)
-    fed = []
-    decode = m.decode
+    fed, decode = [], m.decode
     m.decode = lambda idx, cache, start_pos: fed.append((start_pos, idx.shape[1])) or decode(idx, cache, start_pos)
     try:
         second = list(session.reply("And again?", 6))
@@ -131,43 +120,33 @@ def test_multi_turn_reply_with_the_kept_cache_equals_a_from_scratch_forward(chat
     prompt = before + ([EOS] if before[-1] != EOS else []) + [USER] + gpt2_enc.encode_ordinary("And again?") + [ASSISTANT]
     assert session.ids[:len(prompt)] == prompt
     assert fed[0] == (len(before) - 1, len(prompt) - len(before) + 1)  # from the last uncached token on, no more
-    assert prompt == render_prompt([{"role": "user", "content": "Hello there"},
-                                    {"role": "assistant", "content": gpt2_enc.decode(first)},
-                                    {"role": "user", "content": "And again?"}]) or first == []
+    assert prompt == render_prompt([turn("user", "Hello there"), turn("assistant", gpt2_enc.decode(first)),
+                                    turn("user", "And again?")]) or first == []
     with torch.no_grad():
         seq = list(prompt)
         for tok in second:  # greedy over the first EOS + 1 ids, from the full forward
-            logits = m(torch.tensor([seq]))[0][0, -1, :EOS + 1]
-            assert int(logits.argmax()) == tok
+            assert int(m(torch.tensor([seq]))[0][0, -1, :EOS + 1].argmax()) == tok
             seq.append(tok)
     assert len(first) > 0 and len(second) > 0
 
 
 def test_chat_cli_one_reply_and_task_eval(chat_model, tmp_path):
     ckpt = save_ckpt(tmp_path / "sft", chat_model, step=7, config={"chat_data": "tasks"})
-    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
-    p = subprocess.run([sys.executable, "chat.py", f"--out_dir={ckpt}", "--prompt=What is 17 + 25?", "--device=cpu",
-                        "--temperature=0", "--max_new_tokens=5"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=120, env=env)
-    assert p.returncode == 0, p.stderr[-2000:]
+    p = ok(run("chat.py", f"--out_dir={ckpt}", "--prompt=What is 17 + 25?", "--device=cpu", "--temperature=0",
+               "--max_new_tokens=5", timeout=120))
     assert p.stdout.endswith("\n") and p.stdout.count("\n") <= 6 and "chat.py" not in p.stdout  # the reply only
-    p = subprocess.run([sys.executable, "chat.py", f"--out_dir={ckpt}", "--eval_tasks=2", "--device=cpu"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300, env=env)
-    assert p.returncode == 0, p.stderr[-2000:]
-    import tasks
-    res = json.loads((ckpt / "chat_eval.json").read_text())
-    assert set(res["tasks"]) == set(tasks.TASKS) and all(r["n"] == 2 for r in res["tasks"].values())
+    p = ok(run("chat.py", f"--out_dir={ckpt}", "--eval_tasks=2", "--device=cpu", timeout=300))
+    res = json.loads((ckpt / "chat_eval.json").read_text())["tasks"]
+    assert set(res) == set(tasks.TASKS) and all(r["n"] == 2 for r in res.values())
     assert len(p.stdout.strip().splitlines()) == len(tasks.TASKS)
-    bad = subprocess.run([sys.executable, "chat.py", f"--out_dir={tmp_path / 'none'}", "--prompt=hi"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120, env=env)
-    assert bad.returncode == 1 and bad.stderr.startswith("chat.py: error: no checkpoint")
+    assert exit_message(chat.main, [f"--out_dir={tmp_path / 'none'}", "--prompt=hi"]).startswith(
+        "chat.py: error: no checkpoint")
 
 
 # ---- SFT with train.py --------------------------------------------------------------------------------------
 
 def test_masked_targets_are_left_out_of_every_loss(chat_model):
     """-1 targets count in neither the main CE nor any MTP depth's: the loss is the mean over the others."""
-    import torch.nn.functional as F
     x = torch.randint(0, 1000, (2, 20), generator=torch.Generator().manual_seed(0))
     y = torch.full_like(x, -1)
     y[0, 5], y[1, 9], y[1, 15] = 7, 8, 9
@@ -182,17 +161,12 @@ def test_masked_targets_are_left_out_of_every_loss(chat_model):
     assert parts["mtp"][0].item() == pytest.approx(F.cross_entropy(l1[keep1], y[:, 1:][keep1]).item(), rel=1e-5)
 
 
-def run_sft(out, base, *args, nproc=None):
-    launcher = [sys.executable] if nproc is None else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd = launcher + ["train.py", f"--init_from={base}", f"--out_dir={out}", "--chat_data=tasks,data/chat_sample.jsonl",
-                      "--chat_tasks=40", "--device=cpu", "--dtype=float32", "--compile=False", "--batch_size=2",
-                      "--total_batch_size=384", "--learning_rate=3e-3", "--min_lr=3e-4", "--warmup_iters=2",
-                      "--lr_decay_iters=6", "--eval_iters=2", "--log_interval=1", "--sample_tokens=0",
-                      "--bias_update_speed=0.0", *args]
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                       env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
-    assert p.returncode == 0, p.stderr[-3000:]
+def run_sft(out, base, *args, launch=()):
+    p = ok(run(*launch, "train.py", f"--init_from={base}", f"--out_dir={out}", "--chat_data=tasks,data/chat_sample.jsonl",
+               "--chat_tasks=40", "--device=cpu", "--dtype=float32", "--compile=False", "--batch_size=2",
+               "--total_batch_size=384", "--learning_rate=3e-3", "--min_lr=3e-4", "--warmup_iters=2",
+               "--lr_decay_iters=6", "--eval_iters=2", "--log_interval=1", "--sample_tokens=0",
+               "--bias_update_speed=0.0", *args))
     return p, [json.loads(line) for line in open(out / "log.jsonl")]
 
 
@@ -213,26 +187,20 @@ def test_sft_from_a_pretrained_out_dir_resumes_exactly_and_runs_under_ddp(chat_m
     _, single = run_sft(tmp_path / "single", base, "--max_iters=4", "--eval_interval=100", "--batch_size=1",
                         "--total_batch_size=192")
     p, ddp = run_sft(tmp_path / "ddp", base, "--max_iters=4", "--eval_interval=100", "--batch_size=1",
-                     "--total_batch_size=192", nproc=2)
+                     "--total_batch_size=192", launch=TORCHRUN)
     assert "2 processes x 1 accumulation steps" in p.stdout
-    for a, b in zip(ddp, single):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+    assert [r["loss"] for r in ddp] == pytest.approx([r["loss"] for r in single], rel=1e-4)
 
 
 def test_hub_chat_sources_and_gsm8k_eval_on_an_offline_fixture(monkeypatch, chat_model, gpt2_enc):
     """The GPU recipe's loaders, on rows in the datasets' own formats (a stand-in `datasets` module: no network):
     smol-smoltalk's `messages` pass through, GSM8K's rows become conversations, and chat.py's GSM8K score reads the
     final number. Offline (the Hub check fails), one line."""
-    import types
-    from data import loader
     rows = {("HuggingFaceTB/smol-smoltalk", "train"): [{"messages": CONV[1:3], "source": "x"}],
             ("openai/gsm8k", "test"): [{"question": "What is 2 + 3?", "answer": "2+3=<<2+3=5>>5\n#### 5"},
                                        {"question": "What is 4 + 4?", "answer": "#### 8"}]}
     asked = []
-
-    def load_dataset(path, name=None, split=None):
-        asked.append((path, name, split))
-        return rows[(path, split)]
+    load_dataset = lambda path, name=None, split=None: asked.append((path, name, split)) or rows[(path, split)]  # noqa
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
     monkeypatch.setattr(loader, "hub_offline_reason", lambda: None)
     assert loader.hub_conversations("smoltalk", "train") == [CONV[1:3]]

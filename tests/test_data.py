@@ -4,6 +4,7 @@ import csv
 import functools
 import gzip
 import json
+import re
 import shutil
 import socket
 import sys
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import exit_message
 from data import fineweb, loader
 from data.fineweb import main
 from data.loader import DataError, ShardReader
@@ -52,16 +54,12 @@ def files_bytes(out_dir):
 # ---------------------------------------------------------------------------------------------------- tokenizer
 
 VARIED_TEXTS = [
-    "Hello world! The quick brown fox jumps over the lazy dog.",
+    "Hello world! The quick brown fox jumps over the lazy dog.", "0123456789 3.14159 -42 1/2 ½ ² 10,000,000 0x1F 2024-01-31",
     "It's 3:45pm; they'll say we've 12,345.67 apples (or 1e-9?) -- isn't it?",
     "def f(x):\n    return {'a': [x ** 2, x >> 1]}  # comment\n\tif x != 0: print(f\"{x!r}\")\n",
     "    leading spaces, inner     runs, tabs\t\t and newlines\n\n\n   trailing   ",
-    "naïve café, Ünïcödé, Ελληνικά, русский, עברית, العربية, हिन्दी",
-    "你好，世界。日本語のテキスト、한국어 텍스트 🙂👍🏽🇫🇷 family: 👨‍👩‍👧‍👦",
-    "0123456789 3.14159 -42 1/2 ½ ² 10,000,000 0x1F 2024-01-31",
-    "\u00a0nbsp\u2003em\u200bzero-width\r\nCRLF\x00NUL \U0001F600",
-    "", " ", "\n", "a", "'s 'S 'll 'LL's",
-]
+    "naïve café, Ünïcödé, Ελληνικά, русский, עברית, العربية, हिन्दी", "", " ", "\n", "a", "'s 'S 'll 'LL's",
+    "你好，世界。日本語のテキスト、한국어 텍스트 🙂👍🏽🇫🇷 family: 👨‍👩‍👧‍👦", "\u00a0nbsp\u2003em\u200bzero-width\r\nCRLF\x00NUL \U0001F600"]
 
 
 def test_bundled_tokenizer_equals_tiktoken_gpt2(gpt2_enc, tiktoken_gpt2, sample_texts):
@@ -91,9 +89,7 @@ def test_bundled_tokenizer_basics_without_network(gpt2_enc, tmp_path, monkeypatc
     assert loader.get_tokenizer() is loader.get_tokenizer()  # loaded once per process
 
     # a fresh load needs no network and no tiktoken cache
-    def no_network(*args, **kwargs):
-        raise AssertionError("the tokenizer tried to open a network connection")
-
+    no_network = lambda *a, **k: pytest.fail("the tokenizer tried to open a network connection")  # noqa: E731
     monkeypatch.setattr(socket, "socket", no_network)
     monkeypatch.setattr(socket, "create_connection", no_network)
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty"))
@@ -104,11 +100,7 @@ def test_bundled_tokenizer_basics_without_network(gpt2_enc, tmp_path, monkeypatc
 
 def test_bundled_files_are_small_and_reproducible(tmp_path, shared_data):
     assert loader.TOKENIZER_FILE.stat().st_size + fineweb.SAMPLE_FILE.stat().st_size < 1_000_000
-    sys.path.insert(0, str(fineweb.HERE))
-    try:
-        import make_bundle
-    finally:
-        sys.path.remove(str(fineweb.HERE))
+    from data import make_bundle
     make_bundle.make_tokenizer(shared_data / "gpt2_bpe", tmp_path / "t.gz")
     make_bundle.make_sample(shared_data / "fineweb_edu_sample" / "training_data.csv", tmp_path / "s.gz")
     assert (tmp_path / "t.gz").read_bytes() == loader.TOKENIZER_FILE.read_bytes()
@@ -123,25 +115,21 @@ def test_bytes_to_unicode_table():
 
 
 def write_gz(path, data):
-    with gzip.open(path, "wb") as f:
-        f.write(data)
+    path.write_bytes(gzip.compress(data))
     return path
 
 
 def test_bundled_tokenizer_errors_are_one_line(tmp_path, monkeypatch):
     load = loader.get_tokenizer.__wrapped__  # uncached, so that each case really loads its file
     good = gzip.decompress(loader.TOKENIZER_FILE.read_bytes())
-    cases = {
-        "missing": (tmp_path / "nope.tiktoken.gz", "is missing"),
-        "not gzip": (tmp_path / "plain.gz", "is corrupt"),
-        "truncated": (tmp_path / "cut.gz", "is corrupt"),
-        "bad line": (write_gz(tmp_path / "line.gz", good[:1000] + b"garbage\n" + good[1000:]), "is corrupt"),
-        "bad base64": (write_gz(tmp_path / "b64.gz", b"@@@@ 0\n" + good), "is corrupt"),
-        "too few": (write_gz(tmp_path / "few.gz", good[:len(good) // 2].rsplit(b"\n", 1)[0] + b"\n"),
-                    "expected 50256 distinct tokens"),
-    }
-    (tmp_path / "plain.gz").write_bytes(good[:5000])
-    (tmp_path / "cut.gz").write_bytes(loader.TOKENIZER_FILE.read_bytes()[:100_000])
+    (tmp_path / "plain.gz").write_bytes(good[:5000])  # not gzip
+    (tmp_path / "cut.gz").write_bytes(loader.TOKENIZER_FILE.read_bytes()[:100_000])  # truncated
+    cases = {"missing": (tmp_path / "nope.tiktoken.gz", "is missing"), "not gzip": (tmp_path / "plain.gz", "is corrupt"),
+             "truncated": (tmp_path / "cut.gz", "is corrupt"),
+             "bad line": (write_gz(tmp_path / "line.gz", good[:1000] + b"garbage\n" + good[1000:]), "is corrupt"),
+             "bad base64": (write_gz(tmp_path / "b64.gz", b"@@@@ 0\n" + good), "is corrupt"),
+             "too few": (write_gz(tmp_path / "few.gz", good[:len(good) // 2].rsplit(b"\n", 1)[0] + b"\n"),
+                         "expected 50256 distinct tokens")}
     for case, (path, expected) in cases.items():
         with pytest.raises(DataError) as e:
             load(path)
@@ -158,17 +146,13 @@ def test_bundled_tokenizer_errors_are_one_line(tmp_path, monkeypatch):
 
 def test_sample_shards_content_and_layout(sample_dir, sample_texts, gpt2_enc):
     meta, shards = read_all(sample_dir)
-    want = expected_tokens(gpt2_enc, sample_texts)
-    assert len(sample_texts) == 150
-    assert np.array_equal(np.concatenate(shards), want)
+    assert len(sample_texts) == 150 and np.array_equal(np.concatenate(shards), expected_tokens(gpt2_enc, sample_texts))
     assert [s["split"] for s in meta["shards"]] == ["val"] + ["train"] * (len(shards) - 1)
-    assert meta["shards"][0]["file"] == "edufineweb_val_000000.npy"
-    assert meta["shards"][1]["file"] == "edufineweb_train_000001.npy"
+    assert [s["file"] for s in meta["shards"][:2]] == ["edufineweb_val_000000.npy", "edufineweb_train_000001.npy"]
     assert [s["tokens"] for s in meta["shards"]] == [len(t) for t in shards]
     assert all(len(t) == SHARD for t in shards[:-1]) and 0 < len(shards[-1]) <= SHARD and len(shards) >= 4
-    assert all(t.dtype == np.uint16 for t in shards)
+    assert all(t.dtype == np.uint16 for t in shards) and meta["complete"] and meta["docs"] == 150
     assert (meta["tokenizer"], meta["vocab_size"], meta["eot"], meta["dtype"]) == ("gpt2", 50257, 50256, "uint16")
-    assert meta["complete"] and meta["docs"] == 150
     assert sorted(p.name for p in sample_dir.iterdir()) == sorted([s["file"] for s in meta["shards"]] + ["meta.json"])
 
 
@@ -179,8 +163,7 @@ def test_two_workers_give_identical_files(sample_dir, tmp_path):
 
 def test_resume_after_crash_is_byte_identical(sample_dir, tmp_path, monkeypatch, capsys):
     argv = ["--input", SAMPLE, "--out_dir", str(tmp_path), "--shard_size", str(SHARD), "--num_workers", "1"]
-    real_write = fineweb.write_shard
-    calls = []
+    real_write, calls = fineweb.write_shard, []
 
     def crash_on_third(path, tokens):
         calls.append(path.name)
@@ -192,9 +175,8 @@ def test_resume_after_crash_is_byte_identical(sample_dir, tmp_path, monkeypatch,
     monkeypatch.setattr(fineweb, "write_shard", crash_on_third)
     with pytest.raises(RuntimeError, match="simulated crash"):
         main(argv)
-    assert (tmp_path / "edufineweb_train_000002.npy.tmp").exists()
-    assert sorted(p.name for p in tmp_path.glob("*.npy")) == ["edufineweb_train_000001.npy",
-                                                              "edufineweb_val_000000.npy"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["edufineweb_train_000001.npy", "edufineweb_train_000002.npy.tmp",
+                                                          "edufineweb_val_000000.npy", "meta.json"]
     meta = json.loads((tmp_path / "meta.json").read_text())
     assert not meta["complete"] and len(meta["shards"]) == 2
     with pytest.raises(DataError, match="unfinished"):
@@ -205,8 +187,7 @@ def test_resume_after_crash_is_byte_identical(sample_dir, tmp_path, monkeypatch,
     main(argv)
     assert "resumed after 2 finished shards" in capsys.readouterr().out
     assert {n: (tmp_path / n).stat().st_mtime_ns for n in calls[:2]} == finished  # not rewritten
-    assert not list(tmp_path.glob("*.tmp"))  # the crash's leftover was overwritten, then renamed
-    assert files_bytes(tmp_path) == files_bytes(sample_dir)
+    assert files_bytes(tmp_path) == files_bytes(sample_dir)  # the crash's leftover .tmp was overwritten, then renamed
 
     main(argv)  # a finished dataset is left alone
     assert "nothing to do" in capsys.readouterr().out
@@ -237,8 +218,7 @@ def test_atomic_write_survives_concurrent_writers(tmp_path):
     for p in procs:
         p.join(60)
     assert [p.exitcode for p in procs] == [0, 0, 0, 0]
-    assert path.read_bytes() in payloads
-    assert [p.name for p in tmp_path.iterdir()] == ["shared.bin"]
+    assert path.read_bytes() in payloads and [p.name for p in tmp_path.iterdir()] == ["shared.bin"]
 
 
 def test_max_docs_and_max_tokens(sample_texts, gpt2_enc, tmp_path):
@@ -254,19 +234,31 @@ def test_max_docs_and_max_tokens(sample_texts, gpt2_enc, tmp_path):
     assert np.array_equal(np.concatenate(shards), expected_tokens(gpt2_enc, sample_texts)[:12345])
 
 
-def test_input_jsonl_txt_parquet_and_directories(gpt2_enc, tmp_path):
+def test_input_formats_gzip_and_directories(gpt2_enc, tmp_path):
+    """A directory reads its supported files in name order (.jsonl/.json/.csv/.txt, each also .gz; .parquet) and
+    skips the rest; .txt: blank (or whitespace-only) lines separate documents, single newlines stay inside one."""
     src = tmp_path / "src"
     src.mkdir()
     jsonl_docs = ["First JSON document.", "Second one,\nwith a newline and ünïcödé."]
+    gz_docs = ["Gzipped JSON line.", "Second,\nwith ünïcödé 🙂."]
     (src / "a.jsonl").write_text("".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(jsonl_docs)))
-    # .txt: blank (or whitespace-only) lines separate documents; single newlines stay inside a document
+    write_gz(src / "a.jsonl.gz", "".join(json.dumps({"text": t}) + "\n" for t in gz_docs).encode())
+    write_gz(src / "b.json.gz", json.dumps([{"text": "Array doc."}]).encode())
     (src / "b.txt").write_text("\n\nPara one, line one.\nPara one, line two.\n\n   \n\n"
                                "Para two.\n<|endoftext|> is text here.\n")
     txt_docs = ["Para one, line one.\nPara one, line two.", "Para two.\n<|endoftext|> is text here."]
+    write_gz(src / "c.csv.gz", b'text,score\n"CSV doc, with ""quotes""\nand a newline.",3\n')
+    write_gz(src / "d.txt.gz", b"Text block one.\n\nText block two.\n")
     (src / "notes.md").write_text("ignored: not a supported suffix")
+    write_gz(src / "notes.gz", b"ignored: no supported suffix under .gz")
+    write_gz(src / "e.parquet.gz", b"ignored: parquet is compressed already")
     main(["--input", str(src), "--out_dir", str(tmp_path / "out"), "--num_workers", "1"])
-    _, shards = read_all(tmp_path / "out")
-    assert np.array_equal(np.concatenate(shards), expected_tokens(gpt2_enc, jsonl_docs + txt_docs))
+    meta, shards = read_all(tmp_path / "out")
+    assert [p.rsplit("/", 1)[-1] for p in meta["settings"]["inputs"]] == ["a.jsonl", "a.jsonl.gz", "b.json.gz", "b.txt",
+                                                                          "c.csv.gz", "d.txt.gz"]
+    want = jsonl_docs + gz_docs + ["Array doc."] + txt_docs + ['CSV doc, with "quotes"\nand a newline.',
+                                                               "Text block one.", "Text block two."]
+    assert np.array_equal(np.concatenate(shards), expected_tokens(gpt2_enc, want))
 
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
@@ -277,30 +269,6 @@ def test_input_jsonl_txt_parquet_and_directories(gpt2_enc, tmp_path):
     _, shards = read_all(tmp_path / "out2")
     assert np.array_equal(np.concatenate(shards),
                           expected_tokens(gpt2_enc, ["Parquet doc.", "JSON array doc."] + txt_docs))
-
-
-def test_input_gzip_files(gpt2_enc, tmp_path):
-    src = tmp_path / "src"
-    src.mkdir()
-    docs = ["Gzipped JSON line.", "Second,\nwith ünïcödé 🙂."]
-    write_gz(src / "a.jsonl.gz", "".join(json.dumps({"text": t}) + "\n" for t in docs).encode())
-    write_gz(src / "b.json.gz", json.dumps([{"text": "Array doc."}]).encode())
-    write_gz(src / "c.csv.gz", b'text,score\n"CSV doc, with ""quotes""\nand a newline.",3\n')
-    write_gz(src / "d.txt.gz", b"Text block one.\n\nText block two.\n")
-    write_gz(src / "notes.gz", b"ignored: no supported suffix under .gz")
-    write_gz(src / "e.parquet.gz", b"ignored: parquet is compressed already")
-    main(["--input", str(src), "--out_dir", str(tmp_path / "out"), "--num_workers", "1"])
-    meta, shards = read_all(tmp_path / "out")
-    assert [p.rsplit("/", 1)[-1] for p in meta["settings"]["inputs"]] == ["a.jsonl.gz", "b.json.gz", "c.csv.gz",
-                                                                          "d.txt.gz"]
-    want = docs + ["Array doc.", 'CSV doc, with "quotes"\nand a newline.', "Text block one.", "Text block two."]
-    assert np.array_equal(np.concatenate(shards), expected_tokens(gpt2_enc, want))
-    for name in ("notes.gz", "e.parquet.gz"):
-        with pytest.raises(SystemExit, match="unsupported file type"):
-            main(["--input", str(src / name), "--out_dir", str(tmp_path / "o")])
-    (src / "bad.jsonl.gz").write_bytes(b"not gzip at all")
-    msg = one_line_exit(["--input", str(src / "bad.jsonl.gz"), "--out_dir", str(tmp_path / "o2")])
-    assert "bad.jsonl.gz" in msg
 
 
 def test_real_csv_equals_bundled_sample(shared_data, sample_texts, sample_dir, tmp_path):
@@ -314,102 +282,89 @@ def test_real_csv_equals_bundled_sample(shared_data, sample_texts, sample_dir, t
     assert a.keys() == b.keys() and all(a[k] == b[k] for k in a if k != "meta.json")
 
 
-def test_input_errors(tmp_path, gpt2_enc):
-    (tmp_path / "bad.jsonl").write_text('{"body": "no text field"}\n')
-    with pytest.raises(SystemExit, match=r"fineweb.py: error: .*bad.jsonl line 1: .*'text'"):
-        main(["--input", str(tmp_path / "bad.jsonl"), "--out_dir", str(tmp_path / "o"), "--num_workers", "1"])
-    with pytest.raises(SystemExit, match="does not exist"):
-        main(["--input", str(tmp_path / "nope.csv"), "--out_dir", str(tmp_path / "o")])
-    (tmp_path / "x.xml").write_text("<a/>")
-    with pytest.raises(SystemExit, match="unsupported file type"):
-        main(["--input", str(tmp_path / "x.xml"), "--out_dir", str(tmp_path / "o")])
+@pytest.mark.parametrize("name, content, expected", [
+    ("bad.jsonl", b'{"body": "no text field"}\n', r"bad.jsonl line 1: .*'text'"), ("nope.csv", None, "does not exist"),
+    ("x.xml", b"<a/>", "unsupported file type"), ("notes.gz", gzip.compress(b"no supported suffix under .gz"),
+                                                  "unsupported file type"),
+    ("e.parquet.gz", gzip.compress(b"parquet is compressed already"), "unsupported file type"),
+    ("bad.jsonl.gz", b"not gzip at all", "bad.jsonl.gz")])
+def test_input_errors(tmp_path, name, content, expected):
+    if content is not None:
+        (tmp_path / name).write_bytes(content)
+    assert re.search(expected, one_line_exit(["--input", str(tmp_path / name), "--out_dir", str(tmp_path / "o"),
+                                              "--num_workers", "1"]))
 
 
 def one_line_exit(argv):
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    msg = str(exc.value.code)
-    assert msg.startswith("fineweb.py: error: ") and "\n" not in msg
-    return msg
+    return exit_message(main, argv, "fineweb.py")
 
 
 @pytest.fixture
-def hub_env(monkeypatch):
+def hub_calls(monkeypatch):
+    """No Hub settings in the environment, and a stand-in `datasets` module whose load_dataset fails like the real
+    one does with no network; returns the list of its calls."""
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_ENDPOINT", "HTTPS_PROXY", "https_proxy", "ALL_PROXY",
                 "all_proxy"):
         monkeypatch.delenv(var, raising=False)
-    return monkeypatch
+    calls = []
 
-
-def fake_datasets(monkeypatch, calls):
-    """A stand-in `datasets` module whose load_dataset fails like the real one does with no network."""
     def load_dataset(*args, **kwargs):
         calls.append(args)
         raise ConnectionError("Couldn't reach 'HuggingFaceFW/fineweb-edu' on the Hub (LocalEntryNotFoundError)")
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    return calls
 
 
-def test_offline_hub_error_is_one_line(tmp_path, hub_env):
-    calls = []
-    fake_datasets(hub_env, calls)
-    hub_env.setattr(fineweb, "hub_offline_reason", lambda: None)  # the quick check passes; datasets still fails
+def test_offline_hub_error_is_one_line(tmp_path, hub_calls, monkeypatch):
+    monkeypatch.setattr(fineweb, "hub_offline_reason", lambda: None)  # the quick check passes; datasets still fails
     msg = one_line_exit(["--out_dir", str(tmp_path), "--num_workers", "1"])
-    assert "could not reach the Hugging Face Hub" in msg and "--input" in msg and len(calls) == 1
-
-    hub_env.setitem(sys.modules, "datasets", None)  # not installed
+    assert "could not reach the Hugging Face Hub" in msg and "--input" in msg and len(hub_calls) == 1
+    monkeypatch.setitem(sys.modules, "datasets", None)  # not installed
     msg = one_line_exit(["--out_dir", str(tmp_path), "--num_workers", "1"])
     assert "pip install datasets" in msg and "--input" in msg
 
 
 @pytest.mark.parametrize("var, value", [("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"),
                                         ("HF_HUB_OFFLINE", "true")])
-def test_hub_offline_env_fails_at_once(tmp_path, hub_env, var, value):
-    calls = []
-    fake_datasets(hub_env, calls)
-
-    def no_network(*args, **kwargs):
-        raise AssertionError("no connection should be tried")
-
-    hub_env.setattr(socket, "create_connection", no_network)
-    hub_env.setenv(var, value)
+def test_hub_offline_env_fails_at_once(tmp_path, hub_calls, monkeypatch, var, value):
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: pytest.fail("no connection should be tried"))
+    monkeypatch.setenv(var, value)
     t0 = time.time()
     msg = one_line_exit(["--out_dir", str(tmp_path / "o"), "--num_workers", "1"])
-    assert time.time() - t0 < 2 and not calls
+    assert time.time() - t0 < 2 and not hub_calls and not (tmp_path / "o").exists()
     assert f"{var}={value} is set" in msg and "--input" in msg and "fineweb_edu_sample.jsonl.gz" in msg
-    assert not (tmp_path / "o").exists()
 
 
-def test_hub_unreachable_fails_fast(tmp_path, hub_env):
-    calls, tried = [], []
-    fake_datasets(hub_env, calls)
+def test_hub_unreachable_fails_fast(tmp_path, hub_calls, monkeypatch):
+    tried = []
 
     def refused(address, timeout=None):
         tried.append((address, timeout))
         raise ConnectionRefusedError(111, "Connection refused")
 
-    hub_env.setattr(socket, "create_connection", refused)
+    monkeypatch.setattr(socket, "create_connection", refused)
     msg = one_line_exit(["--out_dir", str(tmp_path), "--num_workers", "1"])
     assert "could not reach the Hugging Face Hub" in msg and "huggingface.co:443" in msg and "--input" in msg
-    assert tried == [(("huggingface.co", 443), loader.HUB_CHECK_SECONDS)] and not calls
+    assert tried == [(("huggingface.co", 443), loader.HUB_CHECK_SECONDS)] and not hub_calls
 
     tried.clear()  # through a proxy, the proxy is what must answer; HF_ENDPOINT names a mirror
-    hub_env.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
     assert "127.0.0.1:9" in loader.hub_offline_reason() and tried[0][0] == ("127.0.0.1", 9)
-    hub_env.delenv("HTTPS_PROXY")
-    hub_env.setenv("HF_ENDPOINT", "https://hf-mirror.example.org")
+    monkeypatch.delenv("HTTPS_PROXY")
+    monkeypatch.setenv("HF_ENDPOINT", "https://hf-mirror.example.org")
     assert "hf-mirror.example.org:443" in loader.hub_offline_reason()
 
     def hangs(address, timeout=None):  # e.g. a name lookup that never answers: cut off after the time limit
         time.sleep(3)
         raise TimeoutError("timed out")
 
-    hub_env.setattr(socket, "create_connection", hangs)
-    hub_env.setattr(loader, "HUB_CHECK_SECONDS", 0.2)
+    monkeypatch.setattr(socket, "create_connection", hangs)
+    monkeypatch.setattr(loader, "HUB_CHECK_SECONDS", 0.2)
     t0 = time.time()
     assert "within 0.2 s" in loader.hub_offline_reason() and time.time() - t0 < 1.5
 
-    hub_env.setattr(socket, "create_connection", lambda address, timeout=None: types.SimpleNamespace(close=lambda: 0))
+    monkeypatch.setattr(socket, "create_connection", lambda address, timeout=None: types.SimpleNamespace(close=lambda: 0))
     assert loader.hub_offline_reason() is None
 
 
@@ -429,8 +384,7 @@ def test_batches_are_shifted_windows_of_the_shards(sample_dir):
     T = 64
     r = ShardReader(sample_dir, "train", batch_size=4, seq_len=T, vocab_size=50304)
     x, y = r.next_batch()
-    assert x.dtype == y.dtype == torch.int64 and x.shape == y.shape == (4, T)
-    assert (x[:, 1:] == y[:, :-1]).all()
+    assert x.dtype == y.dtype == torch.int64 and x.shape == y.shape == (4, T) and (x[:, 1:] == y[:, :-1]).all()
     train = shards[1:]
     for xi, yi in zip(x.numpy(), y.numpy()):  # each row is a window at a multiple of T in some train shard
         w = np.concatenate([xi, yi[-1:]])
@@ -439,29 +393,24 @@ def test_batches_are_shifted_windows_of_the_shards(sample_dir):
 
     v = ShardReader(sample_dir, "val", batch_size=3, seq_len=T, shuffle=False)  # file order
     x, y = v.next_batch()
-    assert np.array_equal(x.numpy(), shards[0][:3 * T].reshape(3, T))
-    assert np.array_equal(y.numpy()[0], shards[0][1:T + 1])
+    assert np.array_equal(x.numpy(), shards[0][:3 * T].reshape(3, T)) and np.array_equal(y.numpy()[0], shards[0][1:T + 1])
     v.next_batch()
     v.reset()
     assert np.array_equal(v.next_batch()[0].numpy(), x.numpy())
 
 
 def test_same_seed_same_batches_and_disjoint_ranks(sample_dir):
-    a = ShardReader(sample_dir, "train", batch_size=8, seq_len=32, seed=7)
-    b = ShardReader(sample_dir, "train", batch_size=8, seq_len=32, seed=7)
-    c = ShardReader(sample_dir, "train", batch_size=8, seq_len=32, seed=8)
+    a, b, c = (ShardReader(sample_dir, "train", batch_size=8, seq_len=32, seed=s) for s in (7, 7, 8))
     assert epoch_windows(a, 5) == epoch_windows(b, 5) != epoch_windows(c, 5)
 
     per_rank = a.n_windows // 2
-    r0 = ShardReader(sample_dir, "train", batch_size=per_rank, seq_len=32, rank=0, world_size=2, seed=7)
-    r1 = ShardReader(sample_dir, "train", batch_size=per_rank, seq_len=32, rank=1, world_size=2, seed=7)
+    r0, r1 = (ShardReader(sample_dir, "train", batch_size=per_rank, seq_len=32, rank=r, world_size=2, seed=7)
+              for r in (0, 1))
     w0, w1 = epoch_windows(r0, 1), epoch_windows(r1, 1)  # exactly one epoch each
     every = set(epoch_windows(ShardReader(sample_dir, "train", batch_size=a.n_windows, seq_len=32), 1))
-    assert len(set(w0)) == len(set(w1)) == per_rank
-    assert not set(w0) & set(w1) and set(w0) | set(w1) <= every
+    assert len(set(w0)) == len(set(w1)) == per_rank and not set(w0) & set(w1) and set(w0) | set(w1) <= every
     assert r0.state_dict()["epoch"] == 0 and r0.state_dict()["pos"] == per_rank
-    assert epoch_windows(r0, 1) != w0  # the next epoch is a new permutation
-    assert r0.state_dict()["epoch"] == 1
+    assert epoch_windows(r0, 1) != w0 and r0.state_dict()["epoch"] == 1  # the next epoch: a new permutation
 
 
 @pytest.mark.parametrize("skip", [3, 7])  # with 6 batches per epoch: resume mid-epoch, and across a boundary
@@ -471,12 +420,11 @@ def test_resume_from_state_is_exact(sample_dir, skip):
     assert 5 * 250 < a.n_windows // 2 < 6 * 250  # so skip=7 resumes in epoch 1 and the next batches cross into 2
     epoch_windows(a, skip)
     state = a.state_dict()
-    assert all(isinstance(v, int) for v in state.values())
     want = epoch_windows(a, 6)
+    assert all(isinstance(v, int) for v in state.values())
     b = make()
     b.load_state_dict(state)
-    assert epoch_windows(b, 6) == want
-    assert b.state_dict() == a.state_dict()
+    assert epoch_windows(b, 6) == want and b.state_dict() == a.state_dict()
 
     other = ShardReader(sample_dir, "train", batch_size=250, seq_len=24, rank=0, world_size=2, seed=3)
     with pytest.raises(DataError, match=r"rank=1 \(this reader: 0\)"):
@@ -485,38 +433,27 @@ def test_resume_from_state_is_exact(sample_dir, skip):
         ShardReader(sample_dir, "train", batch_size=250, seq_len=24, rank=1, world_size=2).load_state_dict(state)
 
 
-@pytest.fixture
-def copy_dir(sample_dir, tmp_path):
-    return shutil.copytree(sample_dir, tmp_path / "copy")
+def test_reader_errors(sample_dir, tmp_path):
+    copy_dir = shutil.copytree(sample_dir, tmp_path / "copy")
 
+    def refused(match, *args, where=copy_dir, **kw):
+        with pytest.raises(DataError, match=match):
+            ShardReader(where, *args, **kw)
 
-def test_reader_errors(copy_dir, tmp_path):
-    with pytest.raises(DataError, match=r"meta.json missing.*python data/fineweb.py"):
-        ShardReader(tmp_path / "nowhere", "train", 2, 16)
-    with pytest.raises(DataError, match=r"vocab_size 50257 but the model's vocab_size is 50000"):
-        ShardReader(copy_dir, "train", 2, 16, vocab_size=50000)
-    with pytest.raises(DataError, match="no 'test' shards"):
-        ShardReader(copy_dir, "test", 2, 16)
-    with pytest.raises(DataError, match=r"has 20000 tokens: 0 windows of seq_len \+ 1 = 20001 tokens, but each "
-                                        r"of the 1 rank\(s\) needs at least one window"):
-        ShardReader(copy_dir, "val", 2, seq_len=SHARD)
-
+    refused(r"meta.json missing.*python data/fineweb.py", "train", 2, 16, where=tmp_path / "nowhere")
+    refused(r"vocab_size 50257 but the model's vocab_size is 50000", "train", 2, 16, vocab_size=50000)
+    refused("no 'test' shards", "test", 2, 16)
+    refused(r"has 20000 tokens: 0 windows of seq_len \+ 1 = 20001 tokens, but each of the 1 rank\(s\) needs at least "
+            r"one window", "val", 2, seq_len=SHARD)
     shard = copy_dir / "edufineweb_train_000002.npy"
-    data = shard.read_bytes()
-    shard.write_bytes(data[:-100])  # cut off: the header promises more than the file holds
-    with pytest.raises(DataError, match=r"edufineweb_train_000002.npy is truncated"):
-        ShardReader(copy_dir, "train", 2, 16)
+    shard.write_bytes(shard.read_bytes()[:-100])  # cut off: the header promises more than the file holds
+    refused(r"edufineweb_train_000002.npy is truncated", "train", 2, 16)
     np.save(shard, np.zeros(SHARD - 10, np.uint16))  # a whole .npy, but shorter than meta.json says
-    with pytest.raises(DataError, match=rf"has {SHARD - 10} tokens but meta.json says {SHARD} \(truncated"):
-        ShardReader(copy_dir, "train", 2, 16)
+    refused(rf"has {SHARD - 10} tokens but meta.json says {SHARD} \(truncated", "train", 2, 16)
     np.save(shard, np.zeros(SHARD, np.int32))
-    with pytest.raises(DataError, match="holds int32.*not 1-D uint16"):
-        ShardReader(copy_dir, "train", 2, 16)
+    refused("holds int32.*not 1-D uint16", "train", 2, 16)
     shard.unlink()
-    with pytest.raises(DataError, match="edufineweb_train_000002.npy listed in meta.json is missing"):
-        ShardReader(copy_dir, "train", 2, 16)
+    refused("edufineweb_train_000002.npy listed in meta.json is missing", "train", 2, 16)
     ShardReader(copy_dir, "val", 2, 16)  # the other split is still fine
-
     (copy_dir / "meta.json").unlink()
-    with pytest.raises(DataError, match="meta.json missing"):
-        ShardReader(copy_dir, "val", 2, 16)
+    refused("meta.json missing", "val", 2, 16)

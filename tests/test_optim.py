@@ -9,35 +9,23 @@ from conftest import loss_of, tiny_model
 from optim import Muon, Optimizers, build_optimizer, muon_takes, newton_schulz
 
 
-def singular_values(x):
-    return torch.linalg.svdvals(x.double())
-
-
-def with_singular_values(shape, s):
-    """Random matrices (or a stack) U diag(s) V^T with the given singular values and random singular vectors."""
-    *batch, m, n = shape
-    u, _ = torch.linalg.qr(torch.randn(*batch, m, len(s)))
-    v, _ = torch.linalg.qr(torch.randn(*batch, n, len(s)))
-    return u @ torch.diag(s) @ v.mT
-
-
 @pytest.mark.parametrize("shape", [(64, 64), (32, 96), (96, 32), (8, 48, 16), (8, 16, 48)])
 def test_newton_schulz_is_near_orthogonal(shape):
     """Five quintic steps move singular values spread over 1.5 decades into the iteration's band (about
     0.7-1.2) and keep the singular vectors: the result is U S' V^T with the input's U and V."""
     torch.manual_seed(0)
-    k = min(shape[-2:])
-    s = torch.logspace(-1.5, 0, k)
-    g = with_singular_values(shape, s)
+    *batch, m, n = shape  # random matrices (or a stack) U diag(s) V^T with random singular vectors
+    s = torch.logspace(-1.5, 0, min(m, n))
+    u, v = (torch.linalg.qr(torch.randn(*batch, d, len(s)))[0] for d in (m, n))
+    g = u @ torch.diag(s) @ v.mT
     o = newton_schulz(g)
     assert o.shape == g.shape and o.dtype == torch.float32
-    sv = singular_values(o)
+    sv = torch.linalg.svdvals(o.double())
     assert sv.min() > 0.6 and sv.max() < 1.25, (sv.min(), sv.max())
     u, _, vh = torch.linalg.svd(g.double(), full_matrices=False)
     s_prime = u.mT @ o.double() @ vh.mT  # diagonal iff o has the input's singular vectors
-    off_diag = s_prime - torch.diag_embed(torch.diagonal(s_prime, dim1=-2, dim2=-1))
-    assert off_diag.abs().max() < 1e-3
-    assert torch.diagonal(s_prime, dim1=-2, dim2=-1).min() > 0.6
+    diag = torch.diagonal(s_prime, dim1=-2, dim2=-1)
+    assert (s_prime - torch.diag_embed(diag)).abs().max() < 1e-3 and diag.min() > 0.6
 
 
 def test_batched_newton_schulz_equals_per_expert():
@@ -90,8 +78,7 @@ def test_two_steps_equal_torch_muon_on_matrices(monkeypatch):
     assert (newton_schulz(g) - theirs).abs().max() < 0.02 * theirs.abs().max()  # bf16 rounding only
 
     monkeypatch.setattr(torch.optim._muon, "_zeropower_via_newtonschulz", lambda g, coeffs, steps, eps: newton_schulz(g, steps))
-    shapes = [(40, 24), (24, 40)]
-    ours = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    ours = [torch.nn.Parameter(torch.randn(s)) for s in [(40, 24), (24, 40)]]
     theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
     start = [p.detach().clone() for p in ours]
     opt_ours = Muon(ours, lr=0.02, weight_decay=0.1, momentum=0.9)
@@ -113,9 +100,8 @@ def test_parameter_routing():
     on its matrices only. Every parameter is in exactly one group."""
     m = tiny_model(q_lora_rank=16)
     opt = build_optimizer(m, "muon", 1e-3, 0.1, (0.9, 0.95))
-    assert isinstance(opt, Optimizers)
     muon_opt, adamw = opt.optimizers
-    assert isinstance(muon_opt, Muon) and isinstance(adamw, torch.optim.AdamW)
+    assert isinstance(opt, Optimizers) and isinstance(muon_opt, Muon) and isinstance(adamw, torch.optim.AdamW)
     names = {id(p): n for n, p in m.named_parameters()}
     in_muon = {names[id(p)] for g in muon_opt.param_groups for p in g["params"]}
     decayed = {names[id(p)] for p in adamw.param_groups[0]["params"]}
@@ -123,9 +109,8 @@ def test_parameter_routing():
     assert decayed == {"embed.weight", "head.weight"} | {n for n in names.values() if n.endswith("ffn.gate.weight")}
     assert not_decayed == {n for n, p in m.named_parameters() if p.dim() == 1}
     assert in_muon == set(names.values()) - decayed - not_decayed
-    for expected in ["layers.0.attn.wq_a.weight", "layers.0.attn.wkv_b.weight", "layers.0.ffn.w2.weight",
-                     "layers.1.ffn.experts.w1", "layers.1.ffn.shared_experts.w3.weight", "mtp.0.eh_proj.weight"]:
-        assert expected in in_muon
+    assert {"layers.0.attn.wq_a.weight", "layers.0.attn.wkv_b.weight", "layers.0.ffn.w2.weight",
+            "layers.1.ffn.experts.w1", "layers.1.ffn.shared_experts.w3.weight", "mtp.0.eh_proj.weight"} <= in_muon
     assert sum(len(g["params"]) for g in opt.param_groups) == len(names)
     assert all(muon_takes(n, p) == (n in in_muon) for n, p in m.named_parameters())
     assert muon_opt.param_groups[0]["weight_decay"] == 0.1 and adamw.param_groups[0]["weight_decay"] == 0.1
@@ -148,20 +133,18 @@ def test_muon_state_round_trips_and_refuses_adamw_state():
     for m, o in ((m1, o1), (m2, o2)):
         loss_of(m(x, x)[1]).backward()
         o.step()
-    for a, b in zip(m1.parameters(), m2.parameters()):
-        assert torch.equal(a, b)
+    assert all(torch.equal(a, b) for a, b in zip(m1.parameters(), m2.parameters()))
     for g in o2.param_groups:  # the lr schedule still reaches both optimizers after a load
         g["lr"] = 0.5
     assert [g["lr"] for o in o2.optimizers for g in o.param_groups] == [0.5] * 3
-    adamw = build_optimizer(m1, "adamw", 1e-2, 0.1, (0.9, 0.95))
     with pytest.raises(ValueError, match="optimizer='muon'"):
-        o1.load_state_dict(adamw.state_dict())
+        o1.load_state_dict(build_optimizer(m1, "adamw", 1e-2, 0.1, (0.9, 0.95)).state_dict())
 
 
 def test_adamw_decays_only_matrices_and_never_sees_the_expert_bias():
     m = tiny_model()
     opt = build_optimizer(m, "adamw", 1e-3, 0.1, (0.9, 0.95))
-    decay, no_decay = opt.param_groups[0], opt.param_groups[1]
+    decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(m.parameters()))

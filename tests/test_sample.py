@@ -1,13 +1,10 @@
 """sample.py: cached and speculative generation against slow references, and the command line (CPU, tiny models)."""
-import subprocess
-import sys
-
 import pytest
 import torch
 
 import sample
 from checkpoint import load_model
-from conftest import ROOT, save_ckpt, tiny_model
+from conftest import exit_message, one_line_error, run, save_ckpt, tiny_model
 
 
 def tiny(seed=0, **kw):
@@ -27,25 +24,11 @@ def greedy(model, prompt, n, **kw):
 
 def test_sample_probs_greedy_top_k_top_p():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.1, 0.2, 0.3, 0.4]]))
-    p = sample.sample_probs(logits, 0)  # greedy: one-hot on the argmax
-    torch.testing.assert_close(p, torch.tensor([[1.0, 0, 0, 0], [0, 0, 0, 1]]))
-    p = sample.sample_probs(logits[:1], 1.0, top_k=2)
-    torch.testing.assert_close(p, torch.tensor([[0.625, 0.375, 0, 0]]))
-    p = sample.sample_probs(logits[:1], 1.0, top_p=0.7)  # smallest prefix with mass >= 0.7: {0.5, 0.3}
-    torch.testing.assert_close(p, torch.tensor([[0.625, 0.375, 0, 0]]))
-    p = sample.sample_probs(logits[:1], 1.0, top_p=0.45)
-    torch.testing.assert_close(p, torch.tensor([[1.0, 0, 0, 0]]))
-
-
-def test_cached_greedy_equals_uncached_greedy():
-    m = tiny()
-    for seed, length in [(0, 1), (1, 7), (2, 20)]:
-        # the obviously-correct reference: the full forward over the whole sequence for every new token
-        idx = torch.tensor([prompt_of(seed, length)])
-        with torch.no_grad():
-            for _ in range(24):
-                idx = torch.cat([idx, m(idx)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
-        assert greedy(m, idx[0, :length].tolist(), 24) == idx[0, length:].tolist()
+    for rows, temperature, kw, want in [(2, 0, {}, [[1.0, 0, 0, 0], [0, 0, 0, 1]]),  # greedy: one-hot on the argmax
+                                        (1, 1.0, dict(top_k=2), [[0.625, 0.375, 0, 0]]),
+                                        (1, 1.0, dict(top_p=0.7), [[0.625, 0.375, 0, 0]]),  # prefix {0.5, 0.3}
+                                        (1, 1.0, dict(top_p=0.45), [[1.0, 0, 0, 0]])]:
+        torch.testing.assert_close(sample.sample_probs(logits[:rows], temperature, **kw), torch.tensor(want))
 
 
 def test_stop_at_eot_stats_and_n_vocab():
@@ -56,27 +39,29 @@ def test_stop_at_eot_stats_and_n_vocab():
     st = {}
     out = greedy(m, prompt, 20, eot=eot, stats=st)
     assert out == ref[:ref.index(eot) + 1]
-    assert st["prefill_tokens"] == 5 and st["decode_tokens"] == len(out) - 1
-    assert st["prefill_s"] > 0 and st["decode_s"] > 0
+    assert st["prefill_tokens"] == 5 and st["decode_tokens"] == len(out) - 1 and st["prefill_s"] > 0 and st["decode_s"] > 0
     # n_vocab: sample among the first n_vocab ids only
     out = list(sample.generate_tokens(m, prompt, 40, temperature=2.0, generator=torch.Generator().manual_seed(0),
                                       n_vocab=10))
-    assert len(out) == 40 and max(out) < 10
-    assert max(greedy(m, prompt, 20, n_vocab=5)) < 5
+    assert len(out) == 40 and max(out) < 10 and max(greedy(m, prompt, 20, n_vocab=5)) < 5
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # speculative decoding
 
 @pytest.mark.parametrize("n_mtp", [1, 2])
-def test_speculative_greedy_equals_plain_greedy(n_mtp):
+def test_cached_and_speculative_greedy_equal_uncached_greedy(n_mtp):
     for model_seed in range(2):
         m = tiny(model_seed, n_mtp=n_mtp)
-        for seed, length in [(0, 1), (1, 6), (2, 17)]:
-            prompt = prompt_of(seed, length)
+        for seed, length in [(0, 1), (1, 6), (1, 7), (2, 17), (2, 20)]:
+            # the obviously-correct reference: the full forward over the whole sequence for every new token
+            idx = torch.tensor([prompt_of(seed, length)])
+            with torch.no_grad():
+                for _ in range(30):
+                    idx = torch.cat([idx, m(idx)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
             st = {}
-            out = greedy(m, prompt, 30, speculative=True, stats=st)
-            assert out == greedy(m, prompt, 30)
+            assert greedy(m, idx[0, :length].tolist(), 30) == idx[0, length:].tolist() == \
+                greedy(m, idx[0, :length].tolist(), 30, speculative=True, stats=st)
             assert st["drafted"] > 0 and 0 <= st["accepted"] <= st["drafted"]
 
 
@@ -89,8 +74,7 @@ def test_speculative_drafts_equal_mtp_from_scratch(n_mtp, oracle, monkeypatch):
     m = tiny(1, n_mtp=n_mtp)
     prompt, n_new = prompt_of(5, 9), 31
     full = prompt + greedy(m, prompt, n_new)
-    calls = []
-    real = m.mtp_decode
+    calls, real = [], m.mtp_decode
 
     def spy(k, h_prev, idx, cache, start_pos):
         logits, h = real(k, h_prev, idx, cache, start_pos)
@@ -117,8 +101,7 @@ def test_speculative_drafts_equal_mtp_from_scratch(n_mtp, oracle, monkeypatch):
         torch.testing.assert_close(logits, m.head(m.mtp[k].norm(h[:, -1]))[0], rtol=1e-4, atol=1e-4)
     if oracle:
         assert st["accepted"] == st["drafted"] > 0
-        rounds = sum(1 for k, *_ in calls if k == 0)
-        assert rounds <= -(-(n_new - 1) // (n_mtp + 1)) + 1  # D + 1 tokens per round
+        assert sum(1 for k, *_ in calls if k == 0) <= -(-(n_new - 1) // (n_mtp + 1)) + 1  # rounds: D + 1 tokens each
     else:
         assert st["accepted"] < st["drafted"]  # a random model's drafts are mostly rejected
 
@@ -130,8 +113,7 @@ def test_accept_or_resample_preserves_target_distribution():
     N = 20000
     draft = torch.multinomial(q.expand(N, -1), 1, replacement=True, generator=g).squeeze(-1)
     accepted, token = sample.accept_or_resample(p.expand(N, -1), q.expand(N, -1), draft, g)
-    emp = torch.bincount(token, minlength=5).float() / N
-    assert (emp - p).abs().max() < 0.02
+    assert (torch.bincount(token, minlength=5).float() / N - p).abs().max() < 0.02
     assert accepted.float().mean().item() == pytest.approx(torch.minimum(p, q).sum().item(), abs=0.02)
     assert not accepted[draft == 3].any() and torch.equal(token[accepted], draft[accepted])
     # q == p: every draft is kept; one-hot (greedy) p and q: kept iff equal, else the argmax of p
@@ -148,18 +130,15 @@ def test_speculative_sampling_runs_with_filters():
     st = {}
     out = list(sample.generate_tokens(m, prompt_of(6, 4), 40, temperature=0.7, top_k=8, top_p=0.9,
                                       generator=torch.Generator().manual_seed(0), speculative=True, stats=st))
-    assert len(out) == 40 and all(0 <= t < 64 for t in out)
-    assert 0 < st["accepted"] <= st["drafted"]
+    assert len(out) == 40 and all(0 <= t < 64 for t in out) and 0 < st["accepted"] <= st["drafted"]
 
 
 def test_request_errors():
     m = tiny(n_mtp=0)
-    with pytest.raises(ValueError, match="max_seq_len=64"):
-        sample.generate_tokens(m, [1] * 60, 5)  # raised at the call, before any token
-    with pytest.raises(ValueError, match="n_mtp=0"):
-        sample.generate_tokens(m, [1], 5, speculative=True)
-    with pytest.raises(ValueError, match="empty prompt"):
-        sample.generate_tokens(m, [], 5)
+    for prompt, kw, match in [([1] * 60, {}, "max_seq_len=64"), ([1], dict(speculative=True), "n_mtp=0"),
+                              ([], {}, "empty prompt")]:
+        with pytest.raises(ValueError, match=match):
+            sample.generate_tokens(m, prompt, 5, **kw)  # raised at the call, before any token
     assert len(greedy(m, [1] * 59, 5)) == 5  # exactly max_seq_len is fine
 
 
@@ -179,8 +158,7 @@ def test_text_stream_joins_to_decode(gpt2_enc):
     ids = enc.encode("naïve café 你好 🙂 done") + [enc.eot_token] + enc.encode("🙂")
     for tokens in (ids, ids[:-1], [ids[i] for i in torch.randperm(len(ids), generator=torch.Generator().manual_seed(0))]):
         text = sample.text_stream(enc)
-        pieces = [text(t) for t in tokens] + [text()]
-        assert "".join(pieces) == enc.decode(tokens)
+        assert "".join([text(t) for t in tokens] + [text()]) == enc.decode(tokens)
     text = sample.text_stream(enc)
     assert [text(t) for t in enc.encode("🙂")][-1] == "🙂"  # held back, not printed as replacement characters
 
@@ -194,15 +172,11 @@ def test_cli_file_prompt_samples_and_stats(ckpts, tmp_path, capsys, gpt2_enc):
     out, err = capsys.readouterr()
     # stdout is exactly the samples: prompt + the tokens generate_tokens gives with the same generator
     model, _ = load_model(ckpts[2])
-    g = torch.Generator().manual_seed(3)
-    ids = gpt2_enc.encode(prompt)
-    expected = ""
+    g, ids, expected = torch.Generator().manual_seed(3), gpt2_enc.encode(prompt), ""
     for _ in range(2):
         tokens = list(sample.generate_tokens(model, ids, 10, 0.9, 50, 0.9, g, n_vocab=gpt2_enc.n_vocab))
         expected += gpt2_enc.decode(ids + tokens) + "\n---------------\n"
-    assert out == expected
-    assert "KV cache per token" in err and "prefill:" in err and "decode:" in err and "tok/s" in err
-    assert "tok/s" not in out and "Overriding" not in out
+    assert out == expected and "KV cache per token" in err and "prefill:" in err and "decode:" in err and "tok/s" in err
 
 
 def test_cli_speculative_greedy_output_equals_plain_and_default_length_fits(ckpts, capsys):
@@ -220,16 +194,14 @@ def test_cli_speculative_greedy_output_equals_plain_and_default_length_fits(ckpt
 
 
 CLI_ERRORS = {  # case: (checkpoint, arguments, what the one line must say); later arguments win
-    "no_mtp": (0, ["--speculative=True"], "n_mtp=0"),
-    "missing": (2, ["--out_dir=NOWHERE"], "no checkpoint"),
+    "no_mtp": (0, ["--speculative=True"], "n_mtp=0"), "missing": (2, ["--out_dir=NOWHERE"], "no checkpoint"),
     "too_long": (2, ["--start=" + "hello " * 40, "--max_new_tokens=30"], "max_seq_len=64"),
     "bad_dtype": (2, ["--dtype=float8"], "dtype must be one of"),
     "bad_file": (2, ["--start=FILE:NOWHERE/none.txt"], "prompt file"),
     "top_k_negative": (2, ["--top_k=-5"], "--top_k must be >= 0"),
     "top_p_zero": (2, ["--top_p=0"], "--top_p must be in (0, 1]"),
     "top_p_above_one": (2, ["--top_p=1.5"], "--top_p must be in (0, 1]"),
-    "device_gpu": (2, ["--device=gpu"], "--device='gpu'"),
-    "device_meta": (2, ["--device=meta"], "--device='meta'"),
+    "device_gpu": (2, ["--device=gpu"], "--device='gpu'"), "device_meta": (2, ["--device=meta"], "--device='meta'"),
     "no_cuda": (2, ["--device=cuda"], "CUDA is not available"),
     "cuda_index": (2, ["--device=cuda:3"], "--device='cuda:3'"),
     "prompt_past_vocab": ("v128", ["--start=hello world"], "vocab_size is 128"),
@@ -245,29 +217,21 @@ def _cli_args(case, ckpts, tmp_path):
 
 @pytest.mark.parametrize("case", list(CLI_ERRORS))
 def test_cli_errors_are_one_line(case, ckpts, tmp_path, capsys, monkeypatch):
-    """A user error ends main with SystemExit(one line): Python prints that line to stderr and exits 1. Nothing
-    is generated and nothing else is printed first, and the exception is never a traceback from deep inside."""
+    """A user error ends main with SystemExit(one line), so Python prints that line to stderr and exits 1 (as the
+    real process below shows). Nothing is generated or printed first, and it is never a traceback from deep inside."""
     if case in ("no_cuda", "cuda_index"):  # the same answer on a machine with or without GPUs
         monkeypatch.setattr(torch.cuda, "is_available", lambda: case == "cuda_index")
         monkeypatch.setattr(torch.cuda, "device_count", lambda: int(case == "cuda_index"))
     args, expect = _cli_args(case, ckpts, tmp_path)
-    with pytest.raises(SystemExit) as e:
-        sample.main(args)
-    msg = e.value.code
-    assert isinstance(msg, str)  # a str code: printed to stderr, exit status 1 (an int 0 would be success)
-    assert msg.startswith("sample.py: error: ") and expect in msg and "\n" not in msg, msg
+    assert expect in exit_message(sample.main, args, "sample.py")
     assert capsys.readouterr() == ("", "")  # no prompt, no samples, no settings line before the error
 
 
-@pytest.mark.parametrize("case", ["top_k_negative", "device_gpu", "prompt_past_vocab"])
-def test_cli_error_exit_status_without_traceback(case, ckpts, tmp_path):
-    """The same errors through a real process: exit status 1, one line on stderr, no traceback, no stdout."""
-    args, expect = _cli_args(case, ckpts, tmp_path)
-    p = subprocess.run([sys.executable, "sample.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 1
-    assert p.stdout == "" and "Traceback" not in p.stderr
-    assert p.stderr.splitlines() == [p.stderr.strip()] and p.stderr.startswith("sample.py: error: ")
-    assert expect in p.stderr
+def test_cli_error_exit_status_without_traceback(ckpts, tmp_path):
+    """The same through a real process: exit status 1, one line on stderr, no traceback, no stdout."""
+    args, expect = _cli_args("prompt_past_vocab", ckpts, tmp_path)
+    p = run("sample.py", *args, timeout=300)
+    assert expect in one_line_error(p, "sample.py") and p.stdout == "" and "Traceback" not in p.stderr
 
 
 @pytest.mark.parametrize("mode", [["--temperature=0"], ["--temperature=1.0", "--top_k=0"],
@@ -280,16 +244,10 @@ def test_cli_never_emits_ids_past_the_tokenizer(mode, tmp_path, capsys, gpt2_enc
     big = tiny(vocab_size=50304, n_mtp=2)
     with torch.no_grad():
         big.head.weight[gpt2_enc.n_vocab:] *= 1000
-    prompt = gpt2_enc.encode("Once upon a time")
-    assert all(t >= gpt2_enc.n_vocab for t in greedy(big, prompt, 5))  # unrestricted, it would emit only those
-    emitted, real = [], sample.generate_tokens
-
-    def spy(*args, **kw):
-        for tok in real(*args, **kw):
-            emitted.append(tok)
-            yield tok
-
-    monkeypatch.setattr(sample, "generate_tokens", spy)
+    # unrestricted, it would emit only those
+    assert all(t >= gpt2_enc.n_vocab for t in greedy(big, gpt2_enc.encode("Once upon a time"), 5))
+    emitted, real = [], sample.generate_tokens  # the CLI's generator, recording every token it yields
+    monkeypatch.setattr(sample, "generate_tokens", lambda *a, **kw: (emitted.append(t) or t for t in real(*a, **kw)))
     for model, start in ((big, "Once upon a time"), (tiny(vocab_size=128, n_mtp=2), "a")):
         emitted.clear()
         path = save_ckpt(tmp_path / str(model.cfg.vocab_size), model, step=0)
