@@ -1,11 +1,15 @@
 """
-Plot training runs from their out_dir logs (log.jsonl, eval.jsonl written by train.py), several runs overlaid:
+Plot training runs from their out_dir logs (log.jsonl, eval.jsonl written by train.py or grpo.py), several runs
+overlaid:
 
     python plot.py out-small out-small-muon                      # -> plot.png
     python plot.py out-abl/* --out=assets/ablation.png --x=time  # against training seconds instead of tokens
+    python plot.py out-tiny-grpo --x=step --out=assets/grpo_tiny.png
 
-Panels: train loss (main head's cross-entropy), val loss, and when the logs have them HellaSwag acc_norm and the
-expert load (max and min, as multiples of the balanced load). Each run is named by its folder (or --names).
+Panels, each when the logs have it: train loss (main head's cross-entropy), val loss, HellaSwag acc_norm, the expert
+load (max and min, as multiples of the balanced load), GRPO's mean reward per step (and its running mean over
+REWARD_SMOOTH steps), and held-out greedy exact match per task (train.py's chat evals, grpo.py's evals). Each run is
+named by its folder (or --names).
 Needs matplotlib, which nothing else here uses: pip install matplotlib.
 """
 import argparse
@@ -14,6 +18,8 @@ import os
 import sys
 
 from configurator import UserError
+
+REWARD_SMOOTH = 10  # steps in the running mean drawn over GRPO's per-step reward
 
 
 def read_jsonl(path):
@@ -36,35 +42,56 @@ def plot(run_dirs, out, names=None, x="tokens", title=None):
     for i, d in enumerate(run_dirs):
         log, ev = read_jsonl(os.path.join(d, "log.jsonl")), read_jsonl(os.path.join(d, "eval.jsonl"))
         if not log and not ev:
-            raise UserError(f"{d}: no log.jsonl or eval.jsonl (is it a train.py out_dir?)")
+            raise UserError(f"{d}: no log.jsonl or eval.jsonl (is it a train.py or grpo.py out_dir?)")
         if any(x not in r for r in log + ev):
             raise UserError(f"{d}: the logs have no {x!r} field (logs of an older train.py?); try --x=tokens")
         runs.append((names[i] if names else os.path.basename(os.path.normpath(d)), log, ev))
 
-    has = lambda rows, key: any(r.get(key) is not None for r in rows)
-    panels = [("train loss (main head)", "log", ["ce"]), ("val loss", "eval", ["val_loss"])]
-    if any(has(ev, "hellaswag_acc_norm") for _, _, ev in runs):
-        panels.append(("HellaSwag acc_norm", "eval", ["hellaswag_acc_norm"]))
-    if any(has(log, "load_max") for _, log, _ in runs):
-        panels.append(("expert load max / min (x balanced)", "log", ["load_max", "load_min"]))
+    has = lambda source, key: any(r.get(key) is not None for run in runs for r in run[1 if source == "log" else 2])
+    panels = [p for p in [("train loss (main head)", "log", ["ce"]), ("val loss", "eval", ["val_loss"]),
+                          ("HellaSwag acc_norm", "eval", ["hellaswag_acc_norm"]),
+                          ("expert load max / min (x balanced)", "log", ["load_max", "load_min"]),
+                          ("GRPO mean reward", "log", ["reward"])] if has(p[1], p[2][0])]
+    task_keys = sorted({k for _, _, ev in runs for r in ev for k in r if k.startswith("task_")})
+    if task_keys:
+        panels.append(("held-out exact match (greedy)", "eval", task_keys))
+    if not panels:
+        raise UserError(f"nothing to plot in {', '.join(map(str, run_dirs))}: no losses, rewards or evals in the logs")
 
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (label, source, keys) in zip(axes[0], panels):
         for i, (name, log, ev) in enumerate(runs):
             rows = log if source == "log" else ev
+            color = colors[i % len(colors)]
+            if keys is task_keys:  # one colour per task, one line style per run
+                for j, key in enumerate(keys):
+                    pts = [(r[x], r[key]) for r in rows if r.get(key) is not None]
+                    if pts:
+                        ax.plot(*zip(*pts), ["-", "--", ":", "-."][i % 4], color=colors[j % len(colors)], marker="o",
+                                markersize=3, label=key[5:] + (f" ({name})" if len(runs) > 1 else ""))
+                continue
             for key, style in zip(keys, ["-", "--"]):
                 pts = [(r[x], r[key]) for r in rows if r.get(key) is not None]
-                if pts:
-                    ax.plot(*zip(*pts), style, color=colors[i % len(colors)], label=name if style == "-" else None,
-                            marker="o" if source == "eval" else None, markersize=3)
+                if not pts:
+                    continue
+                if key == "reward":  # noisy per step: thin, with its running mean on top
+                    ax.plot(*zip(*pts), "-", color=color, alpha=0.3, linewidth=0.8)
+                    ys = [p[1] for p in pts]
+                    pts = [(p[0], sum(ys[max(0, k - REWARD_SMOOTH + 1):k + 1]) / min(k + 1, REWARD_SMOOTH))
+                           for k, p in enumerate(pts)]
+                ax.plot(*zip(*pts), style, color=color, label=name if style == "-" else None,
+                        marker="o" if source == "eval" else None, markersize=3)
         ax.set_title(label, fontsize=10)
         ax.set_xlabel("training seconds" if x == "time" else x)
         ax.grid(alpha=0.3)
+        if keys is task_keys:
+            ax.set_ylim(-0.03, 1.03)
+            ax.legend(fontsize=7)
     axes[0][0].legend(fontsize=8)
-    val_ax = axes[0][1]  # zoom the val panel past the first (untrained) eval so the runs can be told apart
-    late = [r["val_loss"] for _, _, ev in runs for r in ev if r["step"] > 0]
-    if late:
+    late = [r["val_loss"] for _, _, ev in runs for r in ev if r["step"] > 0 and r.get("val_loss") is not None]
+    if late:  # zoom the val panel past the first (untrained) eval so the runs can be told apart
+        val_ax = axes[0][[p[0] for p in panels].index("val loss")]
         val_ax.set_ylim(min(late) - 0.05 * (max(late) - min(late) + 0.1), max(late) + 0.1)
     if title:
         fig.suptitle(title, fontsize=11)
@@ -75,7 +102,7 @@ def plot(run_dirs, out, names=None, x="tokens", title=None):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_dirs", nargs="+", help="train.py out_dirs")
+    p.add_argument("run_dirs", nargs="+", help="train.py or grpo.py out_dirs")
     p.add_argument("--out", default="plot.png", help="the PNG to write")
     p.add_argument("--names", default="", help="comma-separated run names (default: the folder names)")
     p.add_argument("--x", choices=["tokens", "time", "step"], default="tokens", help="x axis")

@@ -1,11 +1,9 @@
 """plot.py: draws every run's curves into one PNG, and says in one line when matplotlib is missing."""
 import json
-import subprocess
-import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import exit_message, run
 
 
 def write_run(d, with_hellaswag):
@@ -32,27 +30,48 @@ def test_two_runs_are_overlaid(tmp_path):
     out = tmp_path / "p.png"
     fig = plot([a, b], out, x="time")
     assert out.stat().st_size > 10_000 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    titles = [ax.get_title() for ax in fig.axes]
-    assert titles == ["train loss (main head)", "val loss", "HellaSwag acc_norm", "expert load max / min (x balanced)"]
-    lines = [len(ax.get_lines()) for ax in fig.axes]
-    assert lines == [2, 2, 1, 4]  # one line per run, HellaSwag only where logged, load max and min per run
+    assert [ax.get_title() for ax in fig.axes] == ["train loss (main head)", "val loss", "HellaSwag acc_norm",
+                                                   "expert load max / min (x balanced)"]
+    assert [len(ax.get_lines()) for ax in fig.axes] == [2, 2, 1, 4]  # a line per run (HellaSwag where logged), max+min
     assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["adamw", "muon"]
     val = fig.axes[1].get_lines()[1]
     assert list(val.get_xdata()) == [0, 3.0, 7.5] and list(val.get_ydata()) == [8.5, 8.0, 7.25]
 
 
-def run_plot(*args, block_matplotlib=False):
-    pre = "import sys; sys.modules['matplotlib'] = None; " if block_matplotlib else "import sys; "
-    code = pre + f"sys.argv = ['plot.py', *{list(map(str, args))!r}]; import runpy; runpy.run_path('plot.py', run_name='__main__')"
-    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-
-
 def test_clear_errors(tmp_path):
-    run = write_run(tmp_path / "run", False)
-    p = run_plot(run, "--out", tmp_path / "x.png", block_matplotlib=True)
+    """Without matplotlib (a real process): one line, exit 1; with it, a folder with no logs: one line, no PNG."""
+    code = "import runpy, sys; sys.modules['matplotlib'] = None; sys.argv[:] = sys.argv[1:]; runpy.run_path('plot.py', " \
+           "run_name='__main__')"
+    p = run("-c", code, "plot.py", write_run(tmp_path / "run", False), "--out", tmp_path / "x.png", timeout=120)
     assert p.returncode == 1 and p.stderr.strip() == (
         "plot.py: error: matplotlib is not installed (pip install matplotlib); nothing else needs it")
     pytest.importorskip("matplotlib")
-    p = run_plot(tmp_path / "nothing_here", "--out", tmp_path / "x.png")
-    assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1 and "no log.jsonl or eval.jsonl" in p.stderr
-    assert not (tmp_path / "x.png").exists()
+    import plot
+    msg = exit_message(plot.main, [str(tmp_path / "nothing_here"), "--out", str(tmp_path / "x.png")], "plot.py")
+    assert "no log.jsonl or eval.jsonl" in msg and not (tmp_path / "x.png").exists()
+
+
+def test_grpo_run_draws_reward_and_held_out_accuracy(tmp_path):
+    """grpo.py's logs (log.jsonl: reward per step; eval.jsonl: task_<name> accuracies): the reward, thin, under its
+    running mean over REWARD_SMOOTH steps, and one accuracy line per task."""
+    pytest.importorskip("matplotlib")
+    from plot import REWARD_SMOOTH, plot
+    d = tmp_path / "grpo"
+    d.mkdir()
+    rewards = [0.1, 0.3, 0.2, 0.6, 0.4, 0.5, 0.9, 0.7, 0.6, 0.8, 1.0, 0.9]
+    with open(d / "log.jsonl", "w") as f:
+        for s, r in enumerate(rewards, 1):
+            f.write(json.dumps({"step": s, "tokens": 30 * s, "time": 2.0 * s, "reward": r, "kl": 0.01}) + "\n")
+    with open(d / "eval.jsonl", "w") as f:
+        for s, acc in ((0, 0.02), (6, 0.10), (12, 0.30)):
+            f.write(json.dumps({"step": s, "tokens": 30 * s, "time": 2.0 * s, "task_count": 0.72,
+                                "task_compare": acc}) + "\n")
+    fig = plot([d], tmp_path / "g.png", x="step")
+    assert [ax.get_title() for ax in fig.axes] == ["GRPO mean reward", "held-out exact match (greedy)"]
+    raw, mean = fig.axes[0].get_lines()
+    assert list(raw.get_ydata()) == rewards
+    want = [sum(rewards[max(0, k - REWARD_SMOOTH + 1):k + 1]) / min(k + 1, REWARD_SMOOTH) for k in range(12)]
+    assert list(mean.get_ydata()) == pytest.approx(want) and want[-1] == pytest.approx(sum(rewards[2:]) / 10)
+    lines = {line.get_label(): list(line.get_ydata()) for line in fig.axes[1].get_lines()}
+    assert lines == {"compare": [0.02, 0.10, 0.30], "count": [0.72, 0.72, 0.72]}
+    assert list(fig.axes[1].get_lines()[0].get_xdata()) == [0, 6, 12]

@@ -1,0 +1,576 @@
+"""
+GRPO, Group Relative Policy Optimization (DeepSeekMath, arXiv 2402.03300, sec. 4.1; the RL of DeepSeek-R1,
+arXiv 2501.12948), on a chat-tuned checkpoint, with rule-based rewards:
+
+    python grpo.py config/grpo_tiny.py          # out-tiny-sft -> out-tiny-grpo: offline, minutes on a CPU
+    python grpo.py config/grpo_fineweb.py       # GSM8K through datasets, from out-fineweb-sft
+    torchrun --standalone --nproc_per_node=8 grpo.py config/grpo_fineweb.py
+
+One step, for prompts_per_step prompts q (split across DDP ranks):
+  1. rollouts   G = group_size completions o_1..o_G of q from the current policy (pi_old), sampled at `temperature`
+                through the cached MLA decoder (model.decode, all G rows of a prompt in one batch), each cut at
+                max_new_tokens; a completion that never ends (no EOS) gets reward 0;
+  2. rewards    r_i = sum of weight * f(prompt, completion) over the reward functions named in `rewards` (REWARDS);
+  3. advantage  every token of o_i gets A_i = (r_i - mean(r)) / (std(r) + eps) (std_normalize=False: r_i - mean(r),
+                Dr. GRPO's unbiased variant), so a group whose rewards are all equal teaches nothing;
+  4. update     ppo_epochs (mu) AdamW steps over the same rollouts, each maximising DeepSeekMath's eq. 3:
+                    mean over completion tokens of  min(rho A, clip(rho, 1 - clip_eps, 1 + clip_eps) A) - beta KL
+                with rho = pi_theta(o_t) / pi_old(o_t) per token and KL the unbiased k3 estimator of
+                KL(pi_theta || pi_ref) against the frozen starting model pi_ref (beta = 0: no reference model is
+                kept). Only completion tokens (up to and including EOS) carry loss: prompts and padding are masked.
+
+Choices, with their reasons:
+  - loss_norm='token' (default, DAPO): the sum over every completion token of the step divided by their number, so
+    each token weighs the same. 'sequence' is the paper's 1/G sum_i 1/|o_i| sum_t: a token of a short completion
+    weighs more than one of a long one, so a wrong answer is penalised less per token the longer it is (Dr. GRPO's
+    length bias), which matters for long GSM8K reasoning; on 1-3 token task answers the two barely differ.
+  - std: the group's population standard deviation (its own spread, not an estimate of another's), eps 1e-4.
+  - log-probs from the main head only, over the chat vocabulary (the first EOS + 1 ids, as sampled) at the sampling
+    temperature: pi is exactly the distribution the completions were drawn from (top_k, if set, is not in it, as in
+    TRL). pi_old is the same full forward, not the decode path, so that rho = 1 exactly at the first epoch.
+  - frozen: the router weights (gate.weight), the expert-bias update (never called) and the MTP modules. A few
+    hundred narrow prompts would move the routers and re-balance load onto a few experts; the bias balancer needs
+    the load of a broad distribution, and the counters it reads are not even updated here (the model stays in eval
+    mode: it has no dropout, and train mode only adds the balance loss and the counters). The MTP modules take no
+    part in the main head's log-probs; they stay as SFT left them (their drafts still verify against the new policy,
+    so speculative decoding stays exact, only its acceptance rate may change).
+  - AdamW (optim.build_optimizer's, on the trainable parameters), constant learning rate after warmup_iters, no
+    weight decay (the KL term is what holds the policy near the reference), gradient clipping. Not Muon: GRPO's
+    gradients are noisy and sparse (one advantage per completion), and every GRPO recipe's lr is AdamW's.
+  - the sampling RNG is one generator, the same on every rank, that picks each step's prompts and one seed per
+    prompt: a prompt's completions are the same whichever rank samples them, so a run on N processes samples what
+    one process samples, and a resume continues it exactly (the generator's state is in the checkpoint).
+  - DDP: each rank samples and scores its prompts; the loss normalisers (tokens or sequences of the whole step) and
+    the statistics are all-reduced, and the gradients summed, so every rank applies the same update. No DDP wrapper:
+    the gradients are all-reduced once per optimizer step, after all its micro-batches (one per prompt group).
+
+Logs: a line per step (mean reward and each reward function's, completion length with its EOS, the fraction that
+ended; per completion token the KL to pi_ref and the entropy of the sampling policy, the fraction of tokens whose
+gradient the clip stopped; sampled tokens/s), held-out greedy exact match every eval_interval (chat.evaluate: the numbers `python chat.py
+--eval_tasks=N` prints), out_dir/log.jsonl and eval.jsonl (`python plot.py out-tiny-grpo --x=step` draws reward
+and accuracy), out_dir/ckpt.pt: a normal model checkpoint (chat.py, sample.py, export.py read it) plus the optimizer,
+the step, the sampling RNG and the reference model's path and fingerprint (init_from='resume' continues exactly).
+"""
+import json
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import asdict
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import tasks
+from checkpoint import fingerprint, load_checkpoint, load_weights, save_checkpoint
+from configurator import UserError, configure, config_keys
+from data.loader import (ASSISTANT, BOS, EOS, atomic_write, get_tokenizer, hub_conversations, hub_offline_reason,
+                         render_prompt)
+from model import ModelConfig, Transformer, autocast_context, init_distributed
+from optim import build_optimizer
+from sample import sample_probs
+
+# -----------------------------------------------------------------------------------------------------------------
+# I/O
+out_dir = 'out-grpo'
+init_from = 'out-tiny-sft'       # a chat-tuned out_dir (the policy's start and the reference model) | 'resume'
+# prompts and rewards
+prompts = 'count,compare'        # comma-separated prompt sources: tasks.py task names, 'gsm8k' (through datasets)
+task_problems = 2000             # training problems per task in the prompt pool (tasks.problems, split 'train')
+rewards = 'correct'              # comma-separated reward functions of REWARDS, each name or name:weight
+# GRPO
+group_size = 8                   # G, completions per prompt
+prompts_per_step = 16            # prompts per step, over all ranks (a multiple of the number of processes)
+max_new_tokens = 16              # a completion is cut here (and rewarded 0 if it has not ended)
+temperature = 1.0                # sampling temperature (> 0), also the one the log-probs are taken at
+top_k = 0                        # 0: off
+ppo_epochs = 1                   # mu, optimizer steps per batch of rollouts (1: on-policy, rho = 1)
+clip_eps = 0.2                   # PPO's clip range: rho in [1 - clip_eps, 1 + clip_eps]
+beta = 0.04                      # KL(pi_theta || pi_ref) coefficient; 0 keeps no reference model
+std_normalize = True             # A = (r - mean) / (std + eps); False: r - mean (Dr. GRPO)
+loss_norm = 'token'              # 'token' (DAPO: every completion token weighs the same) | 'sequence' (the paper)
+max_iters = 100                  # GRPO steps (each: rollouts, then ppo_epochs optimizer steps)
+# optimizer
+learning_rate = 1e-5
+warmup_iters = 0                 # linear warmup, then constant
+weight_decay = 0.0
+beta1 = 0.9
+beta2 = 0.99
+grad_clip = 1.0                  # 0: off
+# evaluation, logging
+eval_interval = 50               # steps between held-out evals and checkpoints (and at the first and last step)
+eval_n = 50                      # held-out problems per task (chat.evaluate, greedy); 0: no task eval
+eval_gsm8k = 0                   # GSM8K test problems per eval (chat.evaluate_gsm8k), 0: off
+log_interval = 1
+seed = 1337                      # sampling; also chat.py's default, so the held-out problems are chat.py's
+device = 'cuda' if torch.cuda.is_available() else 'cpu'
+dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'
+# -----------------------------------------------------------------------------------------------------------------
+_SETTINGS = {k: v for k, v in config_keys(globals()).items() if not k.isupper()}  # not the imported EOS, BOS, ...
+ADV_EPS = 1e-4
+
+
+# ---- rewards: plain functions of (prompt, completion text) -> float, registered by name ------------------------
+# A prompt is a dict: "messages" (the conversation up to the user's question), "task" (a tasks.py task or 'gsm8k'),
+# "answer" (the reference answer, for GSM8K its final number) and "ids" (the rendered prompt).
+
+THINK = re.compile(r"\s*<think>((?:(?!</?think>).)*)</think>(.*)", re.DOTALL)
+
+
+def answer_part(completion):
+    """What follows the reasoning: the text after the last </think>, or all of it when there is none."""
+    return completion.rpartition("</think>")[2]
+
+
+def reward_correct(prompt, completion):
+    """1.0 iff the answer is right: the task's exact checker (tasks.check), for GSM8K the last number of the answer
+    equal to the reference's final number (tasks.check_number: ASCII digits only, so a word or '４２' is wrong)."""
+    text = answer_part(completion)
+    if prompt["task"] == "gsm8k":
+        return float(tasks.check_number(text, prompt["answer"]))
+    return float(tasks.check(prompt["task"], text, prompt["answer"]))
+
+
+def reward_format(prompt, completion):
+    """R1-Zero's format reward: 1.0 iff the completion is its reasoning inside one <think>...</think>, then an
+    answer (non-empty, no further think tags)."""
+    m = THINK.fullmatch(completion)
+    return float(bool(m) and bool(m.group(1).strip()) and bool(m.group(2).strip())
+                 and "<think>" not in m.group(2) and "</think>" not in m.group(2))
+
+
+REWARDS = {"correct": reward_correct, "format": reward_format}
+
+
+def parse_rewards(spec):
+    """'correct,format:0.5' -> [(name, function, weight)]; a one-line UserError for an unknown name or weight."""
+    out = []
+    for item in (s.strip() for s in spec.split(",")):
+        name, _, weight = item.partition(":")
+        if name not in REWARDS:
+            raise UserError(f"unknown reward {name!r} in rewards={spec!r}: choose from {', '.join(REWARDS)} "
+                            "(name or name:weight, comma-separated)")
+        try:
+            w = float(weight) if weight else 1.0
+        except ValueError:
+            raise UserError(f"reward weight {weight!r} of {name!r} is not a number (rewards={spec!r})") from None
+        out.append((name, REWARDS[name], w))
+    return out
+
+
+def score(prompt, completion, ended, reward_fns):
+    """(total reward, each function's reward): a completion that never ended gets 0 from every function."""
+    each = [float(fn(prompt, completion)) if ended else 0.0 for _, fn, _ in reward_fns]
+    return sum(w * r for (_, _, w), r in zip(reward_fns, each)), each
+
+
+# ---- prompts ----------------------------------------------------------------------------------------------------
+
+def load_prompts(sources, n_per_task, seed, enc, max_prompt_len):
+    """The training prompt pool: tasks.py's training problems and/or GSM8K's train split, rendered in the chat
+    format; prompts longer than max_prompt_len tokens are dropped. Returns (pool, number dropped)."""
+    pool = []
+    for source in sources.split(","):
+        if source == "gsm8k":
+            reason = hub_offline_reason()  # said here: hub_conversations' own message names train.py's settings
+            if reason:
+                raise UserError(f"could not reach the Hugging Face Hub for GSM8K ({reason}); offline, use tasks.py's "
+                                "prompts (e.g. prompts='count')")
+            pool += [{"messages": conv[:1], "task": "gsm8k", "answer": tasks.last_number(conv[1]["content"])}
+                     for conv in hub_conversations("gsm8k", "train")]
+        elif source in tasks.TASKS:
+            pool += [{"messages": [{"role": "user", "content": q}], "task": source, "answer": a}
+                     for q, a in tasks.problems(source, "train", n_per_task, seed)]
+        else:
+            raise UserError(f"unknown prompt source {source!r} in prompts={sources!r}: use tasks.py's tasks "
+                            f"({', '.join(tasks.TASKS)}) or 'gsm8k'")
+    for p in pool:
+        p["ids"] = render_prompt(p["messages"], enc)
+    kept = [p for p in pool if len(p["ids"]) <= max_prompt_len]
+    if not kept:
+        raise UserError(f"no prompt of {sources!r} fits the model's context with max_new_tokens: lower max_new_tokens")
+    return kept, len(pool) - len(kept)
+
+
+# ---- the algorithm ----------------------------------------------------------------------------------------------
+
+def group_advantages(rewards, std_normalize=True, eps=ADV_EPS):
+    """rewards (G,) of one prompt's group -> advantages (G,): (r - mean) / (std + eps), or r - mean. All equal: 0."""
+    if bool((rewards == rewards[0]).all()):
+        return torch.zeros_like(rewards)  # exactly (the float mean of 8 x 0.3 is not 0.3: r - mean would be ~1e-8)
+    centred = rewards - rewards.mean()
+    return centred / (rewards.std(correction=0) + eps) if std_normalize else centred
+
+
+def k3(logp, ref_logp):
+    """The unbiased, always >= 0 estimator of KL(pi || pi_ref) from a token sampled from pi (Schulman's k3, used by
+    DeepSeekMath eq. 4): pi_ref/pi - log(pi_ref/pi) - 1. Its expectation under pi is the exact KL."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def completion_lengths(tokens, eos=EOS):
+    """tokens (B, L) of completions (rows padded after their EOS) -> (lengths (B,): up to and including the first
+    EOS, L if none; ended (B,) bool)."""
+    is_eos = tokens == eos
+    ended = is_eos.any(dim=1)
+    first = is_eos.int().argmax(dim=1)
+    return torch.where(ended, first + 1, torch.full_like(first, tokens.size(1))), ended
+
+
+def completion_mask(lengths, L):
+    """(B, L) float: 1 on the first lengths[i] tokens of completion i (its text and EOS), 0 on the padding."""
+    return (torch.arange(L, device=lengths.device)[None, :] < lengths[:, None]).float()
+
+
+def completion_logprobs(model, ids, n_prompt, n_vocab=EOS + 1, temperature=1.0, entropy=False):
+    """Log-probs (B, L) of the completion tokens ids[:, n_prompt:] under the model's main head (a full forward over
+    prompt + completion; no MTP), of the distribution they were sampled from: the first n_vocab ids at temperature.
+    With entropy=True also that distribution's entropy at each completion position (B, L), without gradient."""
+    h, _ = model._trunk(ids[:, :-1])                     # position t predicts token t + 1: the main head
+    logits = model.head(model.norm(h[:, n_prompt - 1:]))  # (Transformer.forward's), on the completion positions only
+    logits = logits[..., :n_vocab].float() / temperature
+    logp_all = F.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, ids[:, n_prompt:, None]).squeeze(-1)
+    ent = None
+    if entropy:
+        with torch.no_grad():
+            ent = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, ent
+
+
+def grpo_loss(logp, old_logp, ref_logp, adv, mask, clip_eps, beta, loss_norm, denom):
+    """DeepSeekMath eq. 3, negated (a loss), for one group of completions:
+        per token  -min(rho A, clip(rho, 1 - eps, 1 + eps) A) + beta * k3,   rho = exp(logp - old_logp)
+    summed over the completion tokens (mask) and divided by `denom`: the number of completion tokens of the whole
+    step (loss_norm='token'), or, after a mean over each completion's tokens, its number of completions
+    ('sequence'); over all groups and ranks, so the summed gradients are those of the step's mean.
+    logp, old_logp, ref_logp (None when beta = 0), mask: (B, L); adv: (B,).
+    Returns (loss, {"kl": sum of k3 over the tokens, "clipped": tokens whose gradient the clip stopped})."""
+    ratio = torch.exp(logp - old_logp)
+    a = adv[:, None]
+    per_token = -torch.min(ratio * a, ratio.clamp(1 - clip_eps, 1 + clip_eps) * a)
+    kl = torch.zeros_like(logp) if ref_logp is None else k3(logp, ref_logp)
+    if beta:
+        per_token = per_token + beta * kl
+    if loss_norm == "sequence":
+        loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / denom
+    else:
+        loss = (per_token * mask).sum() / denom
+    with torch.no_grad():  # outside the trust region on the side the advantage pushes towards: no gradient
+        clipped = ((ratio > 1 + clip_eps) & (a > 0)) | ((ratio < 1 - clip_eps) & (a < 0))
+        stats = {"kl": (kl.detach() * mask).sum(), "clipped": (clipped * mask).sum()}
+    return loss, stats
+
+
+@torch.no_grad()
+def rollout(model, prompt_ids, group_size, max_new_tokens, temperature=1.0, top_k=None, generator=None,
+            n_vocab=EOS + 1):
+    """G = group_size completions of one prompt, sampled together through the latent cache: one prefill of the
+    prompt for all G rows (same length: no padding), then one decode step per token for all rows. A row that has
+    emitted EOS is still fed (its later tokens are set to EOS and ignored); decoding stops when every row has
+    ended or after max_new_tokens. Returns tokens (G, L), L <= max_new_tokens, EOS-padded after each row's end."""
+    device = model.head.weight.device
+    T = len(prompt_ids)
+    cache = model.init_cache(group_size, device, torch.float32 if device.type == "cpu" else None)
+    logits, _ = model.decode(torch.tensor(prompt_ids, device=device).expand(group_size, T), cache, 0)
+    out = torch.full((group_size, max_new_tokens), EOS, dtype=torch.long, device=device)
+    done = torch.zeros(group_size, dtype=torch.bool, device=device)
+    for t in range(max_new_tokens):
+        probs = sample_probs(logits[:, -1, :n_vocab], temperature, top_k)
+        tok = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        tok = torch.where(done, EOS, tok)
+        out[:, t] = tok
+        done |= tok == EOS
+        if t == max_new_tokens - 1 or bool(done.all()):
+            break
+        logits, _ = model.decode(tok[:, None], cache, T + t)
+    return out[:, :t + 1]
+
+
+# ---- the loop -----------------------------------------------------------------------------------------------------
+
+def check_settings(c):
+    """A one-line UserError for the first bad setting, before anything is loaded or written."""
+    if c.group_size < 2:
+        raise UserError(f"group_size must be >= 2 (advantages compare completions of the same prompt), got "
+                        f"{c.group_size}")
+    for name in ("prompts_per_step", "ppo_epochs", "max_new_tokens", "eval_interval", "log_interval"):
+        if getattr(c, name) < 1:
+            raise UserError(f"{name} must be >= 1, got {getattr(c, name)}")
+    for name in ("max_iters", "warmup_iters", "eval_n", "eval_gsm8k", "task_problems", "top_k", "beta",
+                 "learning_rate", "weight_decay", "grad_clip"):
+        if getattr(c, name) < 0:
+            raise UserError(f"{name} must be >= 0, got {getattr(c, name)}")
+    if not c.temperature > 0:
+        raise UserError(f"temperature must be > 0 (greedy completions would all be equal), got {c.temperature}")
+    if not c.clip_eps > 0:
+        raise UserError(f"clip_eps must be > 0, got {c.clip_eps}")
+    if c.loss_norm not in ("token", "sequence"):
+        raise UserError(f"loss_norm must be 'token' or 'sequence', not {c.loss_norm!r}")
+    if c.dtype not in ("float32", "bfloat16"):
+        raise UserError(f"dtype must be 'float32' or 'bfloat16' (float16 gradients underflow without a scaler), "
+                        f"not {c.dtype!r}")
+    parse_rewards(c.rewards)
+
+
+def load_reference(path, device, expected=None):
+    """The frozen reference model pi_ref from `path`; with `expected`, its fingerprint must match (a resume)."""
+    ckpt = load_checkpoint(path)
+    ref = Transformer(ModelConfig.from_dict(ckpt["model_config"]))
+    load_weights(ref, ckpt, path)  # a LoRA SFT run's adapters come merged
+    if expected is not None and fingerprint(ref) != expected:
+        raise UserError(f"the reference model {path} is not the one this run started from (its weights changed): "
+                        "restore it, or start a new run")
+    return ref.to(device).eval().requires_grad_(False)
+
+
+def main(argv=None):
+    c = SimpleNamespace(**configure(_SETTINGS, sys.argv[1:] if argv is None else argv,
+                                    description=__doc__.strip().split("\n\n")[0]))
+    try:
+        check_settings(c)
+        run(c)
+    except UserError as e:
+        sys.exit(f"grpo.py: error: {e}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run(c):
+    config = dict(vars(c))
+    ddp, rank, _, world, device = init_distributed(c.device)
+    master = rank == 0
+    log = (lambda *a: print(*a, flush=True)) if master else (lambda *a: None)
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    ctx = autocast_context(device_type, c.dtype)
+    if c.prompts_per_step % world:
+        raise UserError(f"prompts_per_step={c.prompts_per_step} is not a multiple of the {world} processes")
+    reward_fns = parse_rewards(c.rewards)
+
+    def all_sum(t):
+        """t summed over the ranks (on the device: NCCL reduces CUDA tensors only), back on the CPU."""
+        if not ddp:
+            return t
+        t = t.to(device)
+        dist.all_reduce(t)
+        return t.cpu()
+
+    # ---- the policy (from init_from, or the run's own checkpoint), its optimizer, the reference model ----
+    ckpt_path = os.path.join(c.out_dir, "ckpt.pt")
+    resuming = c.init_from == "resume"
+    if resuming and not os.path.isfile(ckpt_path):
+        raise UserError(f"init_from='resume' but there is no checkpoint at {ckpt_path}")
+    if not resuming and not os.path.isfile(os.path.join(c.init_from, "ckpt.pt")) and not os.path.isfile(c.init_from):
+        raise UserError(f"init_from must be a chat-tuned out_dir holding a ckpt.pt (python train.py "
+                        f"config/sft_tiny.py makes one) or 'resume', not {c.init_from!r}")
+    base = load_checkpoint(ckpt_path if resuming else c.init_from)
+    if resuming and "reference" not in base:
+        raise UserError(f"{ckpt_path} is not a grpo.py checkpoint (no reference): use another out_dir")
+    cfg = ModelConfig.from_dict(base["model_config"])
+    if cfg.vocab_size <= ASSISTANT:
+        raise UserError(f"the model's vocab_size {cfg.vocab_size} has no rows for the chat tokens (ids {BOS}-"
+                        f"{ASSISTANT}): GRPO needs a chat-tuned model (python train.py config/sft_tiny.py)")
+    model = Transformer(cfg)
+    load_weights(model, base, ckpt_path if resuming else c.init_from)  # LoRA SFT runs: merged
+    model.to(device).eval()  # eval mode throughout: no dropout here, and the MoE's load counters stay untouched
+    for name, p in model.named_parameters():  # frozen: the routers and the MTP modules (see the docstring)
+        p.requires_grad_(not (name.endswith("gate.weight") or name.startswith("mtp.")))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = build_optimizer(model, "adamw", c.learning_rate, c.weight_decay, (c.beta1, c.beta2))
+    gen = torch.Generator().manual_seed(c.seed)  # the sampling RNG: the same on every rank (docstring)
+    if resuming:
+        ref_path, ref_print = base["reference"]["path"], base["reference"]["fingerprint"]
+        try:
+            opt.load_state_dict(base["optimizer"])
+        except (ValueError, KeyError):
+            raise UserError(f"{ckpt_path}: its optimizer state does not fit this model's trainable parameters") from None
+        gen.set_state(base["rng"]["sampling"])
+        step, elapsed, tokens_seen = base["step"], base["time"], base["tokens"]
+        chat_data = base["config"].get("chat_data", "")
+    else:
+        ref_path, ref_print = c.init_from, fingerprint(model)
+        step, elapsed, tokens_seen = 0, 0.0, 0
+        chat_data = base.get("config", {}).get("chat_data", "")
+        if not chat_data:
+            log(f"grpo.py: note: {c.init_from} was not chat-tuned (no chat_data in its run): expect replies that never "
+                "end (reward 0) and little to learn from; python train.py config/sft_tiny.py makes a chat model")
+    ref = load_reference(ref_path, device, ref_print if resuming else None) if c.beta > 0 else None
+    base = None
+    enc = get_tokenizer()
+    pool, n_dropped = load_prompts(c.prompts, c.task_problems, c.seed, enc, cfg.max_seq_len - c.max_new_tokens)
+    start_step = step
+    os.makedirs(c.out_dir, exist_ok=True)
+    if resuming and master:  # steps logged after the checkpoint (a crash) will run again: drop them
+        for name in ("log.jsonl", "eval.jsonl"):
+            path = os.path.join(c.out_dir, name)
+            if os.path.exists(path):
+                with open(path) as f:
+                    keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+                atomic_write(path, lambda f: f.writelines(keep), mode="w")
+
+    n_train = sum(p.numel() for p in params)
+    log(f"grpo.py: {'resumed ' + ckpt_path + ' at step ' + str(step) if resuming else 'from ' + c.init_from}; "
+        f"reference {ref_path if ref is not None else '(none: beta = 0)'}; {len(pool):,} prompts ({c.prompts}"
+        + (f", {n_dropped} too long dropped" if n_dropped else "") + f"), {c.prompts_per_step} x {c.group_size} "
+        f"completions per step on {world} process(es); {n_train / 1e6:.2f}M trainable parameters (routers and MTP "
+        f"frozen); rewards {', '.join(f'{n} x {w:g}' for n, _, w in reward_fns)}")
+
+    def evaluate():
+        """Held-out greedy exact match per task (chat.evaluate) and on GSM8K, rank 0 only."""
+        import chat
+        res = {}
+        with ctx:
+            if c.eval_n:
+                res = {t: r["accuracy"] for t, r in chat.evaluate(model, enc, c.eval_n, c.seed).items()}
+            if c.eval_gsm8k:
+                res["gsm8k"] = chat.evaluate_gsm8k(model, enc, c.eval_gsm8k)["accuracy"]
+        return res
+
+    def write_checkpoint():
+        """Rank 0 writes; first the ranks must agree on every weight (they applied the same updates)."""
+        if ddp:
+            prints = [None] * world
+            dist.all_gather_object(prints, fingerprint(model))
+            if any(p != prints[0] for p in prints):
+                raise UserError(f"DDP ranks disagree on the weights at step {step}")
+        if master:
+            save_checkpoint(ckpt_path, {
+                "model": model.state_dict(), "model_config": asdict(cfg), "optimizer": opt.state_dict(),
+                # chat.py reads chat_data to know a checkpoint is chat-tuned: a GRPO policy is, as its SFT base was
+                "config": {**config, "chat_data": chat_data}, "step": step, "time": elapsed, "tokens": tokens_seen,
+                "rng": {"sampling": gen.get_state()}, "reference": {"path": ref_path, "fingerprint": ref_print}})
+        log(f"saved {ckpt_path} (step {step})")
+
+    log_file = open(os.path.join(c.out_dir, "log.jsonl"), "a") if master else None
+    first_eval, last_eval, history = None, None, []
+    if resuming and master and os.path.exists(os.path.join(c.out_dir, "eval.jsonl")):  # the run's first eval
+        with open(os.path.join(c.out_dir, "eval.jsonl")) as f:
+            first = json.loads(f.readline() or "{}")
+        first_eval = {k[5:]: v for k, v in first.items() if k.startswith("task_")} or None
+    while True:
+        last_step = step == c.max_iters
+        if (step % c.eval_interval == 0 or last_step) and not (resuming and step == start_step):
+            if c.eval_n or c.eval_gsm8k:
+                if master:
+                    res = evaluate()
+                    log(f"step {step}: held-out greedy exact match " + " ".join(f"{t} {a:.2f}" for t, a in res.items())
+                        + f" (n={c.eval_n} per task" + (f", {c.eval_gsm8k} GSM8K" if c.eval_gsm8k else "") + ")")
+                    with open(os.path.join(c.out_dir, "eval.jsonl"), "a") as f:
+                        f.write(json.dumps({"step": step, "tokens": tokens_seen, "time": elapsed,
+                                            **{f"task_{t}": a for t, a in res.items()}}) + "\n")
+                    first_eval, last_eval = first_eval or res, res
+            if step > start_step:
+                write_checkpoint()
+        if last_step:
+            break
+
+        # ---- 1-2. rollouts and rewards: this rank's prompts of the step ----
+        t0 = time.time()
+        lr = c.learning_rate * min(1.0, (step + 1) / (c.warmup_iters + 1))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        picks = torch.randint(len(pool), (c.prompts_per_step,), generator=gen).tolist()
+        seeds = torch.randint(2 ** 62, (c.prompts_per_step,), generator=gen).tolist()
+        groups = []
+        tot = dict.fromkeys(["reward", *(f"reward_{n}" for n, _, _ in reward_fns), "sequences", "tokens", "ended",
+                             "kl", "clipped", "entropy", "same_reward_groups"], 0.0)  # sums over this rank's groups
+        for i in range(rank, c.prompts_per_step, world):
+            prompt = pool[picks[i]]
+            g = torch.Generator(device=device).manual_seed(seeds[i])
+            with ctx:
+                toks = rollout(model, prompt["ids"], c.group_size, c.max_new_tokens, c.temperature, c.top_k or None, g)
+            lengths, ended = completion_lengths(toks)
+            scored = [score(prompt, enc.decode([t for t in row[:n].tolist() if t < BOS]), e, reward_fns)
+                      for row, n, e in zip(toks, lengths.tolist(), ended.tolist())]
+            r = torch.tensor([s for s, _ in scored], dtype=torch.float32)
+            adv = group_advantages(r, c.std_normalize)
+            ids = torch.cat([torch.tensor(prompt["ids"], device=device).expand(c.group_size, -1), toks], dim=1)
+            groups.append(SimpleNamespace(ids=ids, n_prompt=len(prompt["ids"]), adv=adv.to(device),
+                                          mask=completion_mask(lengths, toks.size(1)).to(device)))
+            tot["reward"] += r.sum().item()
+            for (name, _, _), rs in zip(reward_fns, zip(*(each for _, each in scored))):
+                tot[f"reward_{name}"] += sum(rs)
+            tot["sequences"] += c.group_size
+            tot["tokens"] += lengths.sum().item()
+            tot["ended"] += ended.sum().item()
+            tot["same_reward_groups"] += float(bool((r == r[0]).all()))
+        n_seq, n_tok = all_sum(torch.tensor([tot["sequences"], tot["tokens"]], dtype=torch.float64)).tolist()
+        denom = n_tok if c.loss_norm == "token" else n_seq  # of the whole step, all ranks
+        t_roll = time.time() - t0
+
+        # ---- 3-4. pi_old and pi_ref log-probs, then ppo_epochs optimizer steps ----
+        with torch.no_grad(), ctx:
+            for g in groups:
+                g.old = completion_logprobs(model, g.ids, g.n_prompt, temperature=c.temperature)[0] \
+                    if c.ppo_epochs > 1 else None
+                g.ref = completion_logprobs(ref, g.ids, g.n_prompt, temperature=c.temperature)[0] \
+                    if ref is not None else None
+        for epoch in range(c.ppo_epochs):
+            for g in groups:
+                with ctx:
+                    logp, ent = completion_logprobs(model, g.ids, g.n_prompt, temperature=c.temperature,
+                                                    entropy=epoch == 0)
+                old = logp.detach() if g.old is None else g.old  # mu = 1: pi_old is this very forward
+                loss, st = grpo_loss(logp, old, g.ref, g.adv, g.mask, c.clip_eps, c.beta, c.loss_norm, denom)
+                loss.backward()
+                tot["clipped"] += st["clipped"].item() / c.ppo_epochs
+                if epoch == 0:  # the sampling policy's KL and entropy
+                    tot["kl"] += st["kl"].item()
+                    tot["entropy"] += (ent * g.mask).sum().item()
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                if ddp:
+                    dist.all_reduce(p.grad)  # the loss is normalised over the whole step: the sum is the gradient
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip if c.grad_clip > 0 else math.inf)
+            if not torch.isfinite(grad_norm):
+                raise UserError(f"non-finite gradient at step {step}; stopping without writing a checkpoint "
+                                f"(last good checkpoint: {ckpt_path}); try a lower learning_rate")
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        tot = dict(zip(tot, all_sum(torch.tensor(list(tot.values()), dtype=torch.float64)).tolist()))
+        step += 1
+        dt = time.time() - t0
+        elapsed += dt
+        tokens_seen += int(n_tok)
+        # per completion: rewards, length (EOS included), ended; per completion token: KL, clip, entropy
+        rec = {"step": step, "tokens": tokens_seen, "time": elapsed,
+               **{k: tot[k] / n_seq for k in tot if k.startswith("reward")}, "len": n_tok / n_seq,
+               "ended": tot["ended"] / n_seq, "kl": tot["kl"] / n_tok if ref is not None else None,
+               "clip_frac": tot["clipped"] / n_tok, "entropy": tot["entropy"] / n_tok,
+               "same_reward_groups": tot["same_reward_groups"] / c.prompts_per_step, "lr": lr,
+               "grad_norm": grad_norm.item(), "tok_per_s": n_tok / dt, "rollout_s": t_roll, "step_s": dt}
+        history.append(rec["reward"])
+        if master:
+            log_file.write(json.dumps(rec) + "\n")
+            log_file.flush()
+        if step % c.log_interval == 0 or step == c.max_iters:
+            each = " ".join(f"{name} {rec['reward_' + name]:.3f}" for name, _, _ in reward_fns)
+            log(f"step {step}/{c.max_iters} | reward {rec['reward']:.3f} ({each}) | len {rec['len']:.1f} "
+                f"ended {rec['ended']:.0%} | kl " + (f"{rec['kl']:.4f}" if rec["kl"] is not None else "-")
+                + f" | clip {rec['clip_frac']:.3f} | ent {rec['entropy']:.3f} | all-equal groups "
+                f"{rec['same_reward_groups']:.0%} | grad {rec['grad_norm']:.3f} | {rec['tok_per_s']:,.0f} tok/s "
+                f"({t_roll:.1f} s sampling, {dt - t_roll:.1f} s update)")
+
+    if master:
+        log_file.close()
+    k = max(1, min(10, len(history) // 2))
+    line = f"done: {step} steps, {elapsed:.0f} s of training"
+    if len(history) >= 2:
+        line += (f", mean reward {sum(history[:k]) / k:.3f} (first {k} steps of this run) -> "
+                 f"{sum(history[-k:]) / k:.3f} (last {k})")
+    if first_eval and last_eval:
+        line += ", held-out greedy exact match " + ", ".join(
+            f"{t} {first_eval[t]:.2f} -> {last_eval[t]:.2f}" for t in last_eval if t in first_eval)
+    log(line + f"; checkpoint {ckpt_path}")
+    if ddp:
+        dist.barrier()  # leave together (see train.py)
+
+
+if __name__ == "__main__":
+    main()

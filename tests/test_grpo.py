@@ -1,0 +1,382 @@
+"""grpo.py: the GRPO objective against hand computations (REINFORCE gradient, clip, k3, advantages, the prompt mask),
+the reward checkers on adversarial strings, and the script end to end: exact resume, 2-process gloo = 1 process, the
+GPU recipe on an offline GSM8K fixture, one-line errors."""
+import json
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import grpo
+import tasks
+from conftest import ROOT, save_ckpt, tiny_model
+from data.loader import EOS, get_tokenizer, render_conversation
+
+
+# ---- the objective, by hand ----------------------------------------------------------------------------------
+
+def test_advantages_are_zero_when_a_group_agrees_and_normalised_otherwise():
+    for std_normalize in (True, False):
+        for r in ([1.0, 1.0, 1.0, 1.0], [0.0, 0.0], [0.3] * 8):
+            a = grpo.group_advantages(torch.tensor(r), std_normalize)
+            assert torch.equal(a, torch.zeros(len(r)))  # exactly 0, no NaN from the zero std
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0])  # mean 0.5, population std 0.5
+    want = torch.tensor([0.5, -0.5, -0.5, 0.5])
+    torch.testing.assert_close(grpo.group_advantages(r, False), want)
+    torch.testing.assert_close(grpo.group_advantages(r, True), want / (0.5 + grpo.ADV_EPS))
+    r = torch.tensor([2.0, 0.0, 0.0, 0.0])  # mean 0.5, std sqrt(0.75)
+    torch.testing.assert_close(grpo.group_advantages(r, True), (r - 0.5) / (0.75 ** 0.5 + grpo.ADV_EPS))
+
+
+def test_k3_is_nonnegative_zero_at_the_reference_and_unbiased():
+    g = torch.Generator().manual_seed(0)
+    logp = torch.log_softmax(torch.randn(5, 11, generator=g), -1)
+    ref = torch.log_softmax(torch.randn(5, 11, generator=g) * 2, -1)
+    kl = grpo.k3(logp, ref)
+    assert (kl >= 0).all() and (kl > 0).any()
+    assert torch.equal(grpo.k3(logp, logp), torch.zeros_like(logp))
+    # unbiased: its expectation over tokens drawn from pi is the exact KL(pi || pi_ref)
+    expected = (logp.exp() * kl).sum(-1)
+    exact = (logp.exp() * (logp - ref)).sum(-1)
+    torch.testing.assert_close(expected, exact)
+    # at pi = pi_ref its gradient is 0 too (k3's minimum)
+    x = logp.clone().requires_grad_()
+    grpo.k3(x, logp).sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+
+
+def test_clip_stops_the_gradient_only_where_the_advantage_pushes_past_the_trust_region():
+    """Per token: rho 1.5 (above 1 + eps), 1.0 (inside), 0.5 (below 1 - eps). A > 0 stops the gradient at 1.5, not at
+    0.5 (lowering a good token's prob further is never clipped); A < 0 the reverse. Elsewhere d(loss)/d(logp) is
+    -A * rho / n_tokens."""
+    old = torch.zeros(1, 3)
+    rho = torch.tensor([[1.5, 1.0, 0.5]])
+    mask = torch.ones(1, 3)
+    for a, stopped in ((1.0, 0), (-1.0, 2)):
+        logp = torch.log(rho).requires_grad_()
+        loss, st = grpo.grpo_loss(logp, old, None, torch.tensor([a]), mask, 0.2, 0.0, "token", 3)
+        loss.backward()
+        want = -a * rho / 3
+        want[0, stopped] = 0.0
+        torch.testing.assert_close(logp.grad, want)
+        assert st["clipped"].item() == 1
+        torch.testing.assert_close(loss, -(torch.minimum(rho * a, rho.clamp(0.8, 1.2) * a)).sum() / 3)
+
+
+def two_completions():
+    """A tiny model (vocab 128, so that no restriction to the chat vocabulary applies), a 3-token prompt and two
+    completions of 3 and 2 tokens; the second is padded with one token past its end."""
+    model = tiny_model(1)
+    prompt = [5, 17, 9]
+    comps = [[40, 41, 42], [50, 51, 99]]
+    lengths = torch.tensor([3, 2])
+    ids = torch.tensor([prompt + c for c in comps])
+    return model, prompt, comps, lengths, ids
+
+
+@pytest.mark.parametrize("loss_norm", ["sequence", "token"])
+def test_one_epoch_without_kl_is_reinforce_with_the_group_mean_as_baseline(loss_norm):
+    """mu = 1, beta = 0, rewards (1, 0): A = (+1, -1) (mean 0.5, std 0.5), rho = 1 and the gradient of grpo_loss over
+    every parameter is REINFORCE's, -(1/n) sum_i A_i sum_t grad log pi(o_it | q, o_i<t) with n = 2 completions, each
+    term over its own 3 or 2 tokens ('sequence'), or n = 5 tokens ('token'); each log-prob from its own forward."""
+    model, prompt, comps, lengths, ids = two_completions()
+    adv = grpo.group_advantages(torch.tensor([1.0, 0.0]))
+    torch.testing.assert_close(adv, torch.tensor([1.0, -1.0]), rtol=1e-3, atol=0)
+    mask = grpo.completion_mask(lengths, 3)
+    denom = 2 if loss_norm == "sequence" else 5
+    logp, _ = grpo.completion_logprobs(model, ids, len(prompt), n_vocab=128)
+    loss, _ = grpo.grpo_loss(logp, logp.detach(), None, adv, mask, 0.2, 0.0, loss_norm, denom)
+    loss.backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    hand = 0.0
+    for i, comp in enumerate(comps):
+        n = int(lengths[i])
+        for t in range(n):
+            seq = torch.tensor([prompt + comp[:t]])
+            lp = torch.log_softmax(model(seq)[0][0, -1], -1)[comp[t]]
+            weight = adv[i] / (n * 2) if loss_norm == "sequence" else adv[i] / 5
+            hand = hand - weight * lp
+    hand.backward()
+    assert got.keys() == {n for n, p in model.named_parameters() if p.grad is not None}
+    assert len(got) > 20 and all(not n.startswith("mtp.") for n in got)  # the main head's path only
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-7, msg=n)
+    assert sum(g.abs().sum() for g in got.values()) > 0
+
+
+def test_prompt_and_padding_carry_no_loss():
+    """Lengths and mask by hand; log-prob t of a completion is the model's next-token log-prob after the prompt and the
+    completion's first t tokens (nothing of the prompt is scored); tokens after a completion's end change nothing."""
+    toks = torch.tensor([[7, EOS, EOS, EOS], [7, 8, 9, 10], [EOS, EOS, EOS, EOS], [3, 4, EOS, EOS]])
+    lengths, ended = grpo.completion_lengths(toks)
+    assert lengths.tolist() == [2, 4, 1, 3] and ended.tolist() == [True, False, True, True]
+    assert grpo.completion_mask(lengths, 4).tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 1, 0]]
+    model, prompt, comps, lengths, ids = two_completions()
+    logp, ent = grpo.completion_logprobs(model, ids, len(prompt), n_vocab=128, entropy=True)
+    assert logp.shape == ent.shape == (2, 3)
+    with torch.no_grad():
+        for i, comp in enumerate(comps):
+            for t in range(3):
+                probs = torch.log_softmax(model(torch.tensor([prompt + comp[:t]]))[0][0, -1], -1)
+                assert logp[i, t].item() == pytest.approx(probs[comp[t]].item(), abs=1e-5)
+                assert ent[i, t].item() == pytest.approx(-(probs.exp() * probs).sum().item(), abs=1e-4)
+    mask = grpo.completion_mask(lengths, 3)
+    adv = torch.tensor([0.7, -0.7])
+
+    def loss_and_grad(ids):
+        model.zero_grad()
+        lp, _ = grpo.completion_logprobs(model, ids, len(prompt), n_vocab=128)
+        old, ref = torch.full_like(lp, -4.7), torch.full_like(lp, -4.9)  # fixed: rho ~ 1, inside the clip range
+        loss, _ = grpo.grpo_loss(lp, old, ref, adv, mask, 0.2, 0.5, "token", 5)
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    before = loss_and_grad(ids)
+    other = ids.clone()
+    other[1, -1] = 7  # the padding after the second completion's end
+    after = loss_and_grad(other)
+    assert before[0] == after[0] and all(torch.equal(a, b) for a, b in zip(before[1], after[1]))
+    other[1, -2] = 7  # a token it did produce: now the loss changes
+    assert loss_and_grad(other)[0] != before[0]
+
+
+# ---- rewards ---------------------------------------------------------------------------------------------------
+
+def P(task, answer):
+    return {"messages": [], "task": task, "answer": answer}
+
+
+@pytest.mark.parametrize("completion,right", [
+    ("42", True), ("The answer is 42.", True), ("<think>6 x 7</think> 42", True), (" 42\n", True),
+    ("41 or 42", True),                        # the LAST number counts...
+    ("42 or maybe 41", False), ("It is 42, no, 43", False), ("<think>42</think> 41", False),
+    ("<think>it is 42</think>", False),        # ...after the reasoning: an answer missing there is missing
+    ("forty-two", False), ("Forty two", False), ("４２", False), ("٤٢", False), ("4 2", False), ("042", False),
+    ("-42", False), ("42.5", False), ("", False), ("I don't know", False),
+])
+def test_correct_reward_on_adversarial_strings(completion, right):
+    for task in ("add", "count", "compare"):
+        assert grpo.reward_correct(P(task, "42"), completion) == float(right), (task, completion)
+    gsm = P("gsm8k", tasks.last_number("She pays 1,040 + 2 = 1,042 dollars.\nThe answer is 1,042."))
+    assert gsm["answer"] == "1042"
+    assert grpo.reward_correct(gsm, completion.replace("42", "1,042")) == float(right), completion
+    assert grpo.reward_correct(gsm, "so 1042") == 1.0
+
+
+def test_format_reward_and_unended_completions():
+    fmt = lambda c: grpo.reward_format(P("add", "42"), c)  # noqa: E731
+    assert fmt("<think>6 times 7</think> 42") == 1.0 and fmt("  <think>a\nb</think>\nThe answer is 42.") == 1.0
+    for bad in ("42", "<think>6 times 7</think>", "<think></think> 42", "6 x 7</think> 42", "<think>6 x 7 42",
+                "<think>a</think><think>b</think> 42", "<think>a <think>b</think> 42", "x <think>a</think> 42",
+                "<think>a</think> 42 </think>"):
+        assert fmt(bad) == 0.0, bad
+    fns = grpo.parse_rewards("correct,format:0.5")
+    assert [(n, w) for n, _, w in fns] == [("correct", 1.0), ("format", 0.5)]
+    assert grpo.score(P("add", "42"), "<think>6 x 7</think> 42", True, fns) == (1.5, [1.0, 1.0])
+    assert grpo.score(P("add", "42"), "<think>6 x 7</think> 42", False, fns) == (0.0, [0.0, 0.0])  # never ended
+    for spec, msg in (("correct,lenght", "unknown reward 'lenght'"), ("correct:x", "weight 'x' of 'correct'")):
+        with pytest.raises(grpo.UserError, match=msg) as e:
+            grpo.parse_rewards(spec)
+        assert "\n" not in str(e.value)
+
+
+# ---- the script end to end -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def one_thread_here():
+    """conftest's one thread, for module fixtures too (they run before it): runs must repeat bit for bit."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def chat_ckpt(tmp_path_factory, one_thread_here):
+    """A tiny chat model: 40 AdamW steps on the replies of count/compare problems, so that it answers with a few
+    tokens and EOS (a random model never ends a reply: every reward would be 0)."""
+    model = tiny_model(0, vocab_size=50304, max_seq_len=64)
+    convs = [c for c in tasks.sft_conversations(60, "train", 0) if "letter" in c[0]["content"] or "larger" in
+             c[0]["content"]]
+    rows = [render_conversation(c) for c in convs]
+    x = torch.full((len(rows), max(len(i) for i, _ in rows)), EOS)
+    y = torch.full_like(x, -1)
+    for k, (ids, mask) in enumerate(rows):
+        x[k, :len(ids)] = torch.tensor(ids)
+        y[k, :len(ids) - 1] = torch.tensor([t if m else -1 for t, m in zip(ids[1:], mask[1:])])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(40):
+        b = torch.randint(len(rows), (16,), generator=g)
+        h, _ = model._trunk(x[b])
+        keep = y[b] >= 0  # the head on the reply tokens only: cheap
+        F.cross_entropy(model.head(model.norm(h[keep])), y[b][keep]).backward()
+        opt.step()
+        opt.zero_grad()
+    return save_ckpt(tmp_path_factory.mktemp("sft"), model.eval(), step=40, config={"chat_data": "tasks"})
+
+
+def test_rollout_is_the_cached_decoders_sampling(chat_ckpt):
+    """G rows of one prompt in one batch through the latent cache: at temperature 0 every row is chat.complete's
+    greedy reply (the full forward's argmax at every step), EOS-padded after its end; sampled rows are a function of
+    the generator's seed alone."""
+    import chat
+    from checkpoint import load_model
+    model, _ = load_model(str(chat_ckpt))
+    enc = get_tokenizer()
+    messages = [{"role": "user", "content": "How many times does the letter 'o' appear in 'goose'?"}]
+    ids = grpo.render_prompt(messages, enc)
+    greedy = grpo.rollout(model, ids, 3, 6, temperature=0.0)
+    (text,) = chat.complete(model, enc, [messages], max_new_tokens=6)
+    lengths, ended = grpo.completion_lengths(greedy)
+    assert (greedy == greedy[0]).all() and bool(ended[0]) and 1 < int(lengths[0]) <= 6
+    assert enc.decode(greedy[0, :lengths[0] - 1].tolist()) == text and (greedy[0, lengths[0]:] == EOS).all()
+    draw = lambda seed: grpo.rollout(model, ids, 8, 6, 1.0, None, torch.Generator().manual_seed(seed))  # noqa: E731
+    a, b, c = draw(1), draw(1), draw(2)
+    assert torch.equal(a, b) and not torch.equal(a, c) and len({tuple(r) for r in a.tolist()}) > 1
+
+
+COMMON = ["--prompts=count", "--task_problems=50", "--group_size=4", "--prompts_per_step=2", "--max_new_tokens=5",
+          "--ppo_epochs=2", "--beta=0.1", "--learning_rate=3e-3", "--eval_n=0", "--device=cpu", "--dtype=float32"]
+
+
+def run_grpo(*args):
+    grpo.main([*COMMON, *args])
+
+
+def read_log(out, name="log.jsonl"):
+    return [json.loads(line) for line in open(out / name)]
+
+
+def same(rec):  # every logged figure but the clock's
+    return {k: v for k, v in rec.items() if k not in ("time", "tok_per_s", "rollout_s", "step_s")}
+
+
+@pytest.fixture(scope="module")
+def straight(chat_ckpt, tmp_path_factory, one_thread_here):
+    out = tmp_path_factory.mktemp("straight")
+    run_grpo(f"--init_from={chat_ckpt}", f"--out_dir={out}", "--max_iters=4", "--eval_interval=2")
+    return out
+
+
+def test_runs_learns_and_resumes_exactly(chat_ckpt, straight, tmp_path, capsys):
+    log = read_log(straight)
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    assert all(0 < r["ended"] and 1 <= r["len"] <= 5 and r["entropy"] > 0 for r in log)
+    assert any(0 < r["reward"] < 1 for r in log) and any(r["clip_frac"] > 0 for r in log)
+    assert log[0]["kl"] == 0 < log[1]["kl"]  # the KL of the sampling policy: pi_ref itself at step 1
+    ckpt = torch.load(straight / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 4 and ckpt["reference"]["path"] == str(chat_ckpt) and ckpt["config"]["chat_data"] == "tasks"
+    sft = torch.load(chat_ckpt / "ckpt.pt", weights_only=True)["model"]
+    moved = {k for k in sft if not torch.equal(sft[k], ckpt["model"][k])}
+    assert "head.weight" in moved and "layers.0.attn.wq.weight" in moved
+    assert not any(k.startswith("mtp.") or k.endswith(("gate.weight", "gate.bias")) for k in moved)  # frozen
+    # a normal model checkpoint: chat.py and sample.py load it as they load any
+    from checkpoint import load_model
+    load_model(str(straight))
+    # exact resume: 2 steps, then 2 more from the checkpoint, equal the 4 straight steps bit for bit
+    split = tmp_path / "split"
+    run_grpo(f"--init_from={chat_ckpt}", f"--out_dir={split}", "--max_iters=2", "--eval_interval=2")
+    run_grpo("--init_from=resume", f"--out_dir={split}", "--max_iters=4", "--eval_interval=2")
+    assert "resumed" in capsys.readouterr().out
+    assert [same(r) for r in read_log(split)] == [same(r) for r in log]
+    resumed = torch.load(split / "ckpt.pt", weights_only=True)
+    for k in ckpt["model"]:
+        assert torch.equal(ckpt["model"][k], resumed["model"][k]), k
+    assert torch.equal(ckpt["rng"]["sampling"], resumed["rng"]["sampling"])
+    # the reference must be the one the run started from
+    changed = tiny_model(3, vocab_size=50304, max_seq_len=64)
+    other = save_ckpt(tmp_path / "moved_ref", changed)
+    state = torch.load(split / "ckpt.pt", weights_only=True)
+    state["reference"]["path"] = str(other)
+    torch.save(state, split / "ckpt.pt")
+    with pytest.raises(SystemExit) as e:
+        run_grpo("--init_from=resume", f"--out_dir={split}", "--max_iters=6")
+    assert str(e.value).startswith("grpo.py: error: the reference model") and "\n" not in str(e.value)
+
+
+def test_two_gloo_processes_equal_one(chat_ckpt, straight, tmp_path):
+    """torchrun, 2 ranks x 1 prompt per step: the same prompts and completions as one process taking both (the
+    sampling RNG is shared, one seed per prompt), hence the same rewards, and the same updates."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "grpo.py", *COMMON,
+           f"--init_from={chat_ckpt}", f"--out_dir={out}", "--max_iters=4", "--eval_interval=2"]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "on 2 process(es)" in p.stdout and p.stdout.count("step 4/4") == 1  # rank 0 logs
+    single, ddp = read_log(straight), read_log(out)
+    assert [r["step"] for r in ddp] == [1, 2, 3, 4]
+    for s, d in zip(single, ddp):
+        for k in ("reward", "reward_correct", "len", "ended", "same_reward_groups"):
+            assert d[k] == s[k], (k, s, d)
+        for k in ("kl", "entropy", "clip_frac", "grad_norm"):
+            assert d[k] == pytest.approx(s[k], rel=1e-3, abs=1e-6), (k, s, d)
+    a = torch.load(out / "ckpt.pt", weights_only=True)["model"]
+    b = torch.load(straight / "ckpt.pt", weights_only=True)["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+def test_gpu_recipe_on_an_offline_gsm8k_fixture(chat_ckpt, tmp_path, monkeypatch):
+    """config/grpo_fineweb.py, shrunk to the CPU, with GSM8K rows in the datasets' own format (a stand-in `datasets`
+    module: no network): prompts from the train split, the final-number reward, chat.py's GSM8K eval on the test
+    split; and config/grpo_tiny.py's settings are valid too."""
+    from data import loader
+    rows = {"train": [{"question": f"What is {a} + {b}?", "answer": f"{a}+{b}=<<{a}+{b}={a + b}>>{a + b}\n#### {a + b}"}
+                      for a, b in ((1, 2), (3, 4), (2, 2))],
+            "test": [{"question": "What is 2 + 3?", "answer": "2+3=<<2+3=5>>5\n#### 5"}]}
+    asked = []
+
+    def load_dataset(path, name=None, split=None):
+        asked.append((path, name, split))
+        return rows[split]
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    monkeypatch.setattr(loader, "hub_offline_reason", lambda: None)
+    monkeypatch.setattr(grpo, "hub_offline_reason", lambda: None)
+    out = tmp_path / "fineweb"
+    grpo.main(["config/grpo_fineweb.py", f"--init_from={chat_ckpt}", f"--out_dir={out}", "--device=cpu",
+               "--dtype=float32", "--group_size=2", "--prompts_per_step=2", "--max_new_tokens=4", "--max_iters=1",
+               "--eval_n=1", "--eval_gsm8k=1"])
+    assert ("openai/gsm8k", "main", "train") in asked and ("openai/gsm8k", "main", "test") in asked
+    (rec,) = read_log(out)
+    assert "reward_correct" in rec and rec["len"] <= 4
+    evals = read_log(out, "eval.jsonl")
+    assert [e["step"] for e in evals] == [0, 1] and all("task_gsm8k" in e and "task_count" in e for e in evals)
+    cfg = torch.load(out / "ckpt.pt", weights_only=True)["config"]
+    assert cfg["prompts"] == "gsm8k" and cfg["rewards"].startswith("correct")
+    monkeypatch.setattr(grpo, "hub_offline_reason", lambda: "HF_HUB_OFFLINE=1 is set")
+    with pytest.raises(SystemExit) as e:
+        grpo.main(["config/grpo_fineweb.py", f"--init_from={chat_ckpt}", f"--out_dir={tmp_path / 'offline'}"])
+    assert str(e.value) == ("grpo.py: error: could not reach the Hugging Face Hub for GSM8K (HF_HUB_OFFLINE=1 is set); "
+                            "offline, use tasks.py's prompts (e.g. prompts='count')")
+    grpo.main(["config/grpo_tiny.py", f"--init_from={chat_ckpt}", f"--out_dir={tmp_path / 'tiny'}", "--max_iters=1",
+               "--eval_n=0", "--prompts_per_step=2"])
+    assert torch.load(tmp_path / "tiny" / "ckpt.pt", weights_only=True)["config"]["prompts"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--rewards=correct,brevity"], "unknown reward 'brevity'"),
+    (["--group_size=1"], "group_size must be >= 2"),
+    (["--prompts=count,multiply"], "unknown prompt source 'multiply'"),
+    (["--loss_norm=sample"], "loss_norm must be 'token' or 'sequence'"),
+    (["--temperature=0"], "temperature must be > 0"),
+    (["--init_from=NOWHERE"], "init_from must be a chat-tuned out_dir holding a ckpt.pt"),
+    (["--init_from=resume"], "init_from='resume' but there is no checkpoint"),
+    (["--init_from=SMALL_VOCAB"], "vocab_size 128 has no rows for the chat tokens"),
+])
+def test_clear_errors(args, message, tmp_path):
+    small = save_ckpt(tmp_path / "small", tiny_model(0))
+    args = [a.replace("NOWHERE", str(tmp_path / "none")).replace("SMALL_VOCAB", str(small)) for a in args]
+    with pytest.raises(SystemExit) as e:
+        grpo.main([*COMMON, f"--out_dir={tmp_path / 'out'}", *args])
+    text = str(e.value)
+    assert text.startswith("grpo.py: error: ") and message.replace("NOWHERE", str(tmp_path / "none")) in text
+    assert "\n" not in text
+    assert not (tmp_path / "out" / "ckpt.pt").exists()
