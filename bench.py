@@ -31,9 +31,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from configurator import UserError, configure, config_keys
+from configurator import check_choice, configure, config_keys, one_line_errors
 from optim import build_optimizer
-from model import ModelConfig, Transformer, autocast_context, gpu_peak_flops
+from model import ModelConfig, Transformer, autocast_context, check_device, gpu_peak_flops
 
 # -----------------------------------------------------------------------------------------------------------------
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
@@ -106,30 +106,34 @@ def sync(dev):
 
 
 def timed(fn, n, dev):
-    """Seconds per call of fn over n calls (the device synchronised before and after, not in between)."""
+    """Seconds for n calls of fn (the device synchronised before and after, not in between)."""
     sync(dev)
     t0 = time.perf_counter()
     for _ in range(n):
         fn()
     sync(dev)
-    return (time.perf_counter() - t0) / n
+    return time.perf_counter() - t0
 
 
-def train_step(model, forward, B, T, vocab, dev, ctx):
-    """A full training step on a fixed random batch, after `warmup` untimed steps (compilation happens there).
-    Returns (step function, warm-up seconds, peak memory of the warm-up steps above what was allocated before, GB)."""
+def train_step(model, B, T, dev, ctx):
+    """A full training step (compiled with `compile`) on a fixed random batch, after `warmup` untimed steps
+    (compilation happens there). Returns (step function, warm-up seconds, peak memory of the warm-up steps above
+    what was allocated before, GB)."""
     base = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else 0
     if isinstance(model, Transformer):
         opt = build_optimizer(model, optimizer, 1e-4, 0.1, (0.9, 0.95))
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    x = torch.randint(0, vocab, (B, T + 1), generator=torch.Generator().manual_seed(seed)).to(dev)
+    fwd = torch.compile(model) if compile else model
+    x = torch.randint(0, model.head.out_features, (B, T + 1), generator=torch.Generator().manual_seed(seed)).to(dev)
     idx, targets = x[:, :-1], x[:, 1:]
     update_bias = getattr(model, "update_expert_bias", None)
 
     def step():
         with ctx:
-            loss = forward(idx, targets)
+            out = fwd(idx, targets)  # DenseGPT: the loss; ours: (logits, the V3 loss's parts)
+            # our parts summed unweighted: the weights do not change the work
+            loss = out[1]["ce"] + out[1]["mtp"].sum() + out[1]["balance"] if isinstance(out, tuple) else out
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -138,12 +142,9 @@ def train_step(model, forward, B, T, vocab, dev, ctx):
 
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    t0 = time.perf_counter()
-    for _ in range(warmup):
-        step()
-    sync(dev)
+    warm_s = timed(step, warmup, dev)
     mem = (torch.cuda.max_memory_allocated(dev) - base) / 1e9 if dev.type == "cuda" else None
-    return step, time.perf_counter() - t0, mem
+    return step, warm_s, mem
 
 
 @torch.no_grad()
@@ -166,7 +167,7 @@ def bench_decode(model, dev, ctx, cache_dtype):
 
     with ctx:
         cached()  # warm-up
-        t_cached = timed(cached, 2, dev)
+        t_cached = timed(cached, 2, dev) / 2
         t_uncached = timed(uncached, 1, dev)
     model.train()
     return n / t_cached, n / t_uncached
@@ -174,6 +175,7 @@ def bench_decode(model, dev, ctx, cache_dtype):
 
 # -----------------------------------------------------------------------------------------------------------------
 
+@one_line_errors("bench.py")
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if not any(not a.startswith("-") for a in argv):  # no config file: the default model for this machine
@@ -183,21 +185,12 @@ def main(argv=None):
     c = configure(_DEFAULTS, argv, description=__doc__.strip().split("\n\n")[0], quiet=True,
                   skip_unknown_file_keys=True)
     globals().update(c)
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        sys.exit(f"bench.py: error: device must be 'cpu', 'cuda' or 'cuda:N', not {device!r}")
-    if baseline_model not in ("gpt", "dense"):  # checked before the model is timed, not after
-        sys.exit(f"bench.py: error: baseline_model must be 'gpt' or 'dense', not {baseline_model!r}")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        sys.exit("bench.py: error: CUDA is not available here: use --device=cpu")
-    try:
-        ctx = autocast_context(dev.type, dtype, compile)
-        cfg = ModelConfig(**{f.name: c[f.name] for f in fields(ModelConfig)})
-    except UserError as e:
-        sys.exit(f"bench.py: error: {e}")
-    if optimizer not in ("adamw", "muon"):
-        sys.exit(f"bench.py: error: optimizer must be 'adamw' or 'muon', not {optimizer!r}")
+    dev = check_device(device)
+    # all checked before the model is timed, not after
+    check_choice("baseline_model", baseline_model, ("gpt", "dense"))
+    ctx = autocast_context(dev.type, dtype, compile)
+    cfg = ModelConfig(**{f.name: c[f.name] for f in fields(ModelConfig)})
+    check_choice("optimizer", optimizer, ("adamw", "muon"))
     if baseline and baseline_model == "gpt":
         globals()["optimizer"] = "adamw"  # the GPT-2-style baseline has no Muon routing: time both with AdamW
     B, T = batch_size, cfg.max_seq_len
@@ -207,37 +200,31 @@ def main(argv=None):
     peak = peak_flops or gpu_peak_flops(dev)
     machine = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"bench.py: {path}, {machine}, {dtype}, compile={compile}, batch {B} x {T}, optimizer {optimizer}, "
-          f"torch {torch.__version__}",
-          flush=True)
+          f"torch {torch.__version__}", flush=True)
     res = {"model_config": path, "machine": machine, "dtype": dtype, "compile": compile, "optimizer": optimizer,
-           "batch_size": B,
-           "seq_len": T, "torch": torch.__version__, "peak_flops": peak or None}
+           "batch_size": B, "seq_len": T, "torch": torch.__version__, "peak_flops": peak or None}
 
     torch.manual_seed(seed)
     model = Transformer(cfg).to(dev)
     flops, rep = model.flops_per_token(T), model.param_report()
-    fwd = torch.compile(model) if compile else model
-    loss = lambda parts: parts["ce"] + parts["mtp"].sum() + parts["balance"]  # the weights do not change the work
-    runs = {"ours": train_step(model, lambda i, t: loss(fwd(i, t)[1]), B, T, cfg.vocab_size, dev, ctx)}
+    runs = {"ours": train_step(model, B, T, dev, ctx)}
     res["ours"] = {"flops_per_token": flops, "params_total": rep["total"], "params_active": rep["active_with_mtp"]}
-    if baseline and baseline_model == "dense":
+    if baseline:
         torch.manual_seed(seed)
-        dense = Transformer(replace(cfg, n_dense_layers=cfg.n_layers + cfg.n_mtp)).to(dev)
-        dense_fwd = torch.compile(dense) if compile else dense
-        runs["baseline"] = train_step(dense, lambda i, t: loss(dense_fwd(i, t)[1]), B, T, cfg.vocab_size, dev, ctx)
-        res["baseline"] = {"flops_per_token": dense.flops_per_token(T), "model": "dense"}
-    elif baseline:
-        hidden = matched_mlp_hidden(cfg, flops, 64 if dev.type == "cuda" else 8)
-        torch.manual_seed(seed)
-        dense = DenseGPT(cfg.vocab_size, cfg.dim, cfg.n_layers, cfg.n_heads, hidden).to(dev)
-        runs["baseline"] = train_step(dense, torch.compile(dense) if compile else dense, B, T, cfg.vocab_size, dev, ctx)
-        res["baseline"] = {"flops_per_token": dense_flops_per_token(cfg.vocab_size, cfg.dim, cfg.n_layers, hidden, T),
-                           "mlp_hidden": hidden, "model": "gpt"}
+        if baseline_model == "dense":
+            dense = Transformer(replace(cfg, n_dense_layers=cfg.n_layers + cfg.n_mtp)).to(dev)
+            res["baseline"] = {"flops_per_token": dense.flops_per_token(T), "model": "dense"}
+        else:
+            hidden = matched_mlp_hidden(cfg, flops, 64 if dev.type == "cuda" else 8)
+            dense = DenseGPT(cfg.vocab_size, cfg.dim, cfg.n_layers, cfg.n_heads, hidden).to(dev)
+            dense_flops = dense_flops_per_token(cfg.vocab_size, cfg.dim, cfg.n_layers, hidden, T)
+            res["baseline"] = {"flops_per_token": dense_flops, "mlp_hidden": hidden, "model": "gpt"}
+        runs["baseline"] = train_step(dense, B, T, dev, ctx)
     # rounds alternate between the models, so a machine that speeds up or slows down affects both alike
     times = {name: [] for name in runs}
     for _ in range(rounds):
         for name, (step, _, _) in runs.items():
-            times[name].append(timed(step, steps, dev))
+            times[name].append(timed(step, steps, dev) / steps)
     for name, (_, warm_s, mem) in runs.items():
         r = res[name]
         r.update(tok_per_s=B * T / sorted(times[name])[rounds // 2], warmup_s=warm_s, peak_mem_gb=mem)

@@ -15,7 +15,6 @@ conversation again. --speculative=True drafts with the MTP module(s). The conver
 task, and the results in <out_dir>/chat_eval.json. --eval_gsm8k=N: the first N problems of GSM8K's test split (the GPU
 recipe's; downloaded with datasets), right when the reply's last number is the answer.
 """
-import json
 import os
 import sys
 from types import SimpleNamespace
@@ -23,10 +22,11 @@ from types import SimpleNamespace
 import torch
 
 from checkpoint import load_model
-from configurator import UserError, configure, config_keys
-from data.loader import ASSISTANT, BOS, EOS, USER, atomic_write, get_tokenizer, render_prompt
-from model import autocast_context
-from sample import check_device, generate_tokens, text_stream
+from configurator import UserError, configure, config_keys, one_line_errors
+from data.loader import ASSISTANT, BOS, EOS, USER, get_tokenizer, hub_conversations, render_prompt, write_json
+from model import autocast_context, check_device
+from sample import generate_tokens, text_stream
+import tasks
 
 # -----------------------------------------------------------------------------------------------------------------
 out_dir = 'out-tiny-sft'      # a train.py out_dir (holding ckpt.pt) or the path of a checkpoint file
@@ -67,8 +67,7 @@ class Chat:
             render_prompt(self.messages, self.enc)
         room = self.model.cfg.max_seq_len - len(ids)
         if room < min(max_new_tokens, 16):  # the context is full: keep the system prompt and this turn only
-            self.messages = self.messages[:1] if self.system else []
-            self.messages.append({"role": "user", "content": text})
+            self.messages = (self.messages[:1] if self.system else []) + [{"role": "user", "content": text}]
             ids = render_prompt(self.messages, self.enc)
             room = self.model.cfg.max_seq_len - len(ids)
             if room < 1:
@@ -104,8 +103,6 @@ def complete(model, enc, conversations, max_new_tokens=32, ended=None):
 def evaluate_gsm8k(model, enc, n):
     """{correct, n, accuracy}: greedy replies to the first n GSM8K test problems, right when their last number is
     the reference's final answer (tasks.check_number, GRPO's reward too)."""
-    import tasks
-    from data.loader import hub_conversations
     convs = hub_conversations("gsm8k", "val")[:n]
     replies = complete(model, enc, [c[:1] for c in convs], max_new_tokens=256)
     correct = sum(tasks.check_number(r, tasks.last_number(c[1]["content"])) for r, c in zip(replies, convs))
@@ -115,7 +112,6 @@ def evaluate_gsm8k(model, enc, n):
 def evaluate(model, enc, n, seed=0):
     """{task: {correct, n, accuracy, ended}} on n held-out problems per task, greedy; ended is the fraction of
     replies the model closed with EOS (within 32 tokens)."""
-    import tasks
     res = {}
     for task in tasks.TASKS:
         ended = []
@@ -124,45 +120,38 @@ def evaluate(model, enc, n, seed=0):
     return res
 
 
+@one_line_errors("chat.py")
 def main(argv=None):
-    c = SimpleNamespace(**configure(config_keys(globals()), sys.argv[1:] if argv is None else argv,
-                                    description=__doc__.strip().split("\n\n")[0], quiet=True))
-    try:
-        ctx = autocast_context(check_device(c.device).type, c.dtype)
-        if c.temperature < 0 or c.top_k < 0 or not 0 < c.top_p <= 1 or c.max_new_tokens < 1 or min(c.eval_tasks, c.eval_gsm8k) < 0:
-            raise UserError("need temperature >= 0, top_k >= 0, 0 < top_p <= 1, max_new_tokens >= 1, eval_tasks >= 0")
-        model, ckpt = load_model(c.out_dir, c.device)
-        if model.cfg.vocab_size <= ASSISTANT:
-            raise UserError(f"vocab_size {model.cfg.vocab_size} has no rows for the chat tokens (ids {BOS}-"
-                            f"{ASSISTANT}): chat needs a model with the padded GPT-2 vocabulary (50304)")
-        if c.speculative and not model.cfg.n_mtp:
-            raise UserError("--speculative drafts with the MTP modules, but this model has none (n_mtp=0)")
-        if "chat_data" not in ckpt.get("config", {}) or not ckpt["config"]["chat_data"]:
-            print(f"chat.py: note: {c.out_dir} was not chat-tuned (no chat_data in its run): expect noise; "
-                  "python train.py config/sft_tiny.py makes a chat model", file=sys.stderr)
-    except UserError as e:
-        sys.exit(f"chat.py: error: {e}")
+    c = SimpleNamespace(**configure(config_keys(globals()), argv, description=__doc__.strip().split("\n\n")[0],
+                                    quiet=True))
+    ctx = autocast_context(check_device(c.device).type, c.dtype)
+    if c.temperature < 0 or c.top_k < 0 or not 0 < c.top_p <= 1 or c.max_new_tokens < 1 or min(c.eval_tasks, c.eval_gsm8k) < 0:
+        raise UserError("need temperature >= 0, top_k >= 0, 0 < top_p <= 1, max_new_tokens >= 1, eval_tasks >= 0")
+    model, ckpt = load_model(c.out_dir, c.device)
+    if model.cfg.vocab_size <= ASSISTANT:
+        raise UserError(f"vocab_size {model.cfg.vocab_size} has no rows for the chat tokens (ids {BOS}-"
+                        f"{ASSISTANT}): chat needs a model with the padded GPT-2 vocabulary (50304)")
+    if c.speculative and not model.cfg.n_mtp:
+        raise UserError("--speculative drafts with the MTP modules, but this model has none (n_mtp=0)")
+    if not ckpt.get("config", {}).get("chat_data"):
+        print(f"chat.py: note: {c.out_dir} was not chat-tuned (no chat_data in its run): expect noise; "
+              "python train.py config/sft_tiny.py makes a chat model", file=sys.stderr)
     enc = get_tokenizer()
     torch.manual_seed(c.seed)
-    sampling = dict(temperature=c.temperature, top_k=c.top_k or None, top_p=c.top_p if c.top_p < 1 else None,
-                    generator=torch.Generator(device=c.device).manual_seed(c.seed), speculative=c.speculative)
-    chat = Chat(model, enc, c.system, **sampling)
+    chat = Chat(model, enc, c.system, temperature=c.temperature, top_k=c.top_k, top_p=c.top_p,
+                generator=torch.Generator(device=c.device).manual_seed(c.seed), speculative=c.speculative)
 
     if c.eval_tasks or c.eval_gsm8k:
         with ctx:
             res = evaluate(model, enc, c.eval_tasks, c.seed) if c.eval_tasks else {}
             if c.eval_gsm8k:
-                try:
-                    res["gsm8k"] = {**evaluate_gsm8k(model, enc, c.eval_gsm8k), "ended": None}
-                except UserError as e:
-                    sys.exit(f"chat.py: error: {e}")
+                res["gsm8k"] = {**evaluate_gsm8k(model, enc, c.eval_gsm8k), "ended": None}
         for task, r in res.items():
             print(f"{task:8s} {r['correct']:4d} / {r['n']:4d} = {r['accuracy']:.3f} exact match"
                   + (f", {r['ended']:.0%} of replies ended with EOS" if r["ended"] is not None else ""))
         path = os.path.join(c.out_dir if os.path.isdir(c.out_dir) else os.path.dirname(c.out_dir), "chat_eval.json")
-        record = {"checkpoint": c.out_dir, "step": ckpt.get("step"), "n_per_task": c.eval_tasks,
-                  "n_gsm8k": c.eval_gsm8k, "tasks": res}
-        atomic_write(path, lambda f: f.write(json.dumps(record, indent=2) + "\n"), mode="w")
+        write_json(path, {"checkpoint": c.out_dir, "step": ckpt.get("step"), "n_per_task": c.eval_tasks,
+                          "n_gsm8k": c.eval_gsm8k, "tasks": res})
         print(f"wrote {path}", file=sys.stderr)
         return res
     if c.prompt:  # one reply, nothing else on stdout

@@ -16,8 +16,10 @@ Every key must already exist and keep its default's type, so a typo or a wrong t
 one line instead of silently training the wrong model. --help / -h lists all keys.
 """
 import ast
+import contextlib
 import difflib
 import os
+import sys
 import types
 
 _TYPES = (int, float, bool, str, type(None))
@@ -27,6 +29,23 @@ class UserError(ValueError):
     """A mistake in what the user asked for: a setting, a path, a file, a checkpoint of another config. Every script
     prints its message as one line (it says what is wrong and what to do) instead of a traceback; any other
     exception is a bug and keeps its traceback."""
+
+
+@contextlib.contextmanager
+def one_line_errors(script):
+    """Around a script's main (as a decorator or a `with`): a UserError ends the script with the one line
+    '<script>: error: <message>' and exit status 1 (SystemExit with a string), not a traceback."""
+    try:
+        yield
+    except UserError as e:
+        raise SystemExit(f"{script}: error: {e}") from None
+
+
+def check_choice(name, value, choices):
+    """value, or a one-line UserError '<name> must be one of (...), not <value>'."""
+    if value not in choices:
+        raise UserError(f"{name} must be one of {tuple(choices)}, not {value!r}")
+    return value
 
 
 def config_keys(namespace):
@@ -67,20 +86,17 @@ def _parse(raw, default):
         return raw  # e.g. --device=cuda:0 without quotes
 
 
-def _print_help(defaults, description):
-    if description:
-        print(description)
-    print("settings (override with --key=value or a config file):")
-    for k, v in defaults.items():
-        print(f"  --{k}={v!r}  ({type(v).__name__})")
-
-
-def configure(defaults, argv, description="", quiet=False, skip_unknown_file_keys=False):
-    """Return a new dict: `defaults` updated by the config files and --key=value arguments in `argv`.
-    skip_unknown_file_keys: a config file may set keys this script does not have (bench.py reads the model
-    settings of a training config and skips its training settings); --key=value stays strict."""
+def configure(defaults, argv=None, description="", quiet=False, skip_unknown_file_keys=False):
+    """Return a new dict: `defaults` updated by the config files and --key=value arguments in `argv` (None:
+    sys.argv[1:]). skip_unknown_file_keys: a config file may set keys this script does not have (bench.py reads the
+    model settings of a training config and skips its training settings); --key=value stays strict."""
+    argv = sys.argv[1:] if argv is None else argv
     if '--help' in argv or '-h' in argv:
-        _print_help(defaults, description)
+        if description:
+            print(description)
+        print("settings (override with --key=value or a config file):")
+        for k, v in defaults.items():
+            print(f"  --{k}={v!r}  ({type(v).__name__})")
         raise SystemExit(0)
     config = dict(defaults)
     log = (lambda *a: None) if quiet else print
@@ -96,10 +112,8 @@ def configure(defaults, argv, description="", quiet=False, skip_unknown_file_key
             for k, v in ns.items():
                 if k.startswith('_') or isinstance(v, types.ModuleType) or callable(v):
                     continue  # helpers: imports, functions, classes
-                if k in config and v is config[k]:
-                    continue  # untouched
-                if skip_unknown_file_keys and k not in config:
-                    continue
+                if (k in config and v is config[k]) or (skip_unknown_file_keys and k not in config):
+                    continue  # untouched, or a key this script does not have and may skip
                 _check_key(k, config)
                 config[k] = _check_type(k, v, defaults[k])
                 log(f"Overriding: {k} = {config[k]!r}")

@@ -39,14 +39,13 @@ experts unstacked (layers.N.ffn.experts.E.w1.weight, ...) and no MTP modules, an
 ModelArgs fields (see official_config). Its Gate creates the selection bias only when dim == 7168: for other
 widths load with strict=False or add the bias there.
 """
-import json
 import os
 import sys
 import time
 
 from checkpoint import load_model
-from configurator import UserError, configure, config_keys
-from data.loader import BOS, CHAT_TOKENS, EOS, EOT, bytes_to_unicode
+from configurator import UserError, check_choice, configure, config_keys, one_line_errors
+from data.loader import BOS, CHAT_TOKENS, EOS, EOT, bytes_to_unicode, get_tokenizer, write_json
 from model import DTYPES
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -127,15 +126,13 @@ def hf_state_dict(sd, cfg, with_mtp=True):
 def hf_config(cfg, torch_dtype="float32"):
     """config.json for transformers' DeepseekV3Config (the released DeepSeek-V3 config's field names)."""
     eot = EOT if EOT < cfg.vocab_size else None  # a toy vocabulary (tests) has no <|endoftext|> row
-    rope_scaling = None
-    if cfg.yarn:
-        # attention_factor 1.0: model.py puts the whole YaRN temperature into the softmax scale (mscale_all_dim)
-        # and none on cos/sin. transformers infers that 1.0 itself from mscale == mscale_all_dim, except when
-        # they are 0, where it would scale cos/sin by 0.1 * ln(factor) + 1
-        rope_scaling = {"type": "yarn", "rope_type": "yarn", "factor": cfg.rope_factor,
-                        "original_max_position_embeddings": cfg.original_seq_len, "beta_fast": cfg.beta_fast,
-                        "beta_slow": cfg.beta_slow, "mscale": cfg.mscale, "mscale_all_dim": cfg.mscale,
-                        "attention_factor": 1.0}
+    # YaRN's attention_factor 1.0: model.py puts the whole YaRN temperature into the softmax scale (mscale_all_dim)
+    # and none on cos/sin. transformers infers that 1.0 itself from mscale == mscale_all_dim, except when they
+    # are 0, where it would scale cos/sin by 0.1 * ln(factor) + 1
+    rope_scaling = {"type": "yarn", "rope_type": "yarn", "factor": cfg.rope_factor,
+                    "original_max_position_embeddings": cfg.original_seq_len, "beta_fast": cfg.beta_fast,
+                    "beta_slow": cfg.beta_slow, "mscale": cfg.mscale, "mscale_all_dim": cfg.mscale,
+                    "attention_factor": 1.0} if cfg.yarn else None
     return {
         "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.dim, "intermediate_size": cfg.inter_dim, "moe_intermediate_size": cfg.moe_inter_dim,
@@ -206,11 +203,11 @@ def write_tokenizer(enc, dest, max_len, chat=False):
     tok.save(os.path.join(dest, "tokenizer.json"))
     bos, eos = (BOS_TEXT, EOS_TEXT) if chat else (EOT_TEXT, EOT_TEXT)
     special = {"bos_token": bos, "eos_token": eos, "unk_token": EOT_TEXT}
-    _write_json(os.path.join(dest, "tokenizer_config.json"), {
+    write_json(os.path.join(dest, "tokenizer_config.json"), {
         "tokenizer_class": "PreTrainedTokenizerFast", **special, "model_max_length": max_len, "add_prefix_space": False,
         "clean_up_tokenization_spaces": False, "add_bos_token": False, "add_eos_token": False,
         **({"chat_template": CHAT_TEMPLATE} if chat else {})})
-    _write_json(os.path.join(dest, "special_tokens_map.json"), special)
+    write_json(os.path.join(dest, "special_tokens_map.json"), special)
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -241,11 +238,6 @@ def official_config(cfg):
 
 
 # -----------------------------------------------------------------------------------------------------------------
-
-def _write_json(path, obj):
-    with open(path, "w") as f:
-        f.write(json.dumps(obj, indent=2) + "\n")
-
 
 def _save_safetensors(tensors, path, dtype):
     _require("safetensors")
@@ -279,10 +271,8 @@ def resolve_mtp(setting, cfg, to):
 def export(model_cfg, state, dest, to="hf", dtype="float32", mtp="auto", enc=None, write_tok=True, chat=False):
     """Write the export of one model (ModelConfig + state dict) into dest; chat=True for a chat-tuned model (its
     tokenizer gets the chat tokens and template, and generation stops at its EOS). Returns what was written."""
-    if dtype not in DTYPES:
-        raise ExportError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    if to not in ("hf", "official"):
-        raise ExportError(f"--to must be hf or official, got {to!r}")
+    check_choice("--dtype", dtype, DTYPES)
+    check_choice("--to", to, ("hf", "official"))
     if os.path.exists(dest) and not os.path.isdir(dest):
         raise ExportError(f"--hf_dir={dest} is an existing file, not a folder (nothing was written)")
     try:
@@ -294,7 +284,7 @@ def export(model_cfg, state, dest, to="hf", dtype="float32", mtp="auto", enc=Non
     if to == "official":
         tensors = official_state_dict(state)
         nbytes = _save_safetensors(tensors, path("model0-mp1.safetensors"), DTYPES[dtype])
-        _write_json(path("config.json"), official_config(model_cfg))
+        write_json(path("config.json"), official_config(model_cfg))
         return {"tensors": len(tensors), "bytes": nbytes, "mtp": None}
     cfg_json = hf_config(model_cfg, dtype)
     if chat:
@@ -310,28 +300,21 @@ def export(model_cfg, state, dest, to="hf", dtype="float32", mtp="auto", enc=Non
         files["mtp.safetensors"] = {k: v for k, v in tensors.items() if k.startswith(prefixes)}
         files["model.safetensors"] = {k: v for k, v in tensors.items() if not k.startswith(prefixes)}
     nbytes = sum(_save_safetensors(t, path(name), DTYPES[dtype]) for name, t in files.items())
-    _write_json(path("config.json"), cfg_json)
-    _write_json(path("generation_config.json"), {k: cfg_json[k] for k in ("bos_token_id", "eos_token_id")})
+    write_json(path("config.json"), cfg_json)
+    write_json(path("generation_config.json"), {k: cfg_json[k] for k in ("bos_token_id", "eos_token_id")})
     if write_tok:
-        if enc is None:
-            from data.loader import get_tokenizer
-            enc = get_tokenizer()
-        write_tokenizer(enc, dest, model_cfg.max_seq_len, chat)
+        write_tokenizer(get_tokenizer() if enc is None else enc, dest, model_cfg.max_seq_len, chat)
     return {"tensors": len(tensors), "bytes": nbytes, "mtp": with_mtp}
 
 
+@one_line_errors("export.py")
 def main(argv=None):
-    settings = {k: v for k, v in globals().items() if k in _SETTINGS}
-    args = configure(settings, sys.argv[1:] if argv is None else argv, description=__doc__.strip().split("\n\n")[0],
-                     quiet=True)
+    args = configure(_SETTINGS, argv, description=__doc__.strip().split("\n\n")[0], quiet=True)
     t0 = time.time()
-    try:
-        model, ckpt = load_model(args["out_dir"], device="cpu")  # validated: one-line errors for a bad checkpoint
-        chat = bool(ckpt.get("config", {}).get("chat_data"))  # an SFT run: a chat model
-        info = export(model.cfg, model.state_dict(), args["hf_dir"], to=args["to"], dtype=args["dtype"],
-                      mtp=args["mtp"], write_tok=args["tokenizer"], chat=chat)
-    except UserError as e:
-        sys.exit(f"export.py: error: {e}")
+    model, ckpt = load_model(args["out_dir"], device="cpu")  # validated: one-line errors for a bad checkpoint
+    chat = bool(ckpt.get("config", {}).get("chat_data"))  # an SFT run: a chat model
+    info = export(model.cfg, model.state_dict(), args["hf_dir"], to=args["to"], dtype=args["dtype"],
+                  mtp=args["mtp"], write_tok=args["tokenizer"], chat=chat)
     size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(args["hf_dir"]) for f in fs)
     print(f"exported {args['out_dir']} -> {args['hf_dir']} ({args['to']}, {args['dtype']}): {info['tensors']} tensors, "
           f"{info['bytes'] / 2**20:.1f} MiB of weights, folder {size / 2**20:.1f} MiB, "

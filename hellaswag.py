@@ -29,8 +29,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from configurator import UserError, configure, config_keys
-from data.loader import atomic_write, get_tokenizer  # get_tokenizer: the bundled GPT-2 BPE, no network
+from configurator import UserError, check_choice, configure, config_keys, one_line_errors
+from data.loader import atomic_write, get_tokenizer, write_json  # get_tokenizer: the bundled GPT-2 BPE, no network
 from model import DTYPES, autocast_context, init_distributed
 
 # -----------------------------------------------------------------------------------------------------------
@@ -111,8 +111,7 @@ def _check_item(d):
     """None if d is a valid HellaSwag item, else what is wrong with it."""
     if not isinstance(d, dict):
         return f"expected a JSON object, got {type(d).__name__}"
-    missing = [k for k in ("ctx", "endings", "label") if k not in d]
-    if missing:
+    if missing := [k for k in ("ctx", "endings", "label") if k not in d]:
         return f"missing field(s) {missing}"
     if not isinstance(d["ctx"], str):
         return f"'ctx' must be a string, got {type(d['ctx']).__name__}"
@@ -137,16 +136,14 @@ def load_examples(path=None, limit=None):
                 break
             try:
                 line = raw.decode("utf-8")
+                if not line.strip():
+                    continue
+                d = json.loads(line)
             except UnicodeDecodeError as e:
                 raise HellaSwagError(f"{path} line {lineno}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-            if not line.strip():
-                continue
-            try:
-                d = json.loads(line)
             except json.JSONDecodeError as e:
                 raise HellaSwagError(f"{path} line {lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-            problem = _check_item(d)
-            if problem:
+            if problem := _check_item(d):
                 raise HellaSwagError(f"{path} line {lineno}: {problem}")
             items.append({"ctx": d["ctx"], "endings": list(d["endings"]), "label": d["label"]})
     if not items:
@@ -250,17 +247,16 @@ def evaluate(model, path, device, enc=None, limit=None, batch_size=8, progress=F
 # -----------------------------------------------------------------------------------------------------------
 # CLI
 
-def run(args):
+@one_line_errors("hellaswag.py")
+def main(argv=None):
     from checkpoint import load_model
-    if args["dtype"] not in DTYPES:
-        raise UserError(f"--dtype must be one of {list(DTYPES)}, got {args['dtype']!r}")
+    args = configure(config_keys(globals()), argv, description=__doc__.strip().split("\n\n")[0], quiet=True)
+    check_choice("--dtype", args["dtype"], DTYPES)
     if args["limit"] < 0 or args["batch_size"] < 1:
         raise UserError("--limit must be >= 0 (0: all items) and --batch_size >= 1")
     ddp, rank, _, _, dev = init_distributed(args["device"])
     try:
-        ckpt_path = args["out_dir"]
-        if os.path.isdir(ckpt_path):
-            ckpt_path = os.path.join(ckpt_path, "ckpt.pt")
+        ckpt_path = os.path.join(args["out_dir"], "ckpt.pt") if os.path.isdir(args["out_dir"]) else args["out_dir"]
         dev_type = torch.device(dev).type
         amp_dtype = args["dtype"] if dev_type == "cuda" else "float32"
         model, ckpt = load_model(ckpt_path, dev)
@@ -273,12 +269,11 @@ def run(args):
         if rank == 0:
             print(f"hellaswag: acc {res['acc']:.4f} acc_norm {res['acc_norm']:.4f} over {res['n']} items (step {step})")
             out = args["out_json"] or os.path.join(os.path.dirname(ckpt_path) or ".", "hellaswag.json")
-            record = {**res, "step": step, "checkpoint": ckpt_path,
-                      "data_path": args["data_path"] or default_data_path(), "limit": args["limit"] or None,
-                      "dtype": amp_dtype, "device": dev, "seconds": round(dt, 2),
-                      "items_per_sec": round(res["n"] / max(dt, 1e-9), 2)}
             os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-            atomic_write(out, lambda f: f.write(json.dumps(record, indent=2) + "\n"), mode="w")
+            write_json(out, {**res, "step": step, "checkpoint": ckpt_path,
+                             "data_path": args["data_path"] or default_data_path(), "limit": args["limit"] or None,
+                             "dtype": amp_dtype, "device": dev, "seconds": round(dt, 2),
+                             "items_per_sec": round(res["n"] / max(dt, 1e-9), 2)})
             print(f"hellaswag: {res['n'] / max(dt, 1e-9):.1f} items/s, wrote {out}", file=sys.stderr)
         if ddp:
             dist.barrier()  # leave together: tearing gloo down while a peer still writes can abort it
@@ -286,15 +281,6 @@ def run(args):
     finally:
         if ddp:
             dist.destroy_process_group()
-
-
-def main(argv=None):
-    args = configure(config_keys(globals()), sys.argv[1:] if argv is None else argv,
-                     description=__doc__.strip().split("\n\n")[0], quiet=True)
-    try:
-        return run(args)
-    except UserError as e:
-        sys.exit(f"hellaswag.py: error: {e}")
 
 
 if __name__ == "__main__":

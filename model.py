@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from configurator import UserError
+from configurator import UserError, check_choice
 
 if not hasattr(F, "grouped_mm"):  # the MoE dispatch below needs it; say so now, not deep inside a forward pass
     raise SystemExit(f"nanoDeepSeek needs torch >= 2.10 (torch.nn.functional.grouped_mm); this is torch "
@@ -122,9 +122,7 @@ class ModelConfig:
     def from_dict(cls, d):
         # checkpoints written before the loss weights moved to train.py carry them: they are not architecture
         d = {k: v for k, v in d.items() if k not in ("mtp_lambda", "balance_alpha")}
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
+        if unknown := sorted(set(d) - {f.name for f in fields(cls)}):
             raise UserError(f"unknown ModelConfig field(s) {unknown}: checkpoint from another version of model.py?")
         return cls(**d)
 
@@ -577,11 +575,8 @@ class Transformer(nn.Module):
         (qk_head_dim + v_head_dim) * seq_len (no causal discount). MTP modules included."""
         cfg, T = self.cfg, seq_len or self.cfg.max_seq_len
         frac = cfg.n_activated_experts / cfg.n_routed_experts
-        active = 0
-        for name, p in self.named_parameters():
-            if name.startswith("embed.") or p.dim() < 2:
-                continue  # lookups and norm gains are not matmuls
-            active += p.numel() * (frac if ".experts." in name else 1)
+        active = sum(p.numel() * (frac if ".experts." in name else 1) for name, p in self.named_parameters()
+                     if not name.startswith("embed.") and p.dim() >= 2)  # lookups and norm gains are not matmuls
         active += cfg.n_mtp * self.head.weight.numel()  # the shared head runs once more per MTP depth
         attn = 6 * (cfg.n_layers + cfg.n_mtp) * cfg.n_heads * (cfg.qk_head_dim + cfg.v_head_dim) * T
         return 6 * active + attn
@@ -592,7 +587,7 @@ class Transformer(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# System helpers shared by every script: mixed precision and the GPU peak for MFU
+# System helpers shared by every script: mixed precision, the device check, the GPU peak for MFU, DDP
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "B200": 2250e12, "A100": 312e12, "A10G": 125e12,
@@ -602,12 +597,26 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "B200": 2250e12, "
 def autocast_context(device_type, dtype, compile=False):
     """Forward-pass precision: autocast to 'bfloat16' / 'float16', or plain fp32 for 'float32'. compile=True needs
     bf16: under torch.compile the MoE's grouped_mm accepts bf16 only."""
-    if dtype not in DTYPES:
-        raise UserError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    check_choice("dtype", dtype, DTYPES)
     if compile and dtype != "bfloat16":
         raise UserError(f"compile=True needs dtype='bfloat16', not {dtype!r}: under torch.compile the MoE's "
                         "grouped_mm accepts bf16 only (or set compile=False)")
     return nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=DTYPES[dtype])
+
+
+def check_device(device):
+    """torch.device(device), or a one-line UserError: scripts run on the CPU or on a CUDA device that exists."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:  # torch's message lists two dozen device types
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise UserError(f"unknown --device={device!r}: use cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("CUDA is not available here: use --device=cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserError(f"no --device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
 
 
 def gpu_peak_flops(device):

@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from configurator import UserError
+from configurator import check_choice
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # the quintic of Keller Jordan's Muon, also torch.optim.Muon's
 
@@ -74,10 +74,9 @@ class Muon(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                buf = state["momentum_buffer"]
+                if not self.state[p]:  # the first step
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+                buf = self.state[p]["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - mu)  # an average of past gradients (its scale is lost to newton_schulz)
                 update = newton_schulz(p.grad.lerp(buf, mu) if group["nesterov"] else buf, group["ns_steps"])
                 p.mul_(1 - lr * wd)
@@ -130,8 +129,7 @@ def build_optimizer(model, name, lr, weight_decay, betas, momentum=0.95):
     """optimizer='adamw': one fused AdamW over every parameter (adamw_groups). optimizer='muon': Muon (same lr and
     weight decay, thanks to rms_scale) for what muon_takes, AdamW for the rest. Which tensor goes where is decided
     in this file only."""
-    if name not in ("adamw", "muon"):
-        raise UserError(f"optimizer must be 'adamw' or 'muon', not {name!r}")
+    check_choice("optimizer", name, ("adamw", "muon"))
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if name == "adamw":
         return torch.optim.AdamW(adamw_groups([p for _, p in named], weight_decay), lr=lr, betas=betas, fused=True)

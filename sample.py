@@ -33,9 +33,9 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import load_model
-from configurator import UserError, configure, config_keys
+from configurator import UserError, configure, config_keys, one_line_errors
 from data.loader import check_token_ids, get_tokenizer
-from model import autocast_context
+from model import autocast_context, check_device
 
 # -----------------------------------------------------------------------------------------------------------------
 out_dir = 'out-fineweb'          # a directory holding ckpt.pt, or a checkpoint file
@@ -62,7 +62,7 @@ def sample_probs(logits, temperature=1.0, top_k=None, top_p=None):
     if temperature == 0:
         return F.one_hot(logits.argmax(-1), logits.size(-1)).float()
     logits = logits / temperature
-    if top_k is not None and top_k < logits.size(-1):
+    if top_k and top_k < logits.size(-1):  # None or 0: off
         kth = logits.topk(top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
@@ -208,21 +208,6 @@ def text_stream(enc):
     return lambda tok=None: utf8.decode(b"" if tok is None else enc.decode_single_token_bytes(tok), final=tok is None)
 
 
-def check_device(device):
-    """torch.device(device), or a one-line ValueError: sampling runs on the CPU or on a CUDA device that exists."""
-    try:
-        dev = torch.device(device)
-    except RuntimeError:  # torch's message lists two dozen device types
-        dev = None
-    if dev is None or dev.type not in ("cpu", "cuda"):
-        raise UserError(f"unknown --device={device!r}: use cpu, cuda or cuda:N")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("CUDA is not available here: use --device=cpu")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise UserError(f"no --device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return dev
-
-
 def read_prompt(start):
     if not start.startswith("FILE:"):
         return start
@@ -233,30 +218,28 @@ def read_prompt(start):
         raise UserError(f"cannot read the prompt file {start[5:]!r} ({e.strerror})")
 
 
+@one_line_errors("sample.py")
 def main(argv=None):
-    c = SimpleNamespace(**configure(config_keys(globals()), sys.argv[1:] if argv is None else argv,
-                                    description="\n\n".join(__doc__.strip().split("\n\n")[:2]), quiet=True))
+    c = SimpleNamespace(**configure(config_keys(globals()), argv, quiet=True,
+                                    description="\n\n".join(__doc__.strip().split("\n\n")[:2])))
     log = partial(print, file=sys.stderr)
-    try:
-        ctx = autocast_context(check_device(c.device).type, c.dtype, c.compile)
-        if c.temperature < 0 or c.max_new_tokens < -1 or c.num_samples < 1:
-            raise UserError("need temperature >= 0, max_new_tokens >= 0 (or -1) and num_samples >= 1")
-        # checked here, not where they are used: that is after the prompt went to stdout, and it raises from torch
-        if c.top_k < 0:
-            raise UserError(f"--top_k must be >= 0 (0: off), got {c.top_k}")
-        if not 0 < c.top_p <= 1:
-            raise UserError(f"--top_p must be in (0, 1] (1: off), got {c.top_p}")
-        model, ckpt = load_model(c.out_dir, c.device)
-        enc = get_tokenizer()
-        prompt = read_prompt(c.start)
-        # a model with a smaller vocabulary than the tokenizer's cannot embed every id (IndexError in the prefill)
-        prompt_ids = check_token_ids(enc.encode(prompt, allowed_special={"<|endoftext|>"}) or [enc.eot_token],
-                                     model.cfg.vocab_size, "the prompt")
-        if c.max_new_tokens == -1:  # an explicit number is checked, never silently cut
-            c.max_new_tokens = max(0, min(200, model.cfg.max_seq_len - len(prompt_ids)))
-        check_request(model.cfg, len(prompt_ids), c.max_new_tokens, c.speculative)
-    except UserError as e:
-        sys.exit(f"sample.py: error: {e}")
+    ctx = autocast_context(check_device(c.device).type, c.dtype, c.compile)
+    if c.temperature < 0 or c.max_new_tokens < -1 or c.num_samples < 1:
+        raise UserError("need temperature >= 0, max_new_tokens >= 0 (or -1) and num_samples >= 1")
+    # checked here, not where they are used: that is after the prompt went to stdout, and it raises from torch
+    if c.top_k < 0:
+        raise UserError(f"--top_k must be >= 0 (0: off), got {c.top_k}")
+    if not 0 < c.top_p <= 1:
+        raise UserError(f"--top_p must be in (0, 1] (1: off), got {c.top_p}")
+    model, ckpt = load_model(c.out_dir, c.device)
+    enc = get_tokenizer()
+    prompt = read_prompt(c.start)
+    # a model with a smaller vocabulary than the tokenizer's cannot embed every id (IndexError in the prefill)
+    prompt_ids = check_token_ids(enc.encode(prompt, allowed_special={"<|endoftext|>"}) or [enc.eot_token],
+                                 model.cfg.vocab_size, "the prompt")
+    if c.max_new_tokens == -1:  # an explicit number is checked, never silently cut
+        c.max_new_tokens = max(0, min(200, model.cfg.max_seq_len - len(prompt_ids)))
+    check_request(model.cfg, len(prompt_ids), c.max_new_tokens, c.speculative)
 
     log(f"sample.py: {c.out_dir} (step {ckpt.get('step', '?')}), {c.device} {c.dtype}, prompt {len(prompt_ids)} "
         f"tokens, {'speculative with ' + str(model.cfg.n_mtp) + ' MTP draft(s)' if c.speculative else 'plain'} decoding")
@@ -272,13 +255,11 @@ def main(argv=None):
             st = {}
             print(prompt, end="", flush=True)
             text = text_stream(enc)
-            for tok in generate_tokens(model, prompt_ids, c.max_new_tokens, c.temperature, c.top_k or None,
-                                       c.top_p if c.top_p < 1.0 else None, generator, c.speculative,
-                                       eot, enc.n_vocab, st):
+            for tok in generate_tokens(model, prompt_ids, c.max_new_tokens, c.temperature, c.top_k, c.top_p,
+                                       generator, c.speculative, eot, enc.n_vocab, st):
                 if tok != eot:
                     print(text(tok), end="", flush=True)
-            print(text())
-            print("---------------", flush=True)
+            print(text() + "\n---------------", flush=True)
             total = {k: total.get(k, 0) + v for k, v in st.items()}
 
     if c.stats:

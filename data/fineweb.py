@@ -44,7 +44,9 @@ import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script (python data/fineweb.py), too
-from data.loader import HERE, DataError, atomic_write, first_line, get_tokenizer, hub_offline_reason  # noqa: E402
+from configurator import one_line_errors  # noqa: E402
+from data.loader import (HERE, DataError, atomic_write, first_line, get_tokenizer, load_hub_dataset,  # noqa: E402
+                         write_json)
 
 HUB_DATASET = "HuggingFaceFW/fineweb-edu"
 INPUT_SUFFIXES = (".parquet", ".jsonl", ".json", ".csv", ".txt")
@@ -67,25 +69,9 @@ def tokenize(text):
 # document sources: each yields the texts of its documents, in a fixed order (resuming depends on it)
 
 def hub_documents(subset):
-    reason = hub_offline_reason()
-    if reason:
-        raise DataError(f"could not reach the Hugging Face Hub to stream {HUB_DATASET} ({reason}); to tokenize local "
-                        "files offline use --input PATH... (parquet, jsonl, json, csv, txt, or .gz of the text "
-                        f"formats), e.g. the bundled sample: --input {SAMPLE_FILE}")
-    try:
-        import datasets
-    except ImportError as e:
-        raise DataError(f"the datasets package is needed to download {HUB_DATASET}: pip install datasets "
-                        "(or tokenize local files with --input PATH...)") from e
-    try:
-        # streaming: parquet files are read as they download, so the corpus never sits on disk twice
-        ds = datasets.load_dataset(HUB_DATASET, name=subset, split="train", streaming=True)
-    except ConnectionError as e:  # what datasets raises when the Hub cannot be reached
-        raise DataError(f"could not reach the Hugging Face Hub to stream {HUB_DATASET} ({first_line(e)}); "
-                        "to tokenize local files offline use --input PATH... (parquet, jsonl, json, csv, txt)") from e
-    except (OSError, ValueError) as e:  # e.g. an unknown --subset
-        raise DataError(f"could not open {HUB_DATASET} subset {subset!r} ({first_line(e)}); "
-                        "check --subset, or tokenize local files with --input PATH...") from e
+    # streaming: parquet files are read as they download, so the corpus never sits on disk twice
+    ds = load_hub_dataset(HUB_DATASET, f"tokenize local files with --input PATH... ({SUPPORTED}), e.g. the bundled "
+                          f"sample: --input {SAMPLE_FILE}", name=subset, split="train", streaming=True)
     return (row["text"] for row in ds)
 
 
@@ -99,9 +85,7 @@ def input_kind(path):
 
 def open_text(path, newline=None):
     """A text file, or a gzip-compressed one (NAME.jsonl.gz etc.), opened for reading as UTF-8."""
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8", newline=newline)
-    return open(path, encoding="utf-8", newline=newline)
+    return (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8", newline=newline)
 
 
 SUPPORTED = ", ".join(INPUT_SUFFIXES + tuple(x + ".gz" for x in GZ_SUFFIXES))
@@ -157,16 +141,10 @@ def _file_documents(path):
             for row in rows:
                 yield row["text"]
     elif kind == ".txt":
-        with open_text(path) as f:
-            block = []
-            for line in f:
-                if line.strip():
-                    block.append(line.rstrip("\n"))
-                elif block:
-                    yield "\n".join(block)
-                    block = []
-            if block:
-                yield "\n".join(block)
+        with open_text(path) as f:  # a document per run of non-blank lines, without its last newline
+            for nonblank, lines in itertools.groupby(f, key=lambda line: bool(line.strip())):
+                if nonblank:
+                    yield "".join(lines).rstrip("\n")
     else:  # .jsonl, or .json holding either JSON lines or one array of records
         with open_text(path) as f:
             if f.read(1024).lstrip().startswith("["):
@@ -189,10 +167,6 @@ def _file_documents(path):
 
 def write_shard(path, tokens):
     atomic_write(path, lambda f: np.save(f, tokens))
-
-
-def write_meta(out_dir, meta):
-    atomic_write(out_dir / "meta.json", lambda f: f.write(json.dumps(meta, indent=2) + "\n"), mode="w")
 
 
 def parse_args(argv):
@@ -251,9 +225,7 @@ def build(args):
 
     t0 = time.time()
     buf = np.empty(args.shard_size, dtype=np.uint16)
-    fill = 0  # tokens in buf
-    new_tokens = 0  # tokens written (or buffered) by this run
-    new_docs = 0  # documents tokenized by this run
+    fill, new_tokens, new_docs = 0, 0, 0  # tokens in buf; tokens written (or buffered), documents tokenized by this run
 
     def flush():
         index = len(meta["shards"])
@@ -262,12 +234,11 @@ def build(args):
         out_dir.mkdir(parents=True, exist_ok=True)
         write_shard(out_dir / name, buf[:fill])
         meta["shards"].append({"file": name, "split": split, "tokens": fill})
-        write_meta(out_dir, meta)
+        write_json(out_dir / "meta.json", meta)
 
     # the pool is started before the source is opened, so no datasets/network threads get forked
     with (multiprocessing.Pool(args.num_workers) if args.num_workers > 1 else contextlib.nullcontext()) as pool:
-        texts = hub_documents(args.subset) if inputs is None else (
-            t for f in inputs for t in file_documents(f))
+        texts = hub_documents(args.subset) if inputs is None else (t for f in inputs for t in file_documents(f))
         # documents already in finished shards are skipped without tokenizing them
         texts = itertools.islice(texts, meta["docs"], args.max_docs)
         token_docs = pool.imap(tokenize, texts, chunksize=16) if pool else map(tokenize, texts)
@@ -301,7 +272,7 @@ def build(args):
     if not meta["shards"]:
         raise DataError("no documents found in the input; nothing was written")
     meta["complete"] = True
-    write_meta(out_dir, meta)
+    write_json(out_dir / "meta.json", meta)
 
     seconds = time.time() - t0
     n_val = sum(s["split"] == "val" for s in meta["shards"])
@@ -323,12 +294,9 @@ def prepare_sample(out_dir=SAMPLE_DIR):
     return summary
 
 
+@one_line_errors("fineweb.py")
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        print(build(args))
-    except DataError as e:
-        sys.exit(f"fineweb.py: error: {e}")
+    print(build(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -55,13 +55,9 @@ def get_tokenizer(path=TOKENIZER_FILE):
         import tiktoken
     except ImportError as e:
         raise DataError("the tiktoken package is missing: pip install tiktoken") from e
-    path = Path(path)
     try:
-        ranks = {}
-        with gzip.open(path, "rt", encoding="ascii") as f:
-            for line in f:
-                token, rank = line.split()
-                ranks[base64.b64decode(token, validate=True)] = int(rank)
+        with gzip.open(path, "rt", encoding="ascii") as f:  # one "base64(token bytes) rank" line per token
+            ranks = {base64.b64decode(token, validate=True): int(rank) for token, rank in map(str.split, f)}
     except FileNotFoundError as e:
         raise DataError(f"the bundled GPT-2 tokenizer file {path} is missing: {REGENERATE}") from e
     except (OSError, EOFError, UnicodeDecodeError, ValueError, binascii.Error) as e:  # bad gzip, line or base64
@@ -140,13 +136,13 @@ def bytes_to_unicode():
     ranges '!'..'~', '¡'..'¬', '®'..'ÿ'); every other byte, in increasing order, gets the next code point
     from 256 upwards. Returns {byte value: character}."""
     visible = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table = {b: chr(b) for b in visible}
-    extra = 256
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(extra)
-            extra += 1
-    return table
+    hidden = [b for b in range(256) if b not in visible]
+    return {**{b: chr(b) for b in visible}, **{b: chr(256 + i) for i, b in enumerate(hidden)}}
+
+
+def write_json(path, obj):
+    """obj as indented JSON (and a final newline), written atomically."""
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2) + "\n"), mode="w")
 
 
 def atomic_write(path, write, mode="wb"):
@@ -155,7 +151,6 @@ def atomic_write(path, write, mode="wb"):
     name is unique to this call, so writers racing for the same path (e.g. DDP ranks) never clobber each other's
     temp file: the last rename wins and every reader sees one whole file. Every file the project writes (shards,
     meta.json, checkpoints, downloads, results) goes through here."""
-    path = str(path)
     tmp = f"{path}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     try:
         with open(tmp, mode) as f:
@@ -263,9 +258,8 @@ class ShardReader:
 
     def load_state_dict(self, state):
         mine = self.state_dict()
-        wrong = [f"{k}={state.get(k)} (this reader: {mine[k]})" for k in mine if k not in ("epoch", "pos")
-                 and state.get(k) != mine[k]]
-        if wrong:
+        if wrong := [f"{k}={state.get(k)} (this reader: {mine[k]})" for k in mine if k not in ("epoch", "pos")
+                     and state.get(k) != mine[k]]:
             raise DataError(f"data-loader state does not match this reader: {', '.join(wrong)}; resume with the "
                             "same seed, world_size, rank, seq_len and data, or start the data stream afresh")
         self.start_epoch(state["epoch"])
@@ -373,20 +367,26 @@ def gsm8k_conversation(row):
             {"role": "assistant", "content": f"{reasoning}\nThe answer is {final.strip()}."}]
 
 
-def hub_conversations(name, split):
-    """smol-smoltalk or GSM8K ('smoltalk' | 'gsm8k') through datasets, split 'train' or 'val' (their test split)."""
+def load_hub_dataset(path, hint, **kwargs):
+    """datasets.load_dataset(path, **kwargs) once hub_offline_reason() finds the Hub reachable; else, or if datasets
+    is missing or the dataset cannot be opened, a one-line DataError that ends with `hint`: what to do instead."""
     try:
         import datasets
     except ImportError:
-        raise DataError(f"chat_data={name!r} needs the datasets package: pip install datasets") from None
-    path, subset = HUB_CHAT[name]
-    reason = hub_offline_reason()
-    if reason:
-        raise DataError(f"could not reach the Hugging Face Hub for {path} ({reason}); offline, use chat_data='tasks' "
-                        "or a .jsonl of conversations")
+        raise DataError(f"{path} needs the datasets package (pip install datasets); without it, {hint}") from None
+    if reason := hub_offline_reason():
+        raise DataError(f"could not reach the Hugging Face Hub for {path} ({reason}); offline, {hint}")
     try:
-        rows = datasets.load_dataset(path, subset, split="train" if split == "train" else "test")
-    except (ConnectionError, OSError, ValueError) as e:
-        raise DataError(f"cannot load {path} ({first_line(e)}); offline, use chat_data='tasks' or a .jsonl of "
-                        "conversations") from None
+        return datasets.load_dataset(path, **kwargs)
+    except ConnectionError as e:  # what datasets raises when the Hub cannot be reached
+        raise DataError(f"could not reach the Hugging Face Hub for {path} ({first_line(e)}); offline, {hint}") from None
+    except (OSError, ValueError) as e:  # e.g. an unknown subset
+        raise DataError(f"cannot load {path} ({first_line(e)}); offline, {hint}") from None
+
+
+def hub_conversations(name, split):
+    """smol-smoltalk or GSM8K ('smoltalk' | 'gsm8k') through datasets, split 'train' or 'val' (their test split)."""
+    path, subset = HUB_CHAT[name]
+    rows = load_hub_dataset(path, "use chat_data='tasks' or a .jsonl of conversations", name=subset,
+                            split="train" if split == "train" else "test")
     return [gsm8k_conversation(r) for r in rows] if name == "gsm8k" else [r["messages"] for r in rows]

@@ -39,11 +39,7 @@ def gpt2_ranks(gpt2_dir):
     gpt2_dir = Path(gpt2_dir)
     encoder = json.loads((gpt2_dir / "encoder.json").read_text(encoding="utf-8"))
     char_to_byte = {c: b for b, c in bytes_to_unicode().items()}
-    ranks = {}
-    for token, rank in encoder.items():
-        if token == "<|endoftext|>":
-            continue
-        ranks[bytes(char_to_byte[c] for c in token)] = rank
+    ranks = {bytes(char_to_byte[c] for c in token): rank for token, rank in encoder.items() if token != "<|endoftext|>"}
     if sorted(ranks.values()) != list(range(EOT)):
         sys.exit(f"make_bundle.py: {gpt2_dir / 'encoder.json'}: expected ranks 0..{EOT - 1}")
     if sorted(ranks.get(bytes([b]), -1) for b in range(256)) != list(range(256)):

@@ -18,6 +18,11 @@ from data.loader import atomic_write  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "chat_sample.jsonl"
 
+CAPITALS = {"France": "Paris", "Japan": "Tokyo", "Italy": "Rome", "Germany": "Berlin", "Spain": "Madrid",
+            "Canada": "Ottawa", "Australia": "Canberra", "Egypt": "Cairo", "Kenya": "Nairobi", "India": "New Delhi",
+            "China": "Beijing", "Peru": "Lima", "Norway": "Oslo", "Mexico": "Mexico City", "Argentina": "Buenos Aires",
+            "the United Kingdom": "London"}
+
 # (user, assistant)
 SINGLE = [
     # greetings and small talk
@@ -78,10 +83,8 @@ SINGLE = [
     ("What is the speed of light?", "About 300,000 kilometers per second in a vacuum."),
     ("What is an atom?", "An atom is a tiny particle of matter: a nucleus with electrons around it."),
     ("What is a cell?", "A cell is the smallest living unit. All living things are made of cells."),
-    ("What is the chemical symbol for gold?", "Au."),
-    ("What is the chemical symbol for iron?", "Fe."),
-    ("What is the chemical symbol for sodium?", "Na."),
-    ("What is the chemical symbol for oxygen?", "O."),
+    *[(f"What is the chemical symbol for {element}?", f"{symbol}.")
+      for element, symbol in [("gold", "Au"), ("iron", "Fe"), ("sodium", "Na"), ("oxygen", "O")]],
     ("What are the three common states of matter?", "Solid, liquid and gas."),
     ("What is evaporation?", "Evaporation is when a liquid turns into a gas, like a puddle drying in the sun."),
     ("What is a rainbow?", "A rainbow is sunlight split into its colors by drops of water in the air."),
@@ -109,22 +112,7 @@ SINGLE = [
     ("What is the largest organ of the human body?", "The skin."),
     ("How many teeth does an adult usually have?", "32, including the four wisdom teeth."),
     # geography
-    ("What is the capital of France?", "Paris."),
-    ("What is the capital of Japan?", "Tokyo."),
-    ("What is the capital of Italy?", "Rome."),
-    ("What is the capital of Germany?", "Berlin."),
-    ("What is the capital of Spain?", "Madrid."),
-    ("What is the capital of Canada?", "Ottawa."),
-    ("What is the capital of Australia?", "Canberra."),
-    ("What is the capital of Egypt?", "Cairo."),
-    ("What is the capital of Kenya?", "Nairobi."),
-    ("What is the capital of India?", "New Delhi."),
-    ("What is the capital of China?", "Beijing."),
-    ("What is the capital of Peru?", "Lima."),
-    ("What is the capital of Norway?", "Oslo."),
-    ("What is the capital of Mexico?", "Mexico City."),
-    ("What is the capital of Argentina?", "Buenos Aires."),
-    ("What is the capital of the United Kingdom?", "London."),
+    *[(f"What is the capital of {country}?", f"{capital}.") for country, capital in CAPITALS.items()],
     ("What is the largest ocean?", "The Pacific Ocean."),
     ("What is the tallest mountain in the world?", "Mount Everest, about 8,849 meters above sea level."),
     ("How many continents are there?",
@@ -158,13 +146,10 @@ SINGLE = [
     ("How many sides does a hexagon have?", "Six."),
     ("What is a right angle?", "An angle of 90 degrees, like the corner of a square."),
     # language
-    ("What is the opposite of hot?", "Cold."),
-    ("What is the opposite of big?", "Small."),
-    ("What is the opposite of happy?", "Sad."),
-    ("What is the opposite of fast?", "Slow."),
-    ("What is the plural of mouse?", "Mice."),
-    ("What is the plural of child?", "Children."),
-    ("What is the plural of foot?", "Feet."),
+    *[(f"What is the opposite of {word}?", f"{opposite}.")
+      for word, opposite in [("hot", "Cold"), ("big", "Small"), ("happy", "Sad"), ("fast", "Slow")]],
+    *[(f"What is the plural of {word}?", f"{plural}.")
+      for word, plural in [("mouse", "Mice"), ("child", "Children"), ("foot", "Feet")]],
     ("What is the past tense of go?", "Went."),
     ("What is the past tense of eat?", "Ate."),
     ("What is a noun?", "A word for a person, place or thing, like teacher, city or book."),
@@ -225,7 +210,7 @@ SYSTEM = [
     ("You are a polite assistant.", "Thank you.", "You're very welcome."),
 ]
 
-# an optional system prompt, then user and assistant turns alternating
+# (system prompt or None, then user and assistant turns alternating)
 MULTI = [
     (None, "Hi!", "Hello! How can I help?", "What is the capital of Spain?", "Madrid."),
     (None, "What is 5 + 3?", "8", "And 8 + 2?", "10"),
@@ -247,8 +232,7 @@ MULTI = [
     (None, "Who are you?", "I am a small language model.", "Can you do math?",
      "Yes, simple math. Try asking: What is 4 + 5?"),
     (None, "What is 20 - 8?", "12", "Which is larger, 12 or 21?", "21"),
-    (None, "How many days are in a week?", "Seven.", "And how many in a year?",
-     "365, or 366 in a leap year."),
+    (None, "How many days are in a week?", "Seven.", "And how many in a year?", "365, or 366 in a leap year."),
     (None, "What is a verb?", "An action word, like run or eat.", "Give me another example.", "Swim."),
     ("You are a helpful assistant.", "Hello", "Hello! What can I do for you?", "What is 10 - 4?", "6"),
     ("You are a helpful assistant.", "What is the capital of Germany?", "Berlin.", "And of France?", "Paris."),
@@ -259,13 +243,11 @@ MULTI = [
 
 
 def conversations():
-    convs = [[{"role": "user", "content": u}, {"role": "assistant", "content": a}] for u, a in SINGLE]
-    convs += [[{"role": "system", "content": s}, {"role": "user", "content": u}, {"role": "assistant", "content": a}]
-              for s, u, a in SYSTEM]
-    for system, *turns in MULTI:
+    """Every conversation, in file order: SINGLE, then SYSTEM, then MULTI."""
+    convs = []
+    for system, *turns in [(None, *pair) for pair in SINGLE] + SYSTEM + MULTI:
         conv = [{"role": "system", "content": system}] if system else []
-        conv += [{"role": ("user", "assistant")[i % 2], "content": t} for i, t in enumerate(turns)]
-        convs.append(conv)
+        convs.append(conv + [{"role": ("user", "assistant")[i % 2], "content": t} for i, t in enumerate(turns)])
     return convs
 
 

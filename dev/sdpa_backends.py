@@ -9,7 +9,6 @@ SDPA's flash kernel needs equal head dims (measured figures: docs/results.md).
 A backend that cannot take these shapes on this device prints n/a.
 """
 import sys
-import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import fields
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import timed  # noqa: E402
 from configurator import configure  # noqa: E402
 from model import DTYPES, ModelConfig  # noqa: E402
 
@@ -28,16 +28,7 @@ BACKENDS = {"default": None, "flash": SDPBackend.FLASH_ATTENTION, "efficient": S
 
 
 def median_ms(step, device, n=7):
-    times = []
-    for _ in range(n):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return 1e3 * sorted(times)[n // 2]
+    return 1e3 * sorted(timed(step, 1, device) for _ in range(n))[n // 2]
 
 
 def main(argv):

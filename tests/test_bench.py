@@ -58,8 +58,8 @@ def test_bench_dense_baseline_is_this_model_all_dense(tmp_path, capsys):
 @pytest.mark.parametrize("argv, expected", [
     (["nowhere.py", "--device=cpu"], "config file not found: nowhere.py"),
     (["BAD", "--device=cpu"], "bench.py: error: bad ModelConfig: dim must be a multiple of 8"),
-    (["--device=gpu"], "bench.py: error: device must be 'cpu', 'cuda' or 'cuda:N', not 'gpu'"),
-    (["--device=cpu", "--baseline_model=mlp"], "baseline_model must be 'gpt' or 'dense', not 'mlp'")])
+    (["--device=gpu"], "bench.py: error: unknown --device='gpu': use cpu, cuda or cuda:N"),
+    (["--device=cpu", "--baseline_model=mlp"], "baseline_model must be one of ('gpt', 'dense'), not 'mlp'")])
 def test_bench_errors_are_one_line_before_any_timing(tmp_path, capsys, argv, expected):
     (tmp_path / "bad.py").write_text("dim = 36\n")
     assert expected in exit_message(bench.main, [str(tmp_path / "bad.py") if a == "BAD" else a for a in argv])

@@ -317,7 +317,7 @@ def hub_calls(monkeypatch):
 
 
 def test_offline_hub_error_is_one_line(tmp_path, hub_calls, monkeypatch):
-    monkeypatch.setattr(fineweb, "hub_offline_reason", lambda: None)  # the quick check passes; datasets still fails
+    monkeypatch.setattr(loader, "hub_offline_reason", lambda: None)  # the quick check passes; datasets still fails
     msg = one_line_exit(["--out_dir", str(tmp_path), "--num_workers", "1"])
     assert "could not reach the Hugging Face Hub" in msg and "--input" in msg and len(hub_calls) == 1
     monkeypatch.setitem(sys.modules, "datasets", None)  # not installed
