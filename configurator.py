@@ -49,8 +49,9 @@ def check_choice(name, value, choices):
 
 
 def config_keys(namespace):
-    """The overridable settings of a module namespace: public names holding plain values."""
-    return {k: v for k, v in namespace.items() if not k.startswith('_') and isinstance(v, _TYPES)}
+    """The overridable settings of a module namespace: public lowercase names holding plain values (not imported
+    constants such as EOS)."""
+    return {k: v for k, v in namespace.items() if not k.startswith('_') and not k.isupper() and isinstance(v, _TYPES)}
 
 
 def _fail(msg):

@@ -109,7 +109,7 @@ seed = 1337                      # sampling; also chat.py's default, so the held
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'
 # -----------------------------------------------------------------------------------------------------------------
-_SETTINGS = {k: v for k, v in config_keys(globals()).items() if not k.isupper()}  # not the imported EOS, BOS, ...
+_SETTINGS = config_keys(globals())
 ADV_EPS = 1e-4
 
 
