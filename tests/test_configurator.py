@@ -88,5 +88,5 @@ def test_help_lists_keys_and_exits_0(flag, capsys):
 def test_config_keys_selects_plain_public_globals():
     import math
     ns = dict(batch_size=12, lr=1e-3, compile=True, out_dir='out', seed=None, _private=1, math=math,
-              f=lambda: 0, cls=int, lst=[1], __name__='__main__')
+              f=lambda: 0, cls=int, lst=[1], __name__='__main__', EOS=50258)  # EOS: an imported constant
     assert config_keys(ns) == dict(batch_size=12, lr=1e-3, compile=True, out_dir='out', seed=None)
