@@ -169,10 +169,18 @@ def score(prompt, completion, ended, reward_fns):
 
 # ---- prompts ----------------------------------------------------------------------------------------------------
 
+def check_prompt_sources(sources):
+    for source in sources.split(","):
+        if source != "gsm8k" and source not in tasks.TASKS:
+            raise UserError(f"unknown prompt source {source!r} in prompts={sources!r}: use tasks.py's tasks "
+                            f"({', '.join(tasks.TASKS)}) or 'gsm8k'")
+
+
 def load_prompts(sources, n_per_task, seed, enc, max_prompt_len):
     """The training prompt pool: tasks.py's training problems and/or GSM8K's train split, rendered in the chat
     format; prompts longer than max_prompt_len tokens are dropped. Returns (pool, number dropped)."""
     pool = []
+    check_prompt_sources(sources)
     for source in sources.split(","):
         if source == "gsm8k":
             reason = hub_offline_reason()  # said here: hub_conversations' own message names train.py's settings
@@ -184,9 +192,6 @@ def load_prompts(sources, n_per_task, seed, enc, max_prompt_len):
         elif source in tasks.TASKS:
             pool += [{"messages": [{"role": "user", "content": q}], "task": source, "answer": a}
                      for q, a in tasks.problems(source, "train", n_per_task, seed)]
-        else:
-            raise UserError(f"unknown prompt source {source!r} in prompts={sources!r}: use tasks.py's tasks "
-                            f"({', '.join(tasks.TASKS)}) or 'gsm8k'")
     for p in pool:
         p["ids"] = render_prompt(p["messages"], enc)
     kept = [p for p in pool if len(p["ids"]) <= max_prompt_len]
@@ -315,6 +320,7 @@ def check_settings(c):
         raise UserError(f"dtype must be 'float32' or 'bfloat16' (float16 gradients underflow without a scaler), "
                         f"not {c.dtype!r}")
     parse_rewards(c.rewards)
+    check_prompt_sources(c.prompts)
 
 
 def load_reference(path, device, expected=None):
