@@ -492,4 +492,5 @@ log(f"done: {step} steps, {tokens_seen:,} tokens in {train_time:.0f} s of traini
     f"checkpoint {ckpt_path}")
 if ddp:
     dist.barrier()  # leave together: a rank tearing gloo down while another still writes can abort it (SIGABRT)
+    del model  # the DDP wrapper's reducer holds the process group: free it first, not at interpreter exit (SIGABRT)
     dist.destroy_process_group()
