@@ -34,6 +34,9 @@ Choices, with their reasons:
     mode: it has no dropout, and train mode only adds the balance loss and the counters). The MTP modules take no
     part in the main head's log-probs; they stay as SFT left them (their drafts still verify against the new policy,
     so speculative decoding stays exact, only its acceptance rate may change).
+  - lora_rank > 0 trains LoRA adapters (lora.py) on the frozen policy instead: the checkpoint holds the adapters
+    with the path and hash of the weights they were trained on, and every reader merges them on load. The
+    reference is still a separate frozen copy of the starting weights.
   - AdamW (optim.build_optimizer's, on the trainable parameters), constant learning rate after warmup_iters, no
     weight decay (the KL term is what holds the policy near the reference), gradient clipping. Not Muon: GRPO's
     gradients are noisy and sparse (one advantage per completion), and every GRPO recipe's lr is AdamW's.
@@ -65,11 +68,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import tasks
-from checkpoint import fingerprint, load_checkpoint, load_weights, save_checkpoint
+from checkpoint import fingerprint, load_checkpoint, load_lora_base, load_weights, save_checkpoint
 from configurator import UserError, configure, config_keys
 from data.loader import (ASSISTANT, BOS, EOS, atomic_write, get_tokenizer, hub_conversations, hub_offline_reason,
                          render_prompt)
 from model import ModelConfig, Transformer, autocast_context, init_distributed
+from lora import TARGETS, add_lora, adapter_state, base_hash, load_adapters
 from optim import build_optimizer
 from sample import sample_probs
 
@@ -100,6 +104,11 @@ weight_decay = 0.0
 beta1 = 0.9
 beta2 = 0.99
 grad_clip = 1.0                  # 0: off
+# LoRA (lora.py): train adapters on the frozen policy instead of its weights (the checkpoint then holds them only)
+lora_rank = 0                    # 0: off
+lora_alpha = 16.0
+lora_targets = ','.join(TARGETS)
+lora_experts = False
 # evaluation, logging
 eval_interval = 50               # steps between held-out evals and checkpoints (and at the first and last step)
 eval_n = 50                      # held-out problems per task (chat.evaluate, greedy); 0: no task eval
@@ -382,10 +391,27 @@ def run(c):
         raise UserError(f"the model's vocab_size {cfg.vocab_size} has no rows for the chat tokens (ids {BOS}-"
                         f"{ASSISTANT}): GRPO needs a chat-tuned model (python train.py config/sft_tiny.py)")
     model = Transformer(cfg)
-    load_weights(model, base, ckpt_path if resuming else c.init_from)  # LoRA SFT runs: merged
+    lora = base.get("lora") if resuming else None  # a LoRA GRPO run: its base's weights, then its adapters
+    if bool(c.lora_rank) != bool(lora) and resuming:
+        raise UserError(f"{ckpt_path} is {'a LoRA' if lora else 'a full'} run: resume it with "
+                        f"{'lora_rank=' + str(lora['rank']) if lora else 'lora_rank=0'}")
+    if lora:
+        load_lora_base(model, lora, ckpt_path)
+    else:
+        load_weights(model, base, ckpt_path if resuming else c.init_from)  # a LoRA SFT run comes merged
+    start_print = None if resuming else fingerprint(model)  # pi_ref's weights: the policy's before any adapter
+    if c.lora_rank and not resuming:
+        lora = dict(rank=c.lora_rank, alpha=c.lora_alpha, dropout=0.0, targets=c.lora_targets.split(","),
+                    experts=c.lora_experts, token_rows=None, base=c.init_from, hash=base_hash(model.state_dict()))
+    if lora:
+        torch.manual_seed(c.seed)  # the adapters' initial A: the same for the same seed
+        add_lora(model, lora["rank"], lora["alpha"], 0.0, lora["targets"], lora["experts"])
+        if resuming:
+            load_adapters(model, base["model"], ckpt_path)
     model.to(device).eval()  # eval mode throughout: no dropout here, and the MoE's load counters stay untouched
     for name, p in model.named_parameters():  # frozen: the routers and the MTP modules (see the docstring)
-        p.requires_grad_(not (name.endswith("gate.weight") or name.startswith("mtp.")))
+        frozen = name.endswith("gate.weight") or name.startswith("mtp.") or (lora and "lora_" not in name)
+        p.requires_grad_(not frozen)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(model, "adamw", c.learning_rate, c.weight_decay, (c.beta1, c.beta2))
     gen = torch.Generator().manual_seed(c.seed)  # the sampling RNG: the same on every rank (docstring)
@@ -399,7 +425,7 @@ def run(c):
         step, elapsed, tokens_seen = base["step"], base["time"], base["tokens"]
         chat_data = base["config"].get("chat_data", "")
     else:
-        ref_path, ref_print = c.init_from, fingerprint(model)
+        ref_path, ref_print = c.init_from, start_print
         step, elapsed, tokens_seen = 0, 0.0, 0
         chat_data = base.get("config", {}).get("chat_data", "")
         if not chat_data:
@@ -446,7 +472,8 @@ def run(c):
                 raise UserError(f"DDP ranks disagree on the weights at step {step}")
         if master:
             save_checkpoint(ckpt_path, {
-                "model": model.state_dict(), "model_config": asdict(cfg), "optimizer": opt.state_dict(),
+                "model": adapter_state(model) if lora else model.state_dict(), "model_config": asdict(cfg),
+                "optimizer": opt.state_dict(), **({"lora": lora} if lora else {}),
                 # chat.py reads chat_data to know a checkpoint is chat-tuned: a GRPO policy is, as its SFT base was
                 "config": {**config, "chat_data": chat_data}, "step": step, "time": elapsed, "tokens": tokens_seen,
                 "rng": {"sampling": gen.get_state()}, "reference": {"path": ref_path, "fingerprint": ref_print}})

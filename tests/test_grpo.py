@@ -380,3 +380,27 @@ def test_clear_errors(args, message, tmp_path):
     assert text.startswith("grpo.py: error: ") and message.replace("NOWHERE", str(tmp_path / "none")) in text
     assert "\n" not in text
     assert not (tmp_path / "out" / "ckpt.pt").exists()
+
+
+def test_lora_grpo_trains_the_adapters_only_and_resumes_exactly(chat_ckpt, tmp_path):
+    """lora_rank > 0: only adapters move (the checkpoint holds them, with the base's path and hash), a resume
+    continues bit for bit, and readers get the merged policy."""
+    from checkpoint import load_model
+    lora = ["--lora_rank=4", "--learning_rate=3e-2"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run_grpo(f"--init_from={chat_ckpt}", f"--out_dir={straight}", "--max_iters=4", "--eval_interval=2", *lora)
+    run_grpo(f"--init_from={chat_ckpt}", f"--out_dir={split}", "--max_iters=2", "--eval_interval=2", *lora)
+    run_grpo("--init_from=resume", f"--out_dir={split}", "--max_iters=4", "--eval_interval=2", *lora)
+    assert [same(r) for r in read_log(split)] == [same(r) for r in read_log(straight)]
+    a, b = (torch.load(d / "ckpt.pt", weights_only=True) for d in (straight, split))
+    assert a["lora"]["base"] == str(chat_ckpt) and all("lora_" in k for k in a["model"])
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    moved = [k for k, v in a["model"].items() if k.endswith("lora_B") and v.abs().sum() > 0]
+    assert moved and not any(k.startswith("mtp.") for k in moved)  # MTP's adapters stay frozen (at 0)
+    merged, _ = load_model(str(straight))
+    sft, _ = load_model(str(chat_ckpt))
+    assert not torch.equal(merged.layers[0].attn.wq.weight, sft.layers[0].attn.wq.weight)
+    assert torch.equal(merged.head.weight, sft.head.weight) and torch.equal(merged.embed.weight, sft.embed.weight)
+    with pytest.raises(SystemExit) as e:
+        run_grpo("--init_from=resume", f"--out_dir={split}", "--max_iters=6")
+    assert "is a LoRA run: resume it with lora_rank=4" in str(e.value)
