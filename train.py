@@ -12,6 +12,7 @@ Every setting below can be overridden by a config file or --key=value (see confi
 The script reads top to bottom: settings, setup, data, model and optimizer, resume, then the training loop
 with evaluation, checkpointing and logging inline.
 """
+import gc
 import inspect
 import json
 import math
@@ -493,4 +494,5 @@ log(f"done: {step} steps, {tokens_seen:,} tokens in {train_time:.0f} s of traini
 if ddp:
     dist.barrier()  # leave together: a rank tearing gloo down while another still writes can abort it (SIGABRT)
     del model  # the DDP wrapper's reducer holds the process group: free it first, not at interpreter exit (SIGABRT)
+    gc.collect()
     dist.destroy_process_group()
