@@ -244,7 +244,7 @@ def completion_logprobs(model, ids, n_prompt, n_vocab=EOS + 1, temperature=1.0, 
     """Log-probs (B, L) of the completion tokens ids[:, n_prompt:] under the model's main head (a full forward over
     prompt + completion; no MTP), of the distribution they were sampled from: the first n_vocab ids at temperature.
     With entropy=True also that distribution's entropy at each completion position (B, L), without gradient."""
-    h, _ = model._trunk(ids[:, :-1])                     # position t predicts token t + 1: the main head
+    h, _ = model.trunk(ids[:, :-1])                      # position t predicts token t + 1: the main head
     logits = model.head(model.norm(h[:, n_prompt - 1:]))  # (Transformer.forward's), on the completion positions only
     logits = logits[..., :n_vocab].float() / temperature
     logp_all = F.log_softmax(logits, dim=-1)

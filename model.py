@@ -454,7 +454,7 @@ class Transformer(nn.Module):
     def gates(self):
         return [m for m in self.modules() if isinstance(m, Gate)]
 
-    def _trunk(self, idx, cache=None, start_pos=0):
+    def trunk(self, idx, cache=None, start_pos=0):
         """Main model up to (excluding) the final norm. Returns hidden (B, T, dim), summed balance loss."""
         T = idx.size(1)
         if start_pos + T > self.cfg.max_seq_len:
@@ -474,7 +474,7 @@ class Transformer(nn.Module):
           ce      main next-token cross-entropy (scalar),
           mtp     CE_k of each MTP depth k = 1..D, shape (D,) (depth k at position i predicts t_{i+k+1}),
           balance the sequence-wise balance loss summed over the MoE layers, MTP blocks included (scalar)."""
-        h, balance = self._trunk(idx)
+        h, balance = self.trunk(idx)
         logits = self.head(self.norm(h))
         if targets is None:
             return logits, None
@@ -536,7 +536,7 @@ class Transformer(nn.Module):
         decode: T = 1, speculative verify: T = drafts + 1). Writes the cache at those positions; entries past
         start_pos + T are ignored, so rolling back is just decoding again from an earlier start_pos.
         Returns logits (B, T, vocab) and the last layer's hidden state (B, T, dim) for the MTP modules."""
-        h, _ = self._trunk(idx, cache, start_pos)
+        h, _ = self.trunk(idx, cache, start_pos)
         return self.head(self.norm(h)), h
 
     def mtp_decode(self, k, h_prev, idx, cache, start_pos):

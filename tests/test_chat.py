@@ -153,7 +153,7 @@ def test_masked_targets_are_left_out_of_every_loss(chat_model):
     logits, parts = chat_model(x, y)
     keep = y >= 0
     assert parts["ce"].item() == pytest.approx(F.cross_entropy(logits[keep], y[keep]).item(), rel=1e-5)
-    h, _ = chat_model._trunk(x)
+    h, _ = chat_model.trunk(x)
     mod = chat_model.mtp[0]
     h1, _ = mod(h[:, :-1], chat_model.embed(x[:, 1:]), chat_model.rope_cos[:19], chat_model.rope_sin[:19])
     l1 = chat_model.head(mod.norm(h1))

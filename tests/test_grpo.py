@@ -214,7 +214,7 @@ def chat_ckpt(tmp_path_factory, one_thread_here):
     g = torch.Generator().manual_seed(0)
     for _ in range(40):
         b = torch.randint(len(rows), (16,), generator=g)
-        h, _ = model._trunk(x[b])
+        h, _ = model.trunk(x[b])
         keep = y[b] >= 0  # the head on the reply tokens only: cheap
         F.cross_entropy(model.head(model.norm(h[keep])), y[b][keep]).backward()
         opt.step()

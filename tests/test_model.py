@@ -377,7 +377,7 @@ def test_absorbed_cached_decode_matches_full_forward(q_lora_rank):
         steps += [m.decode(x[:, t:t + 1], cache, t)[0] for t in range(5, 20)]
         torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
         # the MTP module: the training path, and mtp_decode in two chunks
-        h, _ = m._trunk(x)
+        h, _ = m.trunk(x)
         hm, _ = m.mtp[0](h[:, :19], m.embed(x[:, 1:]), m.rope_cos[:19], m.rope_sin[:19])
         _, hd = m.decode(x, cache, 0)
         a, _ = m.mtp_decode(0, hd[:, :6], x[:, 1:7], cache, 0)
@@ -413,7 +413,7 @@ def test_mtp_label_alignment_shared_embedding_head_and_balance_part():
     T = idx.size(1)
     _, losses = m(idx, targets)
     # by hand: depth 1 at position i sees h_i and Emb(t_{i+1}) and is scored against t_{i+2}
-    h, _ = m._trunk(idx)
+    h, _ = m.trunk(idx)
     h1, _ = m.mtp[0](h[:, :T - 1], m.embed(seq[:, 1:T]), m.rope_cos[:T - 1], m.rope_sin[:T - 1])
     l1 = F.cross_entropy(m.head(m.mtp[0].norm(h1)).flatten(0, 1), seq[:, 2:T + 1].flatten())
     h2, _ = m.mtp[1](h1[:, :T - 2], m.embed(seq[:, 2:T]), m.rope_cos[:T - 2], m.rope_sin[:T - 2])
@@ -429,7 +429,7 @@ def test_mtp_label_alignment_shared_embedding_head_and_balance_part():
     i = 5
     seq2 = seq.clone()
     seq2[:, i + 2] = (seq2[:, i + 2] + 1) % 128
-    h_b, _ = m._trunk(seq2[:, :-1])
+    h_b, _ = m.trunk(seq2[:, :-1])
     h1_b, _ = m.mtp[0](h_b[:, :T - 1], m.embed(seq2[:, 1:T]), m.rope_cos[:T - 1], m.rope_sin[:T - 1])
     torch.testing.assert_close(h1_b[:, :i + 1], h1[:, :i + 1])
     assert not torch.allclose(h1_b[:, i + 1], h1[:, i + 1])
@@ -445,7 +445,7 @@ def test_mtp_label_alignment_shared_embedding_head_and_balance_part():
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.layers[-1].ffn.experts.parameters())
     # eh_proj's output is bf16 under autocast; the MTP block must carry an fp32 residual like the trunk
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        h, _ = m._trunk(idx)
+        h, _ = m.trunk(idx)
         out, _ = m.mtp[0](h, m.embed(idx), m.rope_cos[:T], m.rope_sin[:T])
     assert h.dtype == out.dtype == torch.float32 and m.eval()(idx, targets)[1]["balance"].item() == 0.0
 

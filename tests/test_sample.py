@@ -95,7 +95,7 @@ def test_speculative_drafts_equal_mtp_from_scratch(n_mtp, oracle, monkeypatch):
         # committed x_0..x_n, then this round's drafts d_1..d_k
         s = torch.tensor([full[:n + 1] + (drafts if k else [])])
         with torch.no_grad():
-            h, _ = m._trunk(s[:, :n])
+            h, _ = m.trunk(s[:, :n])
             for j in range(k + 1):
                 h, _ = m.mtp[j](h, m.embed(s[:, j + 1:n + j + 1]), m.rope_cos[:n], m.rope_sin[:n])
         torch.testing.assert_close(logits, m.head(m.mtp[k].norm(h[:, -1]))[0], rtol=1e-4, atol=1e-4)
