@@ -23,5 +23,5 @@ beta = 0.3
 learning_rate = 3e-4
 max_iters = 200
 eval_interval = 50
-eval_n = 50                       # held-out problems per task: the figures of chat.py --eval_tasks=50
+eval_n = 100                      # held-out problems per task: count's first 100 have the generator's mix
 log_interval = 10
