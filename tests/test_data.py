@@ -457,3 +457,67 @@ def test_reader_errors(sample_dir, tmp_path):
     ShardReader(copy_dir, "val", 2, 16)  # the other split is still fine
     (copy_dir / "meta.json").unlink()
     refused("meta.json missing", "val", 2, 16)
+
+
+# ------------------------------------------------------------------------------------------------ chat rows
+
+def chat_rows_slowly(conversations, seq_len):
+    """ChatReader's packing, written the obvious way: whole conversations in order, a new row when the next one does
+    not fit, EOS padding, target -1 where the mask is 0. The reference the packed arrays must equal."""
+    rows, row, dropped = [], [], 0
+    for messages in conversations:
+        ids, mask = loader.render_conversation(messages)
+        if len(ids) > seq_len + 1:
+            dropped += 1
+            continue
+        if len(row) + len(ids) > seq_len + 1:
+            rows.append(row)
+            row = []
+        row += list(zip(ids, mask))
+    rows += [row] if row else []
+    tokens = np.full((len(rows), seq_len + 1), loader.EOS, dtype=np.int64)
+    targets = np.full((len(rows), seq_len + 1), -1, dtype=np.int64)
+    for i, r in enumerate(rows):
+        for j, (t, m) in enumerate(r):
+            tokens[i, j], targets[i, j] = t, t if m else -1
+    return tokens, targets, dropped
+
+
+def chats(n, seed=0):
+    """n conversations of 1-3 turns and varied lengths (a few longer than the rows below)."""
+    rng = np.random.default_rng(seed)
+    words = "the cat sat on a warm mat while dogs ran past an old red barn".split()
+    say = lambda k: " ".join(rng.choice(words, k))  # noqa: E731
+    out = []
+    for i in range(n):
+        turns = [{"role": "system", "content": say(3)}] if i % 7 == 0 else []
+        for _ in range(1 + i % 3):
+            turns += [{"role": "user", "content": say(rng.integers(1, 12))},
+                      {"role": "assistant", "content": say(rng.integers(0, 150 if i % 50 == 49 else 40))}]
+        out.append(turns)
+    return out
+
+
+def test_chat_rows_are_packed_into_arrays_as_the_reference_packs_them():
+    """Every row equals the reference packing (exact fits, drops, the last partial row), and building them holds little
+    more than the rows themselves: no Python object per token (a (token, mask) tuple list took ~80 bytes a token,
+    five times the 16 of the two int64 arrays)."""
+    import tracemalloc
+    loader.get_tokenizer()  # loaded once, before anything is measured
+    full = 0
+    for n, seq_len in ((1, 64), (40, 32), (300, 64), (300, 200)):
+        convs = chats(n, seed=n + seq_len)
+        r = loader.ChatReader(convs, batch_size=1, seq_len=seq_len, shuffle=False)
+        tokens, targets, dropped = chat_rows_slowly(convs, seq_len)
+        assert np.array_equal(r.tokens, tokens) and np.array_equal(r.targets, targets)
+        assert r.tokens.dtype == r.targets.dtype == np.int64
+        assert (r.n_windows, r.n_dropped, r.n_conversations) == (len(tokens), dropped, n - dropped)
+        full += int((targets[:, -1] != -1).sum())  # a row filled to its last token (a reply's EOS)
+    assert dropped > 0 and full > 0
+    convs = chats(3000, seed=1)
+    tracemalloc.start()
+    r = loader.ChatReader(convs, batch_size=1, seq_len=256, shuffle=False)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    final = r.tokens.nbytes + r.targets.nbytes
+    assert final > 2_000_000 and peak < 2 * final, (peak, final)
