@@ -4,8 +4,8 @@ export.py read them.
 
 A checkpoint (out_dir/ckpt.pt) is a dict of tensors and plain Python values only:
   model           the raw model's state dict (expert biases included; no wrapper prefixes); a LoRA run's holds
-                  its adapters only, and lora = {base: the base checkpoint's path, hash: base_hash of its weights,
-                  rank, alpha, dropout, targets, experts, token_rows}
+                  its adapters only, and lora = {base: the base checkpoint's path, hash: lora.checkpoint_hash of
+                  what it stores, rank, alpha, dropout, targets, experts, token_rows}
   model_config    dataclasses.asdict(ModelConfig)
   optimizer       the optimizer's state dict
   config          every train.py setting of the run
@@ -26,7 +26,7 @@ import torch
 
 from configurator import UserError
 from data.loader import atomic_write
-from lora import add_lora, base_hash, load_adapters, merge_lora
+from lora import add_lora, base_hash, checkpoint_hash, load_adapters, merge_lora
 from model import ModelConfig, Transformer
 
 
@@ -83,13 +83,16 @@ def load_lora_base(model, info, path):
     """Load the base weights a LoRA run was trained on (info: its ckpt["lora"]), refusing any other weights: the
     adapters only make sense on the base whose hash they recorded."""
     try:
-        load_weights(model, load_checkpoint(info["base"]), info["base"])
+        base = load_checkpoint(info["base"])
+        load_weights(model, base, info["base"])
     except UserError as e:
         raise UserError(f"{path} holds LoRA adapters for the base {info['base']}, which cannot be loaded: {e}") from None
-    if base_hash(model.state_dict()) != info["hash"]:
+    now = checkpoint_hash(base)
+    # the hash of the loaded weights: what runs before checkpoint_hash recorded (the same for a full base)
+    if now != info["hash"] and base_hash(model.state_dict()) != info["hash"]:
         raise UserError(f"{path} holds LoRA adapters trained on other weights than {info['base']} holds now (hash "
-                        f"{info['hash'][:12]}..., now {base_hash(model.state_dict())[:12]}...): restore that base "
-                        "checkpoint, or train new adapters")
+                        f"{info['hash'][:12]}..., now {now[:12]}...): restore that base checkpoint, or train new "
+                        "adapters")
 
 
 def load_state(model, state, source="checkpoint"):

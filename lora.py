@@ -22,9 +22,11 @@ sample.py, chat.py, hellaswag.py and export.py run (checkpoint.load_model merges
 decode path splits wkv_b per head, so while adapters are unmerged it uses the merged matrix (merged_weight).
 
 A LoRA run's checkpoint holds the adapters (and their optimizer state) only, with the base checkpoint's path and
-a hash of its weights (`base_hash`); loading it onto different base weights is refused in one line.
+a hash of what that checkpoint stores (`checkpoint_hash`); loading it onto different base weights is refused in one
+line.
 """
 import hashlib
+import json
 import math
 
 import torch
@@ -179,11 +181,23 @@ def load_adapters(model, state, source):
 
 
 def base_hash(state):
-    """sha256 of a model state dict's tensors (names, shapes, dtypes, bytes), in name order: what a LoRA
-    checkpoint records of its base, so that it is never loaded onto other weights."""
+    """sha256 of a model state dict's tensors (names, shapes, dtypes, bytes), in name order."""
     h = hashlib.sha256()
     for k in sorted(state):
         t = state[k].detach().cpu().contiguous()
         h.update(f"{k}:{tuple(t.shape)}:{t.dtype};".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def checkpoint_hash(ckpt):
+    """What a LoRA run records of its base checkpoint, so that its adapters are never loaded onto other weights:
+    base_hash of the tensors the checkpoint stores and, for a LoRA base (which stores adapters), the settings they
+    merge with and its own base's hash, a chain down to full weights. Never a hash of weights merged on load: a GPU
+    (TF32) rounds B A differently from the CPU, and every reader must agree with the writer whatever it runs on. For
+    a full checkpoint this is base_hash of the model it loads into."""
+    h = base_hash(ckpt["model"])
+    if "lora" not in ckpt:
+        return h
+    merge = {k: ckpt["lora"].get(k) for k in ("hash", "rank", "alpha", "targets", "experts", "token_rows")}
+    return hashlib.sha256((h + json.dumps(merge, sort_keys=True)).encode()).hexdigest()

@@ -31,7 +31,7 @@ from configurator import UserError, configure, config_keys
 from data.fineweb import SAMPLE_DIR, prepare_sample
 from data.loader import (ASSISTANT, BOS, ChatReader, ShardReader, atomic_write, check_token_ids, get_tokenizer,
                          hub_conversations, read_conversations)
-from lora import TARGETS, add_lora, adapter_state, base_hash
+from lora import TARGETS, add_lora, adapter_state, checkpoint_hash
 from optim import build_optimizer
 from model import ModelConfig, Transformer, autocast_context, gpu_peak_flops, init_distributed
 from sample import generate_tokens
@@ -253,7 +253,7 @@ if lora_rank:  # freeze the model, add the adapters; the checkpoint records the 
         lora = saved
         load_lora_base(raw_model, lora, ckpt_path)
     else:
-        lora.update(base=init_from, hash=base_hash(raw_model.state_dict()))
+        lora.update(base=init_from, hash=checkpoint_hash(base))  # what it stores, not weights merged here (TF32)
     n_base = sum(p.numel() for p in raw_model.parameters())
     n_train = add_lora(raw_model, lora_rank, lora_alpha, lora_dropout, lora["targets"], lora_experts, rows)
     log(f"LoRA rank {lora_rank} on {lora_targets}{' and the routed experts' if lora_experts else ''}"

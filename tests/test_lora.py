@@ -1,6 +1,7 @@
 """LoRA (lora.py): adapters on MLA and the SwiGLUs (and, optionally, the routed experts), merged for decoding and
 export; LoRA SFT through train.py with exact resume, DDP and its base pinned by hash."""
 import copy
+import inspect
 import json
 from dataclasses import asdict
 
@@ -186,3 +187,71 @@ def test_lora_sft_resumes_exactly_runs_under_ddp_and_pins_its_base(tmp_path):
     assert "other weights" in err and (straight / "ckpt.pt").read_bytes() == before
     err = one_line_error(lora_sft(straight, base, "--max_iters=9", "--init_from=resume", "--lora_rank=8"), "train.py")
     assert "lora_rank=4" in err
+
+
+def tf32(t):
+    """t rounded to TF32's 10-bit mantissa (to nearest): how a GPU's matmul reads float32 inputs with TF32 on."""
+    return ((t.contiguous().view(torch.int32) + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+def tf32_merged_weight(self):
+    """LoRALinear.merged_weight as a GPU computes it with allow_tf32 (which train.py turns on)."""
+    return self.weight + self.scale * (tf32(self.lora_B) @ tf32(self.lora_A)).to(self.weight.dtype)
+
+
+# python tf32.py SCRIPT ARGS...: runs SCRIPT with the GPU's rounding of every adapter merge, on the CPU
+TF32_LAUNCH = f"""import runpy, sys, torch
+sys.path.insert(0, ".")
+import lora
+{inspect.getsource(tf32)}
+{inspect.getsource(tf32_merged_weight)}
+lora.LoRALinear.merged_weight = tf32_merged_weight
+sys.argv[0] = script = sys.argv.pop(1)
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def test_a_lora_run_on_a_lora_run_reads_back_whatever_device_merged_its_base(tmp_path, monkeypatch):
+    """train.py with lora_rank on a LoRA checkpoint merges the base's adapters where it runs: on a GPU with TF32 on,
+    B A rounds differently from the CPU's float32 product that every reader (load_model, a resume) computes. The hash
+    it records must not depend on that: here the writer runs with the GPU's rounding (a stand-in on the CPU), and a
+    reader with either merge accepts its adapters; a changed base is still refused."""
+    import lora
+    from checkpoint import load_checkpoint
+    from configurator import UserError
+    base_model = tiny_model(0, vocab_size=50304, max_seq_len=96)
+    base = save_ckpt(tmp_path / "base", base_model, step=200)
+    first = copy.deepcopy(base_model)  # a LoRA SFT run on base: its adapters, trained (B != 0)
+    add_lora(first, 4, 8.0)
+    with torch.no_grad():
+        for name, p in first.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.05)
+    info = dict(rank=4, alpha=8.0, dropout=0.0, targets=list(lora.TARGETS), experts=False, token_rows=None,
+                base=str(base), hash=base_hash(base_model.state_dict()))
+    (tmp_path / "first").mkdir()
+    save_checkpoint(str(tmp_path / "first" / "ckpt.pt"), {"model": adapter_state(first), "lora": info,
+                                                         "model_config": asdict(base_model.cfg), "step": 10})
+    launcher = tmp_path / "tf32.py"
+    launcher.write_text(TF32_LAUNCH)
+    wq = first.layers[0].attn.wq  # the stand-in really rounds: its merged weights differ from the CPU's
+    assert not torch.equal(tf32_merged_weight(wq), wq.merged_weight())
+    second = tmp_path / "second"
+    ok(lora_sft(second, tmp_path / "first", "--max_iters=1", "--eval_interval=1", "--chat_tasks=8",
+                "--lora_experts=False", launch=[launcher]))
+    assert load_checkpoint(str(second))["lora"]["base"] == str(tmp_path / "first")
+    load_model(second)  # the CPU's merge
+    monkeypatch.setattr(lora.LoRALinear, "merged_weight", tf32_merged_weight)
+    load_model(second)  # the GPU's
+    monkeypatch.undo()
+    # a run written before checkpoint_hash recorded the hash of the base's merged weights: still read on the CPU
+    old = torch.load(second / "ckpt.pt", weights_only=True)
+    old["lora"]["hash"] = base_hash(merge_lora(copy.deepcopy(first)).state_dict())
+    torch.save(old, second / "ckpt.pt")
+    load_model(second)
+    # the hash still pins the base: other adapters in the first run are refused
+    state = torch.load(tmp_path / "first" / "ckpt.pt", weights_only=True)
+    state["model"]["layers.0.attn.wq.lora_B"] += 1e-3
+    torch.save(state, tmp_path / "first" / "ckpt.pt")
+    with pytest.raises(UserError, match="LoRA adapters trained on other weights"):
+        load_model(second)
