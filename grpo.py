@@ -23,7 +23,7 @@ Choices, with their reasons:
   - loss_norm='token' (default, DAPO): the sum over every completion token of the step divided by their number, so
     each token weighs the same. 'sequence' is the paper's 1/G sum_i 1/|o_i| sum_t: a token of a short completion
     weighs more than one of a long one, so a wrong answer is penalised less per token the longer it is (Dr. GRPO's
-    length bias), which matters for long GSM8K reasoning; on 1-3 token task answers the two barely differ.
+    length bias), which matters for long GSM8K reasoning; on the tasks' replies of a few tokens the two barely differ.
   - std: the group's population standard deviation (its own spread, not an estimate of another's), eps 1e-4.
   - log-probs from the main head only, over the chat vocabulary (the first EOS + 1 ids, as sampled) at the sampling
     temperature: pi is exactly the distribution the completions were drawn from (top_k, if set, is not in it, as in
@@ -35,8 +35,8 @@ Choices, with their reasons:
     part in the main head's log-probs; they stay as SFT left them (their drafts still verify against the new policy,
     so speculative decoding stays exact, only its acceptance rate may change).
   - lora_rank > 0 trains LoRA adapters (lora.py) on the frozen policy instead: the checkpoint holds the adapters
-    with the path and hash of the weights they were trained on, and every reader merges them on load. The
-    reference is still a separate frozen copy of the starting weights.
+    with the path and hash (lora.checkpoint_hash) of the checkpoint they were trained on, and every reader merges
+    them on load. The reference is still a separate frozen copy of the starting weights.
   - AdamW (optim.build_optimizer's, on the trainable parameters), constant learning rate after warmup_iters, no
     weight decay (the KL term is what holds the policy near the reference), gradient clipping. Not Muon: GRPO's
     gradients are noisy and sparse (one advantage per completion), and every GRPO recipe's lr is AdamW's.
@@ -49,10 +49,16 @@ Choices, with their reasons:
 
 Logs: a line per step (mean reward and each reward function's, completion length with its EOS, the fraction that
 ended; per completion token the KL to pi_ref and the entropy of the sampling policy, the fraction of tokens whose
-gradient the clip stopped; sampled tokens/s), held-out greedy exact match every eval_interval (chat.evaluate: the numbers `python chat.py
---eval_tasks=N` prints), out_dir/log.jsonl and eval.jsonl (`python plot.py out-tiny-grpo --x=step` draws reward
-and accuracy), out_dir/ckpt.pt: a normal model checkpoint (chat.py, sample.py, export.py read it) plus the optimizer,
-the step, the sampling RNG and the reference model's path and fingerprint (init_from='resume' continues exactly).
+gradient the clip stopped; sampled tokens/s); every eval_interval the held-out tasks (chat.evaluate, the numbers
+`python chat.py --eval_tasks=N` prints: greedy exact match, sampled pass@1 over eval_samples replies at the policy's
+temperature, the best answer-prior rule, which an accuracy must beat); out_dir/log.jsonl and eval.jsonl (task_<t>,
+task_<t>_pass1, task_<t>_prior; `python plot.py out-tiny-grpo --x=step` draws reward and accuracy); out_dir/ckpt.pt:
+a normal model checkpoint (chat.py, sample.py, export.py read it) plus the optimizer, the step, the sampling RNG and
+the reference model's path and fingerprint (init_from='resume' continues exactly).
+
+The code reads top to bottom: settings, rewards, prompts, the algorithm's pieces, then the run: check_settings and
+setup (r, the run's state), one step (rollouts_and_rewards: 1-3; update: 4), evaluation and checkpoints, and the
+loop in run().
 """
 import json
 import math
@@ -72,8 +78,8 @@ from checkpoint import fingerprint, load_checkpoint, load_lora_base, load_weight
 from configurator import UserError, configure, config_keys
 from data.loader import (ASSISTANT, BOS, EOS, atomic_write, get_tokenizer, hub_conversations, hub_offline_reason,
                          render_prompt)
-from model import ModelConfig, Transformer, autocast_context, init_distributed
-from lora import TARGETS, add_lora, adapter_state, base_hash, load_adapters
+from model import ModelConfig, Transformer, autocast_context, check_device, init_distributed
+from lora import TARGETS, add_lora, adapter_state, checkpoint_hash, load_adapters
 from optim import build_optimizer
 from sample import sample_probs
 
@@ -82,7 +88,7 @@ from sample import sample_probs
 out_dir = 'out-grpo'
 init_from = 'out-tiny-sft'       # a chat-tuned out_dir (the policy's start and the reference model) | 'resume'
 # prompts and rewards
-prompts = 'count,compare'        # comma-separated prompt sources: tasks.py task names, 'gsm8k' (through datasets)
+prompts = 'compare'              # comma-separated prompt sources: tasks.py task names, 'gsm8k' (through datasets)
 task_problems = 2000             # training problems per task in the prompt pool (tasks.problems, split 'train')
 rewards = 'correct'              # comma-separated reward functions of REWARDS, each name or name:weight
 # GRPO
@@ -111,7 +117,8 @@ lora_targets = ','.join(TARGETS)
 lora_experts = False
 # evaluation, logging
 eval_interval = 50               # steps between held-out evals and checkpoints (and at the first and last step)
-eval_n = 50                      # held-out problems per task (chat.evaluate, greedy); 0: no task eval
+eval_n = 50                      # held-out problems per task (chat.evaluate); 0: no task eval
+eval_samples = 8                 # sampled pass@1 over this many replies per problem at `temperature` (0: greedy only)
 eval_gsm8k = 0                   # GSM8K test problems per eval (chat.evaluate_gsm8k), 0: off
 log_interval = 1
 seed = 1337                      # sampling; also chat.py's default, so the held-out problems are chat.py's
@@ -135,11 +142,12 @@ def answer_part(completion):
 
 
 def reward_correct(prompt, completion):
-    """1.0 iff the answer is right: the task's exact checker (tasks.check), for GSM8K the last number of the answer
-    equal to the reference's final number (tasks.check_number: ASCII digits only, so a word or '４２' is wrong)."""
+    """1.0 iff the answer is right: the task's exact checker (tasks.check), for GSM8K the value of the answer's last
+    number equal to the reference's final number (tasks.check_gsm8k: '$18.00' is 18; ASCII digits only, so a word or
+    '４２' is wrong)."""
     text = answer_part(completion)
     if prompt["task"] == "gsm8k":
-        return float(tasks.check_number(text, prompt["answer"]))
+        return float(tasks.check_gsm8k(text, prompt["answer"]))
     return float(tasks.check(prompt["task"], text, prompt["answer"]))
 
 
@@ -195,12 +203,12 @@ def load_prompts(sources, n_per_task, seed, enc, max_prompt_len):
             reason = hub_offline_reason()  # said here: hub_conversations' own message names train.py's settings
             if reason:
                 raise UserError(f"could not reach the Hugging Face Hub for GSM8K ({reason}); offline, use tasks.py's "
-                                "prompts (e.g. prompts='count')")
+                                "prompts (e.g. prompts='compare')")
             pool += [{"messages": conv[:1], "task": "gsm8k", "answer": tasks.last_number(conv[1]["content"])}
                      for conv in hub_conversations("gsm8k", "train")]
         elif source in tasks.TASKS:
             pool += [{"messages": [{"role": "user", "content": q}], "task": source, "answer": a}
-                     for q, a in tasks.problems(source, "train", n_per_task, seed)]
+                     for q, a, _ in tasks.problems(source, "train", n_per_task, seed)]
     for p in pool:
         p["ids"] = render_prompt(p["messages"], enc)
     kept = [p for p in pool if len(p["ids"]) <= max_prompt_len]
@@ -305,7 +313,7 @@ def rollout(model, prompt_ids, group_size, max_new_tokens, temperature=1.0, top_
     return out[:, :t + 1]
 
 
-# ---- the loop -----------------------------------------------------------------------------------------------------
+# ---- the run: settings, setup ------------------------------------------------------------------------------------
 
 def check_settings(c):
     """A one-line UserError for the first bad setting, before anything is loaded or written."""
@@ -315,7 +323,7 @@ def check_settings(c):
     for name in ("prompts_per_step", "ppo_epochs", "max_new_tokens", "eval_interval", "log_interval"):
         if getattr(c, name) < 1:
             raise UserError(f"{name} must be >= 1, got {getattr(c, name)}")
-    for name in ("max_iters", "warmup_iters", "eval_n", "eval_gsm8k", "task_problems", "top_k", "beta",
+    for name in ("max_iters", "warmup_iters", "eval_n", "eval_samples", "eval_gsm8k", "top_k", "beta",
                  "learning_rate", "weight_decay", "grad_clip"):
         if getattr(c, name) < 0:
             raise UserError(f"{name} must be >= 0, got {getattr(c, name)}")
@@ -330,6 +338,13 @@ def check_settings(c):
                         f"not {c.dtype!r}")
     parse_rewards(c.rewards)
     check_prompt_sources(c.prompts)
+    if c.task_problems < 1 and any(s in tasks.TASKS for s in c.prompts.split(",")):
+        raise UserError(f"task_problems must be >= 1 (training problems per task of prompts={c.prompts!r}), got "
+                        f"{c.task_problems}")
+    if c.lora_rank % 8 and c.lora_experts and c.device.startswith("cuda"):
+        raise UserError(f"lora_experts on CUDA needs lora_rank a multiple of 8 (grouped_mm's alignment), got "
+                        f"{c.lora_rank}")
+    check_device(c.device)
 
 
 def load_reference(path, device, expected=None):
@@ -343,6 +358,354 @@ def load_reference(path, device, expected=None):
     return ref.to(device).eval().requires_grad_(False)
 
 
+def log(r, *args):
+    """Print on rank 0 only."""
+    if r.master:
+        print(*args, flush=True)
+
+
+def all_sum(r, t):
+    """t summed over the ranks (on the device: NCCL reduces CUDA tensors only), back on the CPU."""
+    if not r.ddp:
+        return t
+    t = t.to(r.device)
+    dist.all_reduce(t)
+    return t.cpu()
+
+
+def load_policy(r):
+    """The policy r.model: init_from's model (a LoRA run's merged), or for a resume the run's own; with lora_rank its
+    adapters, seeded or restored, on the frozen weights. Returns the checkpoint it was read from."""
+    c = r.c
+    if r.resuming and not os.path.isfile(r.ckpt_path):
+        raise UserError(f"init_from='resume' but there is no checkpoint at {r.ckpt_path}")
+    if not r.resuming and not os.path.isfile(os.path.join(c.init_from, "ckpt.pt")) and not os.path.isfile(c.init_from):
+        raise UserError(f"init_from must be a chat-tuned out_dir holding a ckpt.pt (python train.py "
+                        f"config/sft_tiny.py makes one) or 'resume', not {c.init_from!r}")
+    base = load_checkpoint(r.ckpt_path if r.resuming else c.init_from)
+    if r.resuming and "reference" not in base:
+        raise UserError(f"{r.ckpt_path} is not a grpo.py checkpoint (no reference): use another out_dir")
+    r.cfg = ModelConfig.from_dict(base["model_config"])
+    if r.cfg.vocab_size <= ASSISTANT:
+        raise UserError(f"the model's vocab_size {r.cfg.vocab_size} has no rows for the chat tokens (ids {BOS}-"
+                        f"{ASSISTANT}): GRPO needs a chat-tuned model (python train.py config/sft_tiny.py)")
+    model = Transformer(r.cfg)
+    lora = base.get("lora") if r.resuming else None  # a LoRA GRPO run: its base's weights, then its adapters
+    if bool(c.lora_rank) != bool(lora) and r.resuming:
+        raise UserError(f"{r.ckpt_path} is {'a LoRA' if lora else 'a full'} run: resume it with "
+                        f"{'lora_rank=' + str(lora['rank']) if lora else 'lora_rank=0'}")
+    if lora:
+        load_lora_base(model, lora, r.ckpt_path)
+    else:
+        load_weights(model, base, r.ckpt_path if r.resuming else c.init_from)  # a LoRA SFT run comes merged
+    r.start_print = None if r.resuming else fingerprint(model)  # pi_ref's weights: the policy's before any adapter
+    if c.lora_rank and not r.resuming:  # the base's identity: what its checkpoint stores (lora.checkpoint_hash)
+        lora = dict(rank=c.lora_rank, alpha=c.lora_alpha, dropout=0.0, targets=c.lora_targets.split(","),
+                    experts=c.lora_experts, token_rows=None, base=c.init_from, hash=checkpoint_hash(base))
+    if lora:
+        torch.manual_seed(c.seed)  # the adapters' initial A: the same for the same seed
+        add_lora(model, lora["rank"], lora["alpha"], 0.0, lora["targets"], lora["experts"])
+        if r.resuming:
+            load_adapters(model, base["model"], r.ckpt_path)
+    model.to(r.device).eval()  # eval mode throughout: no dropout here, and the MoE's load counters stay untouched
+    for name, p in model.named_parameters():  # frozen: the routers and the MTP modules (see the docstring)
+        frozen = name.endswith("gate.weight") or name.startswith("mtp.") or (lora and "lora_" not in name)
+        p.requires_grad_(not frozen)
+    r.model, r.lora = model, lora
+    r.params = [p for p in model.parameters() if p.requires_grad]
+    return base
+
+
+def restore_or_start(r, base):
+    """The optimizer, the sampling RNG, the position (step, time, tokens) and the reference's path and fingerprint:
+    the checkpoint's for a resume, else fresh."""
+    c = r.c
+    r.opt = build_optimizer(r.model, "adamw", c.learning_rate, c.weight_decay, (c.beta1, c.beta2))
+    r.gen = torch.Generator().manual_seed(c.seed)  # the sampling RNG: the same on every rank (docstring)
+    if not r.resuming:
+        r.ref_path, r.ref_print = c.init_from, r.start_print
+        r.step, r.elapsed, r.tokens_seen = 0, 0.0, 0
+        r.chat_data = base.get("config", {}).get("chat_data", "")
+        if not r.chat_data:
+            log(r, f"grpo.py: note: {c.init_from} was not chat-tuned (no chat_data in its run): expect replies that "
+                "never end (reward 0) and little to learn from; python train.py config/sft_tiny.py makes a chat model")
+        return
+    r.ref_path, r.ref_print = base["reference"]["path"], base["reference"]["fingerprint"]
+    try:
+        r.opt.load_state_dict(base["optimizer"])
+    except (ValueError, KeyError):
+        raise UserError(f"{r.ckpt_path}: its optimizer state does not fit this model's trainable parameters") from None
+    r.gen.set_state(base["rng"]["sampling"])
+    r.step, r.elapsed, r.tokens_seen = base["step"], base["time"], base["tokens"]
+    r.chat_data = base["config"].get("chat_data", "")
+
+
+def drop_records_after(out_dir, step):
+    """A resume: the steps logged after the checkpoint (a crash) will run again, so their records go."""
+    for name in ("log.jsonl", "eval.jsonl"):
+        path = os.path.join(out_dir, name)
+        if os.path.exists(path):
+            with open(path) as f:
+                keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+            atomic_write(path, lambda f: f.writelines(keep), mode="w")
+
+
+def first_eval_record(out_dir):
+    """A resumed run's first held-out eval (eval.jsonl's first record), for the final summary; None if none."""
+    path = os.path.join(out_dir, "eval.jsonl")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        first = json.loads(f.readline() or "{}")
+    return first if any(k.startswith("task_") for k in first) else None
+
+
+def setup(c):
+    """Everything the run holds, in one namespace r that the other functions read: the processes and device (ddp,
+    rank, world, master, device, ctx), the policy (model, lora, params, cfg), its optimizer, sampling RNG and
+    position (opt, gen, step, elapsed, tokens_seen), the reference (ref, ref_path, ref_print), the prompt pool."""
+    ddp, rank, _, world, device = init_distributed(c.device)
+    r = SimpleNamespace(c=c, config=dict(vars(c)), ddp=ddp, rank=rank, world=world, device=device, master=rank == 0,
+                        ctx=autocast_context("cuda" if device.startswith("cuda") else "cpu", c.dtype),
+                        ckpt_path=os.path.join(c.out_dir, "ckpt.pt"), resuming=c.init_from == "resume")
+    if c.prompts_per_step % world:
+        raise UserError(f"prompts_per_step={c.prompts_per_step} is not a multiple of the {world} processes")
+    r.reward_fns = parse_rewards(c.rewards)
+    base = load_policy(r)
+    restore_or_start(r, base)
+    r.ref = load_reference(r.ref_path, device, r.ref_print if r.resuming else None) if c.beta > 0 else None
+    base = None
+    r.enc = get_tokenizer()
+    r.pool, n_dropped = load_prompts(c.prompts, c.task_problems, c.seed, r.enc, r.cfg.max_seq_len - c.max_new_tokens)
+    r.start_step = r.step
+    os.makedirs(c.out_dir, exist_ok=True)
+    if r.resuming and r.master:
+        drop_records_after(c.out_dir, r.step)
+    n_train = sum(p.numel() for p in r.params)
+    log(r, f"grpo.py: {'resumed ' + r.ckpt_path + ' at step ' + str(r.step) if r.resuming else 'from ' + c.init_from}; "
+        f"reference {r.ref_path if r.ref is not None else '(none: beta = 0)'}; {len(r.pool):,} prompts ({c.prompts}"
+        + (f", {n_dropped} too long dropped" if n_dropped else "") + f"), {c.prompts_per_step} x {c.group_size} "
+        f"completions per step on {world} process(es); {n_train / 1e6:.2f}M trainable parameters (routers and MTP "
+        f"frozen); rewards {', '.join(f'{n} x {w:g}' for n, _, w in r.reward_fns)}")
+    r.log_file = open(os.path.join(c.out_dir, "log.jsonl"), "a") if r.master else None
+    r.first_eval = first_eval_record(c.out_dir) if r.resuming and r.master else None
+    r.last_eval, r.prior_rules, r.history = None, {}, []
+    return r
+
+
+# ---- one step: 1-3 rollouts, rewards, advantages; 4 update -------------------------------------------------------
+
+def rollouts_and_rewards(r):
+    """Steps 1-3 on this rank's prompts of the step: G completions of each (rollout), their rewards (score), their
+    advantages (group_advantages). Returns the groups, what update() needs of each, and this rank's sums of the
+    step's statistics."""
+    c = r.c
+    picks = torch.randint(len(r.pool), (c.prompts_per_step,), generator=r.gen).tolist()
+    seeds = torch.randint(2 ** 62, (c.prompts_per_step,), generator=r.gen).tolist()
+    groups = []
+    tot = dict.fromkeys(["reward", *(f"reward_{n}" for n, _, _ in r.reward_fns), "sequences", "tokens", "ended",
+                         "kl", "clipped", "entropy", "same_reward_groups"], 0.0)
+    for i in range(r.rank, c.prompts_per_step, r.world):
+        prompt = r.pool[picks[i]]
+        g = torch.Generator(device=r.device).manual_seed(seeds[i])
+        with r.ctx:  # 1. rollouts
+            toks = rollout(r.model, prompt["ids"], c.group_size, c.max_new_tokens, c.temperature, c.top_k or None, g)
+        lengths, ended = completion_lengths(toks)
+        scored = [score(prompt, r.enc.decode([t for t in row[:n].tolist() if t < BOS]), e, r.reward_fns)  # 2. rewards
+                  for row, n, e in zip(toks, lengths.tolist(), ended.tolist())]
+        rewards = torch.tensor([s for s, _ in scored], dtype=torch.float32)
+        adv = group_advantages(rewards, c.std_normalize)  # 3. advantages
+        ids = torch.cat([torch.tensor(prompt["ids"], device=r.device).expand(c.group_size, -1), toks], dim=1)
+        groups.append(SimpleNamespace(ids=ids, n_prompt=len(prompt["ids"]), adv=adv.to(r.device),
+                                      mask=completion_mask(lengths, toks.size(1)).to(r.device)))
+        tot["reward"] += rewards.sum().item()
+        for (name, _, _), rs in zip(r.reward_fns, zip(*(each for _, each in scored))):
+            tot[f"reward_{name}"] += sum(rs)
+        tot["sequences"] += c.group_size
+        tot["tokens"] += lengths.sum().item()
+        tot["ended"] += ended.sum().item()
+        tot["same_reward_groups"] += float(bool((rewards == rewards[0]).all()))
+    return groups, tot
+
+
+def update(r, groups, denom, tot):
+    """Step 4: the pi_old and pi_ref log-probs of the groups, then ppo_epochs optimizer steps, each over every group's
+    grpo_loss (normalised by `denom`, the step's tokens or sequences over all ranks). Adds the KL and entropy of the
+    sampling policy and the clipped tokens to tot; returns the last gradient norm."""
+    c = r.c
+    with torch.no_grad(), r.ctx:
+        for g in groups:
+            g.old = completion_logprobs(r.model, g.ids, g.n_prompt, temperature=c.temperature)[0] \
+                if c.ppo_epochs > 1 else None
+            g.ref = completion_logprobs(r.ref, g.ids, g.n_prompt, temperature=c.temperature)[0] \
+                if r.ref is not None else None
+    for epoch in range(c.ppo_epochs):
+        for g in groups:
+            with r.ctx:
+                logp, ent = completion_logprobs(r.model, g.ids, g.n_prompt, temperature=c.temperature,
+                                                entropy=epoch == 0)
+            old = logp.detach() if g.old is None else g.old  # mu = 1: pi_old is this very forward
+            loss, st = grpo_loss(logp, old, g.ref, g.adv, g.mask, c.clip_eps, c.beta, c.loss_norm, denom)
+            loss.backward()
+            tot["clipped"] += st["clipped"].item() / c.ppo_epochs
+            if epoch == 0:  # the sampling policy's KL and entropy
+                tot["kl"] += st["kl"].item()
+                tot["entropy"] += (ent * g.mask).sum().item()
+        grad_norm = optimizer_step(r)
+    return grad_norm
+
+
+def optimizer_step(r):
+    """Sum the gradients over the ranks (the loss is normalised over the whole step: the sum is the gradient), clip
+    them, step. Returns the gradient norm; a non-finite one stops the run before it writes a checkpoint."""
+    for p in r.params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        if r.ddp:
+            dist.all_reduce(p.grad)
+    grad_norm = torch.nn.utils.clip_grad_norm_(r.params, r.c.grad_clip if r.c.grad_clip > 0 else math.inf)
+    if not torch.isfinite(grad_norm):
+        raise UserError(f"non-finite gradient at step {r.step}; stopping without writing a checkpoint "
+                        f"(last good checkpoint: {r.ckpt_path}); try a lower learning_rate")
+    r.opt.step()
+    r.opt.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def grpo_step(r):
+    """One GRPO step over all ranks: rollouts, rewards and advantages, then the update. Returns its log record: per
+    completion the rewards, length (EOS included) and ended; per completion token the KL, clip and entropy."""
+    c, t0 = r.c, time.time()
+    lr = c.learning_rate * min(1.0, (r.step + 1) / (c.warmup_iters + 1))
+    for group in r.opt.param_groups:
+        group["lr"] = lr
+    groups, tot = rollouts_and_rewards(r)
+    n_seq, n_tok = all_sum(r, torch.tensor([tot["sequences"], tot["tokens"]], dtype=torch.float64)).tolist()
+    t_roll = time.time() - t0
+    grad_norm = update(r, groups, n_tok if c.loss_norm == "token" else n_seq, tot)
+    tot = dict(zip(tot, all_sum(r, torch.tensor(list(tot.values()), dtype=torch.float64)).tolist()))
+    r.step += 1
+    dt = time.time() - t0
+    r.elapsed += dt
+    r.tokens_seen += int(n_tok)
+    rec = {"step": r.step, "tokens": r.tokens_seen, "time": r.elapsed,
+           **{k: tot[k] / n_seq for k in tot if k.startswith("reward")}, "len": n_tok / n_seq,
+           "ended": tot["ended"] / n_seq, "kl": tot["kl"] / n_tok if r.ref is not None else None,
+           "clip_frac": tot["clipped"] / n_tok, "entropy": tot["entropy"] / n_tok,
+           "same_reward_groups": tot["same_reward_groups"] / c.prompts_per_step, "lr": lr,
+           "grad_norm": grad_norm.item(), "tok_per_s": n_tok / dt, "rollout_s": t_roll, "step_s": dt}
+    r.history.append(rec["reward"])
+    return rec
+
+
+def log_step(r, rec):
+    """log.jsonl (rank 0) and, every log_interval steps, a line."""
+    c = r.c
+    if r.master:
+        r.log_file.write(json.dumps(rec) + "\n")
+        r.log_file.flush()
+    if r.step % c.log_interval == 0 or r.step == c.max_iters:
+        each = " ".join(f"{name} {rec['reward_' + name]:.3f}" for name, _, _ in r.reward_fns)
+        log(r, f"step {r.step}/{c.max_iters} | reward {rec['reward']:.3f} ({each}) | len {rec['len']:.1f} "
+            f"ended {rec['ended']:.0%} | kl " + (f"{rec['kl']:.4f}" if rec["kl"] is not None else "-")
+            + f" | clip {rec['clip_frac']:.3f} | ent {rec['entropy']:.3f} | all-equal groups "
+            f"{rec['same_reward_groups']:.0%} | grad {rec['grad_norm']:.3f} | {rec['tok_per_s']:,.0f} tok/s "
+            f"({rec['rollout_s']:.1f} s sampling, {rec['step_s'] - rec['rollout_s']:.1f} s update)")
+
+
+# ---- evaluation, checkpoint, summary ------------------------------------------------------------------------------
+
+def evaluate(r):
+    """Rank 0: held-out tasks (chat.evaluate: greedy exact match, sampled pass@1 over eval_samples replies at the
+    policy's temperature, the best answer-prior rule) and GSM8K (greedy); logged, and appended to eval.jsonl as
+    task_<t> (greedy), task_<t>_pass1, task_<t>_prior."""
+    import chat
+    c, res = r.c, {}
+    with r.ctx:
+        if c.eval_n:
+            res = chat.evaluate(r.model, r.enc, c.eval_n, c.seed, samples=c.eval_samples, temperature=c.temperature)
+        if c.eval_gsm8k:
+            res["gsm8k"] = chat.evaluate_gsm8k(r.model, r.enc, c.eval_gsm8k)
+    log(r, f"step {r.step}: held-out, {c.eval_n} problems per task" + (f", {c.eval_gsm8k} of GSM8K" if c.eval_gsm8k
+        else "") + (f"; sampled pass@1 over {c.eval_samples} replies at temperature {c.temperature:g}"
+                    if c.eval_samples and c.eval_n else "") + "\n" + tasks.format_results(res))
+    rec = {"step": r.step, "tokens": r.tokens_seen, "time": r.elapsed,
+           **{f"task_{t}{k}": s[v] for t, s in res.items()
+              for k, v in (("", "accuracy"), ("_pass1", "pass1"), ("_prior", "prior")) if v in s}}
+    with open(os.path.join(c.out_dir, "eval.jsonl"), "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    r.first_eval, r.last_eval = r.first_eval or rec, rec
+    r.prior_rules.update({t: s["prior_rule"] for t, s in res.items() if "prior_rule" in s})
+
+
+def write_checkpoint(r):
+    """Rank 0 writes; first the ranks must agree on every weight (they applied the same updates)."""
+    if r.ddp:
+        prints = [None] * r.world
+        dist.all_gather_object(prints, fingerprint(r.model))
+        if any(p != prints[0] for p in prints):
+            raise UserError(f"DDP ranks disagree on the weights at step {r.step}")
+    if r.master:
+        save_checkpoint(r.ckpt_path, {
+            "model": adapter_state(r.model) if r.lora else r.model.state_dict(), "model_config": asdict(r.cfg),
+            "optimizer": r.opt.state_dict(), **({"lora": r.lora} if r.lora else {}),
+            # chat.py reads chat_data to know a checkpoint is chat-tuned: a GRPO policy is, as its SFT base was
+            "config": {**r.config, "chat_data": r.chat_data}, "step": r.step, "time": r.elapsed,
+            "tokens": r.tokens_seen, "rng": {"sampling": r.gen.get_state()},
+            "reference": {"path": r.ref_path, "fingerprint": r.ref_print}})
+    log(r, f"saved {r.ckpt_path} (step {r.step})")
+
+
+def eval_summary(first, last, rules):
+    """Per task of two eval.jsonl records: greedy first -> last, sampled pass@1 first -> last, the prior rule."""
+    out = []
+    for key in last:
+        if not key.startswith("task_") or key.endswith(("_pass1", "_prior")) or first.get(key) is None:
+            continue
+        t = key[5:]
+        line = f"{t} greedy {first[key]:.2f} -> {last[key]:.2f}"
+        if first.get(f"{key}_pass1") is not None and last.get(f"{key}_pass1") is not None:
+            line += f", sampled pass@1 {first[key + '_pass1']:.2f} -> {last[key + '_pass1']:.2f}"
+        if last.get(f"{key}_prior") is not None:
+            line += f", prior rule ({rules.get(t, '?')}) {last[key + '_prior']:.2f}"
+        out.append(line)
+    return "; ".join(out)
+
+
+def finish(r):
+    """The summary line: the mean reward over the first and last steps of this run, and the held-out evals."""
+    if r.master:
+        r.log_file.close()
+    k = max(1, min(10, len(r.history) // 2))
+    line = f"done: {r.step} steps, {r.elapsed:.0f} s of training"
+    if len(r.history) >= 2:
+        line += (f", mean reward {sum(r.history[:k]) / k:.3f} (first {k} steps of this run) -> "
+                 f"{sum(r.history[-k:]) / k:.3f} (last {k})")
+    if r.first_eval and r.last_eval:
+        line += "; held-out " + eval_summary(r.first_eval, r.last_eval, r.prior_rules)
+    log(r, line + f"; checkpoint {r.ckpt_path}")
+    if r.ddp:
+        dist.barrier()  # leave together (see train.py)
+
+
+# ---- the loop -----------------------------------------------------------------------------------------------------
+
+def run(c):
+    r = setup(c)
+    while True:
+        last_step = r.step == c.max_iters
+        # evaluate and checkpoint; not at the step a resumed run starts from: that was done before it stopped
+        if (r.step % c.eval_interval == 0 or last_step) and not (r.resuming and r.step == r.start_step):
+            if (c.eval_n or c.eval_gsm8k) and r.master:
+                evaluate(r)
+            if r.step > r.start_step:
+                write_checkpoint(r)
+        if last_step:
+            break
+        log_step(r, grpo_step(r))
+    finish(r)
+
+
 def main(argv=None):
     c = SimpleNamespace(**configure(_SETTINGS, sys.argv[1:] if argv is None else argv,
                                     description=__doc__.strip().split("\n\n")[0]))
@@ -354,255 +717,6 @@ def main(argv=None):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-def run(c):
-    config = dict(vars(c))
-    ddp, rank, _, world, device = init_distributed(c.device)
-    master = rank == 0
-    log = (lambda *a: print(*a, flush=True)) if master else (lambda *a: None)
-    device_type = "cuda" if device.startswith("cuda") else "cpu"
-    ctx = autocast_context(device_type, c.dtype)
-    if c.prompts_per_step % world:
-        raise UserError(f"prompts_per_step={c.prompts_per_step} is not a multiple of the {world} processes")
-    reward_fns = parse_rewards(c.rewards)
-
-    def all_sum(t):
-        """t summed over the ranks (on the device: NCCL reduces CUDA tensors only), back on the CPU."""
-        if not ddp:
-            return t
-        t = t.to(device)
-        dist.all_reduce(t)
-        return t.cpu()
-
-    # ---- the policy (from init_from, or the run's own checkpoint), its optimizer, the reference model ----
-    ckpt_path = os.path.join(c.out_dir, "ckpt.pt")
-    resuming = c.init_from == "resume"
-    if resuming and not os.path.isfile(ckpt_path):
-        raise UserError(f"init_from='resume' but there is no checkpoint at {ckpt_path}")
-    if not resuming and not os.path.isfile(os.path.join(c.init_from, "ckpt.pt")) and not os.path.isfile(c.init_from):
-        raise UserError(f"init_from must be a chat-tuned out_dir holding a ckpt.pt (python train.py "
-                        f"config/sft_tiny.py makes one) or 'resume', not {c.init_from!r}")
-    base = load_checkpoint(ckpt_path if resuming else c.init_from)
-    if resuming and "reference" not in base:
-        raise UserError(f"{ckpt_path} is not a grpo.py checkpoint (no reference): use another out_dir")
-    cfg = ModelConfig.from_dict(base["model_config"])
-    if cfg.vocab_size <= ASSISTANT:
-        raise UserError(f"the model's vocab_size {cfg.vocab_size} has no rows for the chat tokens (ids {BOS}-"
-                        f"{ASSISTANT}): GRPO needs a chat-tuned model (python train.py config/sft_tiny.py)")
-    model = Transformer(cfg)
-    lora = base.get("lora") if resuming else None  # a LoRA GRPO run: its base's weights, then its adapters
-    if bool(c.lora_rank) != bool(lora) and resuming:
-        raise UserError(f"{ckpt_path} is {'a LoRA' if lora else 'a full'} run: resume it with "
-                        f"{'lora_rank=' + str(lora['rank']) if lora else 'lora_rank=0'}")
-    if lora:
-        load_lora_base(model, lora, ckpt_path)
-    else:
-        load_weights(model, base, ckpt_path if resuming else c.init_from)  # a LoRA SFT run comes merged
-    start_print = None if resuming else fingerprint(model)  # pi_ref's weights: the policy's before any adapter
-    if c.lora_rank and not resuming:
-        lora = dict(rank=c.lora_rank, alpha=c.lora_alpha, dropout=0.0, targets=c.lora_targets.split(","),
-                    experts=c.lora_experts, token_rows=None, base=c.init_from, hash=base_hash(model.state_dict()))
-    if lora:
-        torch.manual_seed(c.seed)  # the adapters' initial A: the same for the same seed
-        add_lora(model, lora["rank"], lora["alpha"], 0.0, lora["targets"], lora["experts"])
-        if resuming:
-            load_adapters(model, base["model"], ckpt_path)
-    model.to(device).eval()  # eval mode throughout: no dropout here, and the MoE's load counters stay untouched
-    for name, p in model.named_parameters():  # frozen: the routers and the MTP modules (see the docstring)
-        frozen = name.endswith("gate.weight") or name.startswith("mtp.") or (lora and "lora_" not in name)
-        p.requires_grad_(not frozen)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = build_optimizer(model, "adamw", c.learning_rate, c.weight_decay, (c.beta1, c.beta2))
-    gen = torch.Generator().manual_seed(c.seed)  # the sampling RNG: the same on every rank (docstring)
-    if resuming:
-        ref_path, ref_print = base["reference"]["path"], base["reference"]["fingerprint"]
-        try:
-            opt.load_state_dict(base["optimizer"])
-        except (ValueError, KeyError):
-            raise UserError(f"{ckpt_path}: its optimizer state does not fit this model's trainable parameters") from None
-        gen.set_state(base["rng"]["sampling"])
-        step, elapsed, tokens_seen = base["step"], base["time"], base["tokens"]
-        chat_data = base["config"].get("chat_data", "")
-    else:
-        ref_path, ref_print = c.init_from, start_print
-        step, elapsed, tokens_seen = 0, 0.0, 0
-        chat_data = base.get("config", {}).get("chat_data", "")
-        if not chat_data:
-            log(f"grpo.py: note: {c.init_from} was not chat-tuned (no chat_data in its run): expect replies that never "
-                "end (reward 0) and little to learn from; python train.py config/sft_tiny.py makes a chat model")
-    ref = load_reference(ref_path, device, ref_print if resuming else None) if c.beta > 0 else None
-    base = None
-    enc = get_tokenizer()
-    pool, n_dropped = load_prompts(c.prompts, c.task_problems, c.seed, enc, cfg.max_seq_len - c.max_new_tokens)
-    start_step = step
-    os.makedirs(c.out_dir, exist_ok=True)
-    if resuming and master:  # steps logged after the checkpoint (a crash) will run again: drop them
-        for name in ("log.jsonl", "eval.jsonl"):
-            path = os.path.join(c.out_dir, name)
-            if os.path.exists(path):
-                with open(path) as f:
-                    keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-                atomic_write(path, lambda f: f.writelines(keep), mode="w")
-
-    n_train = sum(p.numel() for p in params)
-    log(f"grpo.py: {'resumed ' + ckpt_path + ' at step ' + str(step) if resuming else 'from ' + c.init_from}; "
-        f"reference {ref_path if ref is not None else '(none: beta = 0)'}; {len(pool):,} prompts ({c.prompts}"
-        + (f", {n_dropped} too long dropped" if n_dropped else "") + f"), {c.prompts_per_step} x {c.group_size} "
-        f"completions per step on {world} process(es); {n_train / 1e6:.2f}M trainable parameters (routers and MTP "
-        f"frozen); rewards {', '.join(f'{n} x {w:g}' for n, _, w in reward_fns)}")
-
-    def evaluate():
-        """Held-out greedy exact match per task (chat.evaluate) and on GSM8K, rank 0 only."""
-        import chat
-        res = {}
-        with ctx:
-            if c.eval_n:
-                res = {t: r["accuracy"] for t, r in chat.evaluate(model, enc, c.eval_n, c.seed).items()}
-            if c.eval_gsm8k:
-                res["gsm8k"] = chat.evaluate_gsm8k(model, enc, c.eval_gsm8k)["accuracy"]
-        return res
-
-    def write_checkpoint():
-        """Rank 0 writes; first the ranks must agree on every weight (they applied the same updates)."""
-        if ddp:
-            prints = [None] * world
-            dist.all_gather_object(prints, fingerprint(model))
-            if any(p != prints[0] for p in prints):
-                raise UserError(f"DDP ranks disagree on the weights at step {step}")
-        if master:
-            save_checkpoint(ckpt_path, {
-                "model": adapter_state(model) if lora else model.state_dict(), "model_config": asdict(cfg),
-                "optimizer": opt.state_dict(), **({"lora": lora} if lora else {}),
-                # chat.py reads chat_data to know a checkpoint is chat-tuned: a GRPO policy is, as its SFT base was
-                "config": {**config, "chat_data": chat_data}, "step": step, "time": elapsed, "tokens": tokens_seen,
-                "rng": {"sampling": gen.get_state()}, "reference": {"path": ref_path, "fingerprint": ref_print}})
-        log(f"saved {ckpt_path} (step {step})")
-
-    log_file = open(os.path.join(c.out_dir, "log.jsonl"), "a") if master else None
-    first_eval, last_eval, history = None, None, []
-    if resuming and master and os.path.exists(os.path.join(c.out_dir, "eval.jsonl")):  # the run's first eval
-        with open(os.path.join(c.out_dir, "eval.jsonl")) as f:
-            first = json.loads(f.readline() or "{}")
-        first_eval = {k[5:]: v for k, v in first.items() if k.startswith("task_")} or None
-    while True:
-        last_step = step == c.max_iters
-        if (step % c.eval_interval == 0 or last_step) and not (resuming and step == start_step):
-            if c.eval_n or c.eval_gsm8k:
-                if master:
-                    res = evaluate()
-                    log(f"step {step}: held-out greedy exact match " + " ".join(f"{t} {a:.2f}" for t, a in res.items())
-                        + f" (n={c.eval_n} per task" + (f", {c.eval_gsm8k} GSM8K" if c.eval_gsm8k else "") + ")")
-                    with open(os.path.join(c.out_dir, "eval.jsonl"), "a") as f:
-                        f.write(json.dumps({"step": step, "tokens": tokens_seen, "time": elapsed,
-                                            **{f"task_{t}": a for t, a in res.items()}}) + "\n")
-                    first_eval, last_eval = first_eval or res, res
-            if step > start_step:
-                write_checkpoint()
-        if last_step:
-            break
-
-        # ---- 1-2. rollouts and rewards: this rank's prompts of the step ----
-        t0 = time.time()
-        lr = c.learning_rate * min(1.0, (step + 1) / (c.warmup_iters + 1))
-        for group in opt.param_groups:
-            group["lr"] = lr
-        picks = torch.randint(len(pool), (c.prompts_per_step,), generator=gen).tolist()
-        seeds = torch.randint(2 ** 62, (c.prompts_per_step,), generator=gen).tolist()
-        groups = []
-        tot = dict.fromkeys(["reward", *(f"reward_{n}" for n, _, _ in reward_fns), "sequences", "tokens", "ended",
-                             "kl", "clipped", "entropy", "same_reward_groups"], 0.0)  # sums over this rank's groups
-        for i in range(rank, c.prompts_per_step, world):
-            prompt = pool[picks[i]]
-            g = torch.Generator(device=device).manual_seed(seeds[i])
-            with ctx:
-                toks = rollout(model, prompt["ids"], c.group_size, c.max_new_tokens, c.temperature, c.top_k or None, g)
-            lengths, ended = completion_lengths(toks)
-            scored = [score(prompt, enc.decode([t for t in row[:n].tolist() if t < BOS]), e, reward_fns)
-                      for row, n, e in zip(toks, lengths.tolist(), ended.tolist())]
-            r = torch.tensor([s for s, _ in scored], dtype=torch.float32)
-            adv = group_advantages(r, c.std_normalize)
-            ids = torch.cat([torch.tensor(prompt["ids"], device=device).expand(c.group_size, -1), toks], dim=1)
-            groups.append(SimpleNamespace(ids=ids, n_prompt=len(prompt["ids"]), adv=adv.to(device),
-                                          mask=completion_mask(lengths, toks.size(1)).to(device)))
-            tot["reward"] += r.sum().item()
-            for (name, _, _), rs in zip(reward_fns, zip(*(each for _, each in scored))):
-                tot[f"reward_{name}"] += sum(rs)
-            tot["sequences"] += c.group_size
-            tot["tokens"] += lengths.sum().item()
-            tot["ended"] += ended.sum().item()
-            tot["same_reward_groups"] += float(bool((r == r[0]).all()))
-        n_seq, n_tok = all_sum(torch.tensor([tot["sequences"], tot["tokens"]], dtype=torch.float64)).tolist()
-        denom = n_tok if c.loss_norm == "token" else n_seq  # of the whole step, all ranks
-        t_roll = time.time() - t0
-
-        # ---- 3-4. pi_old and pi_ref log-probs, then ppo_epochs optimizer steps ----
-        with torch.no_grad(), ctx:
-            for g in groups:
-                g.old = completion_logprobs(model, g.ids, g.n_prompt, temperature=c.temperature)[0] \
-                    if c.ppo_epochs > 1 else None
-                g.ref = completion_logprobs(ref, g.ids, g.n_prompt, temperature=c.temperature)[0] \
-                    if ref is not None else None
-        for epoch in range(c.ppo_epochs):
-            for g in groups:
-                with ctx:
-                    logp, ent = completion_logprobs(model, g.ids, g.n_prompt, temperature=c.temperature,
-                                                    entropy=epoch == 0)
-                old = logp.detach() if g.old is None else g.old  # mu = 1: pi_old is this very forward
-                loss, st = grpo_loss(logp, old, g.ref, g.adv, g.mask, c.clip_eps, c.beta, c.loss_norm, denom)
-                loss.backward()
-                tot["clipped"] += st["clipped"].item() / c.ppo_epochs
-                if epoch == 0:  # the sampling policy's KL and entropy
-                    tot["kl"] += st["kl"].item()
-                    tot["entropy"] += (ent * g.mask).sum().item()
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                if ddp:
-                    dist.all_reduce(p.grad)  # the loss is normalised over the whole step: the sum is the gradient
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip if c.grad_clip > 0 else math.inf)
-            if not torch.isfinite(grad_norm):
-                raise UserError(f"non-finite gradient at step {step}; stopping without writing a checkpoint "
-                                f"(last good checkpoint: {ckpt_path}); try a lower learning_rate")
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        tot = dict(zip(tot, all_sum(torch.tensor(list(tot.values()), dtype=torch.float64)).tolist()))
-        step += 1
-        dt = time.time() - t0
-        elapsed += dt
-        tokens_seen += int(n_tok)
-        # per completion: rewards, length (EOS included), ended; per completion token: KL, clip, entropy
-        rec = {"step": step, "tokens": tokens_seen, "time": elapsed,
-               **{k: tot[k] / n_seq for k in tot if k.startswith("reward")}, "len": n_tok / n_seq,
-               "ended": tot["ended"] / n_seq, "kl": tot["kl"] / n_tok if ref is not None else None,
-               "clip_frac": tot["clipped"] / n_tok, "entropy": tot["entropy"] / n_tok,
-               "same_reward_groups": tot["same_reward_groups"] / c.prompts_per_step, "lr": lr,
-               "grad_norm": grad_norm.item(), "tok_per_s": n_tok / dt, "rollout_s": t_roll, "step_s": dt}
-        history.append(rec["reward"])
-        if master:
-            log_file.write(json.dumps(rec) + "\n")
-            log_file.flush()
-        if step % c.log_interval == 0 or step == c.max_iters:
-            each = " ".join(f"{name} {rec['reward_' + name]:.3f}" for name, _, _ in reward_fns)
-            log(f"step {step}/{c.max_iters} | reward {rec['reward']:.3f} ({each}) | len {rec['len']:.1f} "
-                f"ended {rec['ended']:.0%} | kl " + (f"{rec['kl']:.4f}" if rec["kl"] is not None else "-")
-                + f" | clip {rec['clip_frac']:.3f} | ent {rec['entropy']:.3f} | all-equal groups "
-                f"{rec['same_reward_groups']:.0%} | grad {rec['grad_norm']:.3f} | {rec['tok_per_s']:,.0f} tok/s "
-                f"({t_roll:.1f} s sampling, {dt - t_roll:.1f} s update)")
-
-    if master:
-        log_file.close()
-    k = max(1, min(10, len(history) // 2))
-    line = f"done: {step} steps, {elapsed:.0f} s of training"
-    if len(history) >= 2:
-        line += (f", mean reward {sum(history[:k]) / k:.3f} (first {k} steps of this run) -> "
-                 f"{sum(history[-k:]) / k:.3f} (last {k})")
-    if first_eval and last_eval:
-        line += ", held-out greedy exact match " + ", ".join(
-            f"{t} {first_eval[t]:.2f} -> {last_eval[t]:.2f}" for t in last_eval if t in first_eval)
-    log(line + f"; checkpoint {ckpt_path}")
-    if ddp:
-        dist.barrier()  # leave together (see train.py)
 
 
 if __name__ == "__main__":

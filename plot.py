@@ -8,8 +8,8 @@ overlaid:
 
 Panels, each when the logs have it: train loss (main head's cross-entropy), val loss, HellaSwag acc_norm, the expert
 load (max and min, as multiples of the balanced load), GRPO's mean reward per step (and its running mean over
-REWARD_SMOOTH steps), and held-out greedy exact match per task (train.py's chat evals, grpo.py's evals). Each run is
-named by its folder (or --names).
+REWARD_SMOOTH steps), held-out greedy exact match per task with its best answer-prior rule dotted, and sampled
+pass@1 per task (train.py's chat evals, grpo.py's evals). Each run is named by its folder (or --names).
 Needs matplotlib, which nothing else here uses: pip install matplotlib.
 """
 import argparse
@@ -52,9 +52,15 @@ def plot(run_dirs, out, names=None, x="tokens", title=None):
                           ("HellaSwag acc_norm", "eval", ["hellaswag_acc_norm"]),
                           ("expert load max / min (x balanced)", "log", ["load_max", "load_min"]),
                           ("GRPO mean reward", "log", ["reward"])] if has(p[1], p[2][0])]
-    task_keys = sorted({k for _, _, ev in runs for r in ev for k in r if k.startswith("task_")})
+    # task_<t>: greedy accuracy, drawn with task_<t>_prior (the best answer-prior rule) dotted; task_<t>_pass1: sampled
+    task_keys = sorted({k for _, _, ev in runs for r in ev for k in r if k.startswith("task_")
+                        and not k.endswith(("_pass1", "_prior"))})
+    pass1_keys = sorted({k for _, _, ev in runs for r in ev for k, v in r.items() if k.startswith("task_")
+                         and k.endswith("_pass1") and v is not None})
     if task_keys:
         panels.append(("held-out exact match (greedy)", "eval", task_keys))
+    if pass1_keys:
+        panels.append(("held-out sampled pass@1", "eval", pass1_keys))
     if not panels:
         raise UserError(f"nothing to plot in {', '.join(map(str, run_dirs))}: no losses, rewards or evals in the logs")
 
@@ -64,12 +70,16 @@ def plot(run_dirs, out, names=None, x="tokens", title=None):
         for i, (name, log, ev) in enumerate(runs):
             rows = log if source == "log" else ev
             color = colors[i % len(colors)]
-            if keys is task_keys:  # one colour per task, one line style per run
+            if keys is task_keys or keys is pass1_keys:  # one colour per task, one line style per run
                 for j, key in enumerate(keys):
                     pts = [(r[x], r[key]) for r in rows if r.get(key) is not None]
+                    task = key[5:].removesuffix("_pass1")
                     if pts:
-                        ax.plot(*zip(*pts), ["-", "--", ":", "-."][i % 4], color=colors[j % len(colors)], marker="o",
-                                markersize=3, label=key[5:] + (f" ({name})" if len(runs) > 1 else ""))
+                        ax.plot(*zip(*pts), ["-", "--", "-.", (0, (5, 1))][i % 4], color=colors[j % len(colors)],
+                                marker="o", markersize=3, label=task + (f" ({name})" if len(runs) > 1 else ""))
+                    prior = [(r[x], r[f"task_{task}_prior"]) for r in rows if r.get(f"task_{task}_prior") is not None]
+                    if prior and keys is task_keys:
+                        ax.plot(*zip(*prior), ":", color=colors[j % len(colors)], linewidth=1, label=f"_{task} prior")
                 continue
             for key, style in zip(keys, ["-", "--"]):
                 pts = [(r[x], r[key]) for r in rows if r.get(key) is not None]
@@ -85,7 +95,7 @@ def plot(run_dirs, out, names=None, x="tokens", title=None):
         ax.set_title(label, fontsize=10)
         ax.set_xlabel("training seconds" if x == "time" else x)
         ax.grid(alpha=0.3)
-        if keys is task_keys:
+        if keys is task_keys or keys is pass1_keys:
             ax.set_ylim(-0.03, 1.03)
             ax.legend(fontsize=7)
     axes[0][0].legend(fontsize=8)

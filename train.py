@@ -175,6 +175,8 @@ if init_from == "resume" and not os.path.isfile(ckpt_path):
 if init_from not in ("scratch", "resume") and not os.path.isfile(os.path.join(init_from, "ckpt.pt")):
     fail(f"init_from must be 'scratch', 'resume' or a pretrained out_dir holding a ckpt.pt, not {init_from!r}")
 base = None if init_from == "scratch" else load_checkpoint(ckpt_path if init_from == "resume" else init_from)
+if init_from == "resume" and "reference" in base:  # grpo.py's checkpoints record their reference model
+    fail(f"{ckpt_path} is a grpo.py checkpoint: resume it with python grpo.py --init_from=resume --out_dir={out_dir}")
 saved = asdict(ModelConfig.from_dict(base["model_config"])) if base else {}
 cfg = ModelConfig(**{f.name: saved.get(f.name, f.default) if config[f.name] == f.default else config[f.name]
                      for f in fields(ModelConfig)})

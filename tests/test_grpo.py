@@ -161,16 +161,26 @@ def P(task, answer):
     ("-42", False), ("42.5", False), ("", False), ("I don't know", False),
 ])
 def test_correct_reward_on_adversarial_strings(completion, right):
-    for task in ("add", "count", "compare"):
+    for task in ("compare", "min"):
         assert grpo.reward_correct(P(task, "42"), completion) == float(right), (task, completion)
     gsm = P("gsm8k", tasks.last_number("She pays 1,040 + 2 = 1,042 dollars.\nThe answer is 1,042."))
     assert gsm["answer"] == "1042"
-    assert grpo.reward_correct(gsm, completion.replace("42", "1,042")) == float(right), completion
+    if completion != "042":  # GSM8K compares values: '01,042' is 1042 (test_gsm8k_reward_reads_decimals)
+        assert grpo.reward_correct(gsm, completion.replace("42", "1,042")) == float(right), completion
     assert grpo.reward_correct(gsm, "so 1042") == 1.0
 
 
+@pytest.mark.parametrize("completion,right", [
+    ("$18.00", True), ("18.0", True), ("The answer is 18.", True), ("<think>9 x 2</think> $18", True),
+    ("17.5", False), ("18.5", False), ("-18", False), ("eighteen", False), ("18 or 17", False), ("", False),
+])
+def test_gsm8k_reward_reads_decimals(completion, right):
+    """GSM8K's reward is tasks.check_gsm8k's: the value of the last number, as people write money and measures."""
+    assert grpo.reward_correct(P("gsm8k", "18"), completion) == float(right), completion
+
+
 def test_format_reward_and_unended_completions():
-    fmt = lambda c: grpo.reward_format(P("add", "42"), c)  # noqa: E731
+    fmt = lambda c: grpo.reward_format(P("compare", "42"), c)  # noqa: E731
     assert fmt("<think>6 times 7</think> 42") == 1.0 and fmt("  <think>a\nb</think>\nThe answer is 42.") == 1.0
     for bad in ("42", "<think>6 times 7</think>", "<think></think> 42", "6 x 7</think> 42", "<think>6 x 7 42",
                 "<think>a</think><think>b</think> 42", "<think>a <think>b</think> 42", "x <think>a</think> 42",
@@ -178,8 +188,8 @@ def test_format_reward_and_unended_completions():
         assert fmt(bad) == 0.0, bad
     fns = grpo.parse_rewards("correct,format:0.5")
     assert [(n, w) for n, _, w in fns] == [("correct", 1.0), ("format", 0.5)]
-    assert grpo.score(P("add", "42"), "<think>6 x 7</think> 42", True, fns) == (1.5, [1.0, 1.0])
-    assert grpo.score(P("add", "42"), "<think>6 x 7</think> 42", False, fns) == (0.0, [0.0, 0.0])  # never ended
+    assert grpo.score(P("compare", "42"), "<think>6 x 7</think> 42", True, fns) == (1.5, [1.0, 1.0])
+    assert grpo.score(P("compare", "42"), "<think>6 x 7</think> 42", False, fns) == (0.0, [0.0, 0.0])  # never ended
     for spec, msg in (("correct,lenght", "unknown reward 'lenght'"), ("correct:x", "weight 'x' of 'correct'")):
         with pytest.raises(grpo.UserError, match=msg) as e:
             grpo.parse_rewards(spec)
@@ -199,11 +209,13 @@ def one_thread_here():
 
 @pytest.fixture(scope="module")
 def chat_ckpt(tmp_path_factory, one_thread_here):
-    """A tiny chat model: 40 AdamW steps on the replies of count/compare problems, so that it answers with a few
-    tokens and EOS (a random model never ends a reply: every reward would be 0)."""
+    """A tiny chat model: 40 AdamW steps on the training prompts of COMMON (the first 2 compare problems at grpo.py's
+    seed), each answered once with either operand, so that it replies in a few tokens and EOS (a random model never
+    ends a reply: every reward would be 0) and names one of the pool's numbers, the right one about a third of the
+    time (too small to learn the comparison itself in seconds): groups with different rewards to learn from."""
     model = tiny_model(0, vocab_size=50304, max_seq_len=64)
-    convs = [c for c in tasks.sft_conversations(60, "train", 0) if "letter" in c[0]["content"] or "larger" in
-             c[0]["content"]]
+    convs = [tasks.conversation(q, tasks.TASKS["compare"].reply.format(v))
+             for q, _, ops in tasks.problems("compare", "train", 2, grpo.seed) for v in ops]
     rows = [render_conversation(c) for c in convs]
     x = torch.full((len(rows), max(len(i) for i, _ in rows)), EOS)
     y = torch.full_like(x, -1)
@@ -230,7 +242,7 @@ def test_rollout_is_the_cached_decoders_sampling(chat_ckpt):
     from checkpoint import load_model
     model, _ = load_model(str(chat_ckpt))
     enc = get_tokenizer()
-    messages = [{"role": "user", "content": "How many times does the letter 'o' appear in 'goose'?"}]
+    messages = [{"role": "user", "content": "Which is larger, 41 or 17?"}]
     ids = grpo.render_prompt(messages, enc)
     greedy = grpo.rollout(model, ids, 3, 6, temperature=0.0)
     (text,) = chat.complete(model, enc, [messages], max_new_tokens=6)
@@ -242,7 +254,7 @@ def test_rollout_is_the_cached_decoders_sampling(chat_ckpt):
     assert torch.equal(a, b) and not torch.equal(a, c) and len({tuple(r) for r in a.tolist()}) > 1
 
 
-COMMON = ["--prompts=count", "--task_problems=50", "--group_size=4", "--prompts_per_step=2", "--max_new_tokens=5",
+COMMON = ["--prompts=compare", "--task_problems=2", "--group_size=4", "--prompts_per_step=2", "--max_new_tokens=8",
           "--ppo_epochs=2", "--beta=0.1", "--learning_rate=3e-3", "--eval_n=0", "--device=cpu", "--dtype=float32"]
 
 
@@ -268,9 +280,11 @@ def straight(chat_ckpt, tmp_path_factory, one_thread_here):
 def test_runs_learns_and_resumes_exactly(chat_ckpt, straight, tmp_path, capsys):
     log = read_log(straight)
     assert [r["step"] for r in log] == [1, 2, 3, 4]
-    assert all(0 < r["ended"] and 1 <= r["len"] <= 5 and r["entropy"] > 0 for r in log)
+    assert all(0 < r["ended"] and 1 <= r["len"] <= 8 and r["entropy"] > 0 for r in log)
     assert any(0 < r["reward"] < 1 for r in log) and any(r["clip_frac"] > 0 for r in log)
-    assert log[0]["kl"] == 0 < log[1]["kl"]  # the KL of the sampling policy: pi_ref itself at step 1
+    # the KL of the sampling policy: 0 (pi_ref itself) up to the first step with a gradient, then > 0
+    moved = next(i for i, r in enumerate(log) if r["grad_norm"] > 0)
+    assert all(r["kl"] == 0 for r in log[:moved + 1]) and log[moved + 1]["kl"] > 0
     ckpt = torch.load(straight / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 4 and ckpt["reference"]["path"] == str(chat_ckpt) and ckpt["config"]["chat_data"] == "tasks"
     sft = torch.load(chat_ckpt / "ckpt.pt", weights_only=True)["model"]
@@ -348,14 +362,14 @@ def test_gpu_recipe_on_an_offline_gsm8k_fixture(chat_ckpt, tmp_path, monkeypatch
     (rec,) = read_log(out)
     assert "reward_correct" in rec and rec["len"] <= 4
     evals = read_log(out, "eval.jsonl")
-    assert [e["step"] for e in evals] == [0, 1] and all("task_gsm8k" in e and "task_count" in e for e in evals)
+    assert [e["step"] for e in evals] == [0, 1] and all("task_gsm8k" in e and "task_compare" in e for e in evals)
     cfg = torch.load(out / "ckpt.pt", weights_only=True)["config"]
     assert cfg["prompts"] == "gsm8k" and cfg["rewards"].startswith("correct")
     monkeypatch.setattr(grpo, "hub_offline_reason", lambda: "HF_HUB_OFFLINE=1 is set")
     with pytest.raises(SystemExit) as e:
         grpo.main(["config/grpo_fineweb.py", f"--init_from={chat_ckpt}", f"--out_dir={tmp_path / 'offline'}"])
     assert str(e.value) == ("grpo.py: error: could not reach the Hugging Face Hub for GSM8K (HF_HUB_OFFLINE=1 is set); "
-                            "offline, use tasks.py's prompts (e.g. prompts='count')")
+                            "offline, use tasks.py's prompts (e.g. prompts='compare')")
     grpo.main(["config/grpo_tiny.py", f"--init_from={chat_ckpt}", f"--out_dir={tmp_path / 'tiny'}", "--max_iters=1",
                "--eval_n=0", "--prompts_per_step=2"])
     assert torch.load(tmp_path / "tiny" / "ckpt.pt", weights_only=True)["config"]["prompts"]
@@ -364,7 +378,7 @@ def test_gpu_recipe_on_an_offline_gsm8k_fixture(chat_ckpt, tmp_path, monkeypatch
 @pytest.mark.parametrize("args,message", [
     (["--rewards=correct,brevity"], "unknown reward 'brevity'"),
     (["--group_size=1"], "group_size must be >= 2"),
-    (["--prompts=count,multiply"], "unknown prompt source 'multiply'"),
+    (["--prompts=compare,multiply"], "unknown prompt source 'multiply'"),
     (["--loss_norm=sample"], "loss_norm must be 'token' or 'sequence'"),
     (["--temperature=0"], "temperature must be > 0"),
     (["--init_from=NOWHERE"], "init_from must be a chat-tuned out_dir holding a ckpt.pt"),
@@ -404,3 +418,46 @@ def test_lora_grpo_trains_the_adapters_only_and_resumes_exactly(chat_ckpt, tmp_p
     with pytest.raises(SystemExit) as e:
         run_grpo("--init_from=resume", f"--out_dir={split}", "--max_iters=6")
     assert "is a LoRA run: resume it with lora_rank=4" in str(e.value)
+
+
+def settings(**overrides):
+    """grpo.py's settings (its defaults), as main() passes them to check_settings, with some overridden."""
+    return types.SimpleNamespace(**{**grpo._SETTINGS, "device": "cpu", "dtype": "float32", **overrides})
+
+
+def test_lora_experts_on_cuda_need_a_rank_aligned_for_grouped_mm():
+    """train.py's guard, checked before anything is loaded (no GPU needed: the device is a setting): CUDA's grouped_mm
+    needs the experts' adapter rank to be a multiple of 8."""
+    with pytest.raises(grpo.UserError, match="lora_experts on CUDA needs lora_rank a multiple of 8") as e:
+        grpo.check_settings(settings(device="cuda", lora_rank=4, lora_experts=True))
+    assert str(e.value) == ("lora_experts on CUDA needs lora_rank a multiple of 8 (grouped_mm's alignment), got 4")
+    grpo.check_settings(settings(device="cpu", lora_rank=4, lora_experts=True))  # the CPU has no such constraint
+    for device in ("cuda", "cuda:0"):  # aligned, or no experts: only the device itself can still be refused
+        for s in (settings(device=device, lora_rank=8, lora_experts=True), settings(device=device, lora_rank=4)):
+            if torch.cuda.is_available():
+                grpo.check_settings(s)
+            else:
+                with pytest.raises(grpo.UserError, match="CUDA is not available here"):
+                    grpo.check_settings(s)
+
+
+def test_one_line_errors_as_a_user_meets_them(chat_ckpt, straight, tmp_path):
+    """Run as a user runs them (a process, its stderr): a CUDA device on a CPU-only machine, no training problems, and
+    train.py asked to resume a grpo.py run each end in one line, without a traceback and without writing anything."""
+    from conftest import one_line_error, run
+    common = [f"--init_from={chat_ckpt}", f"--out_dir={tmp_path / 'out'}", "--max_iters=1"]
+    if not torch.cuda.is_available():
+        err = one_line_error(run("grpo.py", *common, "--device=cuda", timeout=300), "grpo.py")
+        assert err == "grpo.py: error: CUDA is not available here: use --device=cpu"
+    err = one_line_error(run("grpo.py", *common, "--device=cpu", "--task_problems=0", timeout=300), "grpo.py")
+    assert "task_problems must be >= 1" in err
+    assert not (tmp_path / "out").exists()
+    out = tmp_path / "grpo_run"  # a copy: the fixture's out_dir stays as it is
+    out.mkdir()
+    (out / "ckpt.pt").write_bytes((straight / "ckpt.pt").read_bytes())
+    err = one_line_error(run("train.py", "--init_from=resume", f"--out_dir={out}", "--chat_data=tasks",
+                             "--chat_tasks=8", "--batch_size=2", "--total_batch_size=128", "--device=cpu",
+                             "--dtype=float32", "--compile=False", timeout=300), "train.py")
+    assert err == (f"train.py: error: {out / 'ckpt.pt'} is a grpo.py checkpoint: resume it with python grpo.py "
+                   f"--init_from=resume --out_dir={out}")
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt"]

@@ -75,3 +75,25 @@ def test_grpo_run_draws_reward_and_held_out_accuracy(tmp_path):
     lines = {line.get_label(): list(line.get_ydata()) for line in fig.axes[1].get_lines()}
     assert lines == {"compare": [0.02, 0.10, 0.30], "count": [0.72, 0.72, 0.72]}
     assert list(fig.axes[1].get_lines()[0].get_xdata()) == [0, 6, 12]
+
+
+def test_held_out_evals_with_sampled_pass1_and_prior_rules(tmp_path):
+    """eval.jsonl as grpo.py and train.py write it now: task_<t> (greedy), task_<t>_pass1 (sampled, null when not
+    measured), task_<t>_prior (the best answer-prior rule). Greedy lines with their prior dotted, a pass@1 panel."""
+    pytest.importorskip("matplotlib")
+    from plot import plot
+    d = tmp_path / "grpo"
+    d.mkdir()
+    with open(d / "eval.jsonl", "w") as f:
+        for s, acc in ((0, 0.1), (5, 0.4)):
+            f.write(json.dumps({"step": s, "tokens": 30 * s, "time": 2.0 * s, "task_compare": acc,
+                                "task_compare_pass1": acc / 2, "task_compare_prior": 0.5, "task_min": 0.2,
+                                "task_min_pass1": None, "task_min_prior": 0.25}) + "\n")
+    fig = plot([d], tmp_path / "g.png", x="step")
+    assert [ax.get_title() for ax in fig.axes] == ["held-out exact match (greedy)", "held-out sampled pass@1"]
+    greedy = [(line.get_label(), list(line.get_ydata())) for line in fig.axes[0].get_lines()]
+    assert greedy == [("compare", [0.1, 0.4]), ("_compare prior", [0.5, 0.5]), ("min", [0.2, 0.2]),
+                      ("_min prior", [0.25, 0.25])]  # the priors: dotted, not in the legend
+    assert [line.get_linestyle() for line in fig.axes[0].get_lines()] == ["-", ":", "-", ":"]
+    sampled = {line.get_label(): list(line.get_ydata()) for line in fig.axes[1].get_lines()}
+    assert sampled == {"compare": [0.05, 0.2]}
