@@ -691,6 +691,7 @@ def finish(r):
 # ---- the loop -----------------------------------------------------------------------------------------------------
 
 def run(c):
+    """Set up, then a GRPO step at a time, evaluating and writing a checkpoint every eval_interval steps."""
     r = setup(c)
     while True:
         last_step = r.step == c.max_iters
