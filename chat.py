@@ -2,8 +2,8 @@
 Talk to a chat-tuned checkpoint (python train.py config/sft_tiny.py makes one).
 
     python chat.py --out_dir=out-tiny-sft                                  # a multi-turn chat in the terminal
-    python chat.py --out_dir=out-tiny-sft --prompt="What is 17 + 25?"      # one reply to stdout, for scripts
-    python chat.py --out_dir=out-tiny-sft --eval_tasks=50                  # score held-out tasks (greedy)
+    python chat.py --out_dir=out-tiny-sft --prompt="Which is larger, 41 or 17?"   # one reply, for scripts
+    python chat.py --out_dir=out-tiny-sft --eval_tasks=300                 # score held-out tasks
 
 In the chat, /clear starts a new conversation and /quit (or Ctrl-D) leaves; Ctrl-C stops the reply being written,
 not the program. Replies stream as they are decoded. The latent MLA cache is kept across turns: a new turn runs
@@ -11,9 +11,11 @@ the model on its own tokens only (the end of the last reply, the user's text, <A
 conversation again. --speculative=True drafts with the MTP module(s). The conversation is DeepSeek-V3's template
 (data/loader.py); when it no longer fits max_seq_len, the oldest turns are dropped.
 
---eval_tasks=N: greedy exact match on N held-out problems of each of tasks.py's tasks (never seen in SFT); one line per
-task, and the results in <out_dir>/chat_eval.json. --eval_gsm8k=N: the first N problems of GSM8K's test split (the GPU
-recipe's; downloaded with datasets), right when the reply's last number is the answer.
+--eval_tasks=N: N held-out problems of each of tasks.py's tasks (never seen in SFT, in any operand order); one line
+per task: greedy exact match, sampled pass@1 (eval_samples replies per problem at temperature 1, the policy GRPO
+trains) and the best answer-prior rule (always the first operand, always the last, the majority answer), which an
+accuracy must beat to mean anything; the results in <out_dir>/chat_eval.json. --eval_gsm8k=N: the first N problems of GSM8K's test split (the GPU
+recipe's; downloaded with datasets), right when the reply's last number has the answer's value.
 """
 import os
 import sys
@@ -32,7 +34,8 @@ import tasks
 out_dir = 'out-tiny-sft'      # a train.py out_dir (holding ckpt.pt) or the path of a checkpoint file
 prompt = ''                   # one reply to this message on stdout, then exit
 system = ''                   # an optional system prompt
-eval_tasks = 0                # score N held-out problems per task (greedy), then exit
+eval_tasks = 0                # score N held-out problems per task, then exit
+eval_samples = 8              # with eval_tasks: sampled pass@1 over this many replies per problem at temperature 1
 eval_gsm8k = 0                # score the first N problems of GSM8K's test split (greedy; needs datasets), then exit
 temperature = 0.7             # 0: greedy
 top_k = 50                    # 0: off
@@ -65,13 +68,13 @@ class Chat:
         # the ids render_prompt(self.messages) gives, built on the ids already in the cache
         ids = self.ids + [USER] + self.enc.encode_ordinary(text) + [ASSISTANT] if self.ids else \
             render_prompt(self.messages, self.enc)
+        head = 1 if self.system else 0  # the system prompt always stays
+        while self.model.cfg.max_seq_len - len(ids) < min(max_new_tokens, 16) and len(self.messages) > head + 1:
+            del self.messages[head:head + 2]  # the context is full: drop the oldest exchange (user + reply)
+            ids = render_prompt(self.messages, self.enc)  # the cache keeps what still starts the same way
+        if self.model.cfg.max_seq_len - len(ids) < 1:
+            raise UserError(f"this message alone fills the model's context ({self.model.cfg.max_seq_len} tokens)")
         room = self.model.cfg.max_seq_len - len(ids)
-        if room < min(max_new_tokens, 16):  # the context is full: keep the system prompt and this turn only
-            self.messages = (self.messages[:1] if self.system else []) + [{"role": "user", "content": text}]
-            ids = render_prompt(self.messages, self.enc)
-            room = self.model.cfg.max_seq_len - len(ids)
-            if room < 1:
-                raise UserError(f"this message alone fills the model's context ({self.model.cfg.max_seq_len} tokens)")
         self.ids = ids
         out = []
         try:
@@ -102,20 +105,41 @@ def complete(model, enc, conversations, max_new_tokens=32, ended=None):
 
 def evaluate_gsm8k(model, enc, n):
     """{correct, n, accuracy}: greedy replies to the first n GSM8K test problems, right when their last number is
-    the reference's final answer (tasks.check_number, GRPO's reward too)."""
+    the reference's final answer (tasks.check_gsm8k, GRPO's reward too)."""
     convs = hub_conversations("gsm8k", "val")[:n]
     replies = complete(model, enc, [c[:1] for c in convs], max_new_tokens=256)
-    correct = sum(tasks.check_number(r, tasks.last_number(c[1]["content"])) for r, c in zip(replies, convs))
+    correct = sum(tasks.check_gsm8k(r, tasks.last_number(c[1]["content"])) for r, c in zip(replies, convs))
     return {"correct": correct, "n": len(convs), "accuracy": correct / max(len(convs), 1)}
 
 
-def evaluate(model, enc, n, seed=0):
-    """{task: {correct, n, accuracy, ended}} on n held-out problems per task, greedy; ended is the fraction of
-    replies the model closed with EOS (within 32 tokens)."""
+def sample_replies(model, enc, conversations, k, temperature=1.0, max_new_tokens=32, seed=0):
+    """k sampled replies (text) per conversation, at `temperature` over the chat vocabulary: the distribution GRPO
+    optimises (grpo.rollout: the k rows of a prompt decode together through the latent cache). A reply that has
+    not ended within max_new_tokens is kept as it stands."""
+    from grpo import rollout
+    device = model.head.weight.device
+    out = []
+    for i, messages in enumerate(conversations):
+        ids = render_prompt(messages, enc)
+        n = min(max_new_tokens, model.cfg.max_seq_len - len(ids))
+        g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + i)
+        toks = rollout(model, ids, k, n, temperature, generator=g).tolist() if n > 0 else [[]] * k
+        out.append([enc.decode([t for t in row[:row.index(EOS) if EOS in row else len(row)] if t < BOS])
+                    for row in toks])
+    return out
+
+
+def evaluate(model, enc, n, seed=0, samples=0, temperature=1.0):
+    """{task: tasks.evaluate's scores + ended} on n held-out problems per task: greedy exact match, sampled pass@1
+    over `samples` replies per problem at `temperature` (0: not measured), the best prior rule; ended is the
+    fraction of greedy replies the model closed with EOS (within 32 tokens)."""
     res = {}
     for task in tasks.TASKS:
         ended = []
-        res[task] = tasks.evaluate(lambda convs: complete(model, enc, convs, ended=ended), n, seed, [task])[task]
+        sample_fn = (lambda convs: sample_replies(model, enc, convs, samples, temperature, seed=seed)) \
+            if samples else None
+        res[task] = tasks.evaluate(lambda convs: complete(model, enc, convs, ended=ended), n, seed, [task],
+                                   sample_fn)[task]
         res[task]["ended"] = sum(ended) / max(len(ended), 1)
     return res
 
@@ -125,8 +149,8 @@ def main(argv=None):
     c = SimpleNamespace(**configure(config_keys(globals()), argv, description=__doc__.strip().split("\n\n")[0],
                                     quiet=True))
     ctx = autocast_context(check_device(c.device).type, c.dtype)
-    if c.temperature < 0 or c.top_k < 0 or not 0 < c.top_p <= 1 or c.max_new_tokens < 1 or min(c.eval_tasks, c.eval_gsm8k) < 0:
-        raise UserError("need temperature >= 0, top_k >= 0, 0 < top_p <= 1, max_new_tokens >= 1, eval_tasks >= 0")
+    if c.temperature < 0 or c.top_k < 0 or not 0 < c.top_p <= 1 or c.max_new_tokens < 1 or min(c.eval_tasks, c.eval_gsm8k, c.eval_samples) < 0:
+        raise UserError("need temperature >= 0, top_k >= 0, 0 < top_p <= 1, max_new_tokens >= 1, eval_tasks, eval_gsm8k, eval_samples >= 0")
     model, ckpt = load_model(c.out_dir, c.device)
     if model.cfg.vocab_size <= ASSISTANT:
         raise UserError(f"vocab_size {model.cfg.vocab_size} has no rows for the chat tokens (ids {BOS}-"
@@ -143,12 +167,12 @@ def main(argv=None):
 
     if c.eval_tasks or c.eval_gsm8k:
         with ctx:
-            res = evaluate(model, enc, c.eval_tasks, c.seed) if c.eval_tasks else {}
+            res = evaluate(model, enc, c.eval_tasks, c.seed, c.eval_samples) if c.eval_tasks else {}
             if c.eval_gsm8k:
                 res["gsm8k"] = {**evaluate_gsm8k(model, enc, c.eval_gsm8k), "ended": None}
         for task, r in res.items():
-            print(f"{task:8s} {r['correct']:4d} / {r['n']:4d} = {r['accuracy']:.3f} exact match"
-                  + (f", {r['ended']:.0%} of replies ended with EOS" if r["ended"] is not None else ""))
+            print(tasks.format_results({task: r})
+                  + (f" | {r['ended']:.0%} of replies ended with EOS" if r["ended"] is not None else ""))
         path = os.path.join(c.out_dir if os.path.isdir(c.out_dir) else os.path.dirname(c.out_dir), "chat_eval.json")
         write_json(path, {"checkpoint": c.out_dir, "step": ckpt.get("step"), "n_per_task": c.eval_tasks,
                           "n_gsm8k": c.eval_gsm8k, "tasks": res})

@@ -1,30 +1,40 @@
 """Verifiable tasks for the chat stage: seeded generators of short questions with exact answers, the checkers that
-grade a model's reply (SFT evaluation now, GRPO's reward functions later), and the bundled chat sample.
+grade a model's reply (SFT evaluation, GRPO's reward), the answer-prior rules an accuracy must beat, and the
+bundled chat sample.
 
-    add      What is 17 + 25?                                       -> 42
-    sub      What is 83 - 27?                                       -> 56
-    reverse  Spell 'cat' backwards.                                 -> tac
-    count    How many times does the letter 'r' appear in 'river'?  -> 2
-    sort     Sort from smallest to largest: 5, 2, 9                 -> 2, 5, 9
-    compare  Which is larger, 31 or 13?                             -> 31
+    compare  Which is larger, 41 or 17?                      -> The larger is 41.           (select 1 of 2)
+    min      Which is smallest: 63, 8, 41, 27?               -> The smallest is 8.          (select 1 of 4)
+    repeat   Which word appears twice: cat, sun, dog, sun?   -> The repeated word is sun.   (match, 1 of 4)
+    sort     Sort from smallest to largest: 41, 7, 63        -> Sorted: 7, 41, 63.          (order 3)
 
-The reply is the bare answer: the shortest format a 7M-parameter model can learn in minutes. A rendered problem
-(BOS, <User>, question, <Assistant>, answer, EOS) is 11 to 28 GPT-2 tokens (sort the longest; the answer is 1 or 2
-tokens, up to 5 for reverse and 9 for sort), so many fit one 128-token context.
+Why these, by measurement (docs/results.md): a model this small learns a task in minutes when its reply COPIES
+single GPT-2 tokens that stand in the question exactly as they stand in the reply. Every operand is one token
+with its leading space: the numbers 0-99 (' 41') and WORDS (' sun'), and each reply repeats them after a space, as
+the question has them. Multi-digit arithmetic (' 605' is ' 6' + '05', and '605' a third token) and tasks that need
+the letters inside a token (spelling backwards, counting letters) were dropped: 300-500 SFT steps taught them
+nothing. What stays:
+  - compare and min: selection by magnitude; the model must learn the order of the number tokens.
+  - repeat: selection by identity (find the token that occurs twice), the copying that attention does best.
+  - sort: ordering, the output is three copies in the right order.
 
-Splits: a problem is held out iff the sha1 of its question text falls in HELDOUT_PERCENT % of the hash range, so
-train and held-out never share a question, whatever the seed or the number asked for (split_of()).
+Splits: a problem is held out iff the sha1 of its CANONICAL KEY (the task and its operands, sorted) falls in
+HELDOUT_PERCENT % of the hash range. "Which is larger, 41 or 17?" and "..., 17 or 41?" share a key, so a held-out
+problem is never trained on in any order, whatever the seed or the number asked for (split_of()).
+
+Mix: the answer's position cycles through the positions (compare: the larger comes first, then second, ...), so
+problems(task, split, n) has the same mix at every n, and the always-first rule scores 1/positions exactly.
 
 Checkers are plain functions of (completion, answer) -> bool, exact but tolerant of harmless text around the
-answer: numeric tasks take the LAST number in the completion (ASCII digits only), reverse the last word of ASCII
-letters, sort the whole sequence of numbers. Anything else (no answer, a number spelled as a word, other digits)
-is wrong.
+answer: numeric tasks take the LAST number in the completion (ASCII digits only), repeat the last word of ASCII
+letters, sort the whole sequence of numbers. Anything else (no answer, a number spelled as a word) is wrong.
 
-    python tasks.py        # a few problems of every task, their token lengths and split sizes
+    python tasks.py        # a few problems of every task, their token lengths, split sizes and prior rules
 """
 import hashlib
+import itertools
 import random
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -33,26 +43,25 @@ from data.loader import DataError
 HELDOUT_PERCENT = 10
 SPLITS = ("train", "heldout")
 CHAT_SAMPLE = Path(__file__).resolve().parent / "data" / "chat_sample.jsonl"  # written by data/make_chat_sample.py
+NUMBERS = range(100)  # ' 0' ... ' 99': each one GPT-2 token
 
-# Common, neutral lowercase English words of 3-7 letters for `reverse` and `count`, written inline: the GPT-2
-# vocabulary's ' word' tokens are not all words (' deriv', ' categ') and not all neutral.
+# Common, neutral lowercase English words, each ONE GPT-2 token with its leading space (' cat'; tests check it).
 WORDS = sorted(set("""
-    ant bat bee cat cow dog eel elk emu fox hen owl pig ram yak bear bird crab deer duck fish frog goat lion mole
-    seal swan toad wolf camel eagle goose horse koala llama moose mouse otter panda shark sheep snake squid tiger
-    whale zebra badger beaver donkey falcon ferret lizard monkey parrot pigeon rabbit salmon spider turtle chicken
-    dolphin giraffe hamster leopard lobster ostrich penguin
-    egg fig jam oat pie tea bean cake corn kiwi lime meat milk pear plum rice salt soup apple bread grape honey
-    lemon mango melon olive onion pasta peach pizza sugar almond banana butter carrot celery cheese cherry cookie
-    garlic muffin noodle orange pepper potato tomato walnut biscuit cabbage lettuce pancake
+    ant bat bee cat cow dog fox hen owl pig ram yak bear bird crab deer duck fish frog goat lion mole
+    seal wolf camel eagle goose horse mouse shark sheep snake squid tiger whale donkey lizard monkey pigeon
+    rabbit salmon spider turtle chicken dolphin lobster
+    egg fig jam pie tea bean cake corn lime meat milk pear plum rice salt soup apple bread grape honey
+    lemon mango olive onion pasta peach pizza sugar almond banana butter carrot cheese cherry cookie
+    garlic orange pepper potato tomato cabbage lettuce
     bag bed box cup fan jar key map mat mug pan pen pot rug bell book coin comb desk door fork lamp sofa brush
-    chair clock glass knife ladle plate shelf spoon table towel basket bottle bucket button candle hammer jacket
+    chair clock glass knife plate shelf spoon table towel basket bottle bucket button candle hammer jacket
     kettle ladder mirror pencil pillow ribbon wallet blanket
     fog ice mud sea sky sun hill lake leaf moon moss pond rain rock sand snow star tree wind beach cloud field
-    grass ocean plant river stone storm breeze canyon desert forest garden island meadow planet valley
+    grass ocean plant river stone storm breeze canyon desert forest garden island planet valley
     red tan blue gold gray pink black brown green white purple silver violet yellow
     arm ear eye leg toe face foot hair hand knee neck nose thumb elbow finger
     bus cab car jet van bike boat ship canoe plane train truck wagon rocket
-    drum harp horn note poem song word chalk class flute paper piano ruler story eraser guitar lesson letter
+    drum horn note poem song word chalk class paper piano ruler story guitar lesson letter
     number puzzle school violin
     day dawn dusk hour noon week year month night today spring summer autumn minute season winter evening
     morning
@@ -61,11 +70,15 @@ WORDS = sorted(set("""
     big hot new old calm cold fast kind loud soft slow tall warm brave clean early fresh happy large quick quiet
     round sharp small sweet bright gentle simple
 """.split()))
-LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
 class Task(NamedTuple):
-    generate: Callable  # rng (random.Random) -> (question, answer)
+    draw: Callable      # (rng, position) -> operands (a tuple) whose answer stands at `position` of the question
+    positions: int      # how many positions the answer can take; problems() cycles through them
+    ask: Callable       # operands -> the question
+    parse: re.Pattern   # the question -> its operands (the regex's groups), for tests and the split of any text
+    solve: Callable     # operands -> the answer (a str: what the checker compares)
+    reply: str          # the SFT reply, formatted with the answer: it repeats the question's operand tokens
     check: Callable     # (completion, answer) -> bool
 
 
@@ -88,7 +101,7 @@ def check_number(completion, answer):
 
 
 def check_word(completion, answer):
-    """True iff the last word of ASCII letters in the completion is the answer, ignoring case ('Tac' is 'tac')."""
+    """True iff the last word of ASCII letters in the completion is the answer, ignoring case ('Sun' is 'sun')."""
     words = WORD.findall(completion) if isinstance(completion, str) else []
     return bool(words) and words[-1].lower() == answer.lower()
 
@@ -99,57 +112,78 @@ def check_sequence(completion, answer):
     return bool(got) and got == re.findall(r"[0-9]+", answer)
 
 
-# ---- generators ------------------------------------------------------------------------------------------------
-
-def operand(rng):
-    """1 to 3 digits, each length equally likely, so small sums are as common as large ones."""
-    return rng.randrange(10 ** rng.randint(1, 3))
+DECIMAL = re.compile(r"-?[0-9]+(?:,[0-9]{3})*(?:\.[0-9]+)?")
 
 
-def gen_add(rng):
-    a, b = operand(rng), operand(rng)
-    return f"What is {a} + {b}?", str(a + b)
+def check_gsm8k(completion, answer):
+    """GSM8K: the completion's last number, read as a decimal ('$18.00', '18.0', '1,018'), equals the reference's
+    final number. The tasks above stay exact ('042' is wrong there); GSM8K's worked answers write money and
+    measures as people do, so the value counts, not the digits."""
+    numbers = DECIMAL.findall(completion) if isinstance(completion, str) else []
+    if not numbers or answer is None:
+        return False
+    return float(numbers[-1].replace(",", "")) == float(str(answer).replace(",", ""))
 
 
-def gen_sub(rng):
-    a, b = sorted((operand(rng), operand(rng)), reverse=True)  # a >= b: the result is never negative
-    return f"What is {a} - {b}?", str(a - b)
+# ---- generators: operands with the answer at a given position --------------------------------------------------
+
+def draw_compare(rng, position):
+    small, large = sorted(rng.sample(NUMBERS, 2))
+    return (large, small) if position == 0 else (small, large)
 
 
-def gen_reverse(rng):
-    word = rng.choice(WORDS)
-    return f"Spell '{word}' backwards.", word[::-1]
+def draw_min(rng, position):
+    nums = rng.sample(NUMBERS, 4)
+    smallest = min(nums)
+    nums.remove(smallest)
+    nums.insert(position, smallest)
+    return tuple(nums)
 
 
-def gen_count(rng):
-    """A letter of the word 80% of the time (answers 1-3), else one it lacks (answer 0)."""
-    word = rng.choice(WORDS)
-    inside = sorted(set(word))
-    letter = rng.choice(inside if rng.random() < 0.8 else [c for c in LETTERS if c not in inside])
-    return f"How many times does the letter '{letter}' appear in '{word}'?", str(word.count(letter))
+REPEAT_PAIRS = list(itertools.combinations(range(4), 2))  # where the repeated word stands: 6 pairs of 4 slots
 
 
-def gen_sort(rng):
-    numbers = rng.sample(range(100), rng.randint(3, 5))
-    return (f"Sort from smallest to largest: {', '.join(map(str, numbers))}",
-            ", ".join(map(str, sorted(numbers))))
+def draw_repeat(rng, position):
+    """Four slots, one word twice (in the slots of REPEAT_PAIRS[position]) and two others once."""
+    twice, *once = rng.sample(WORDS, 3)
+    words = [None] * 4
+    for slot in REPEAT_PAIRS[position]:
+        words[slot] = twice
+    for slot in range(4):
+        if words[slot] is None:
+            words[slot] = once.pop()
+    return tuple(words)
 
 
-def gen_compare(rng):
-    a = operand(rng)
-    b = operand(rng)
-    while b == a:
-        b = operand(rng)
-    return f"Which is larger, {a} or {b}?", str(max(a, b))
+SORT_ORDERS = list(itertools.permutations(range(3)))  # 6 orders of three numbers
+
+
+def draw_sort(rng, position):
+    nums = sorted(rng.sample(NUMBERS, 3))
+    return tuple(nums[i] for i in SORT_ORDERS[position])
+
+
+def join(items):
+    return ", ".join(map(str, items))
+
+
+def repeated(words):
+    return Counter(words).most_common(1)[0][0]
 
 
 TASKS = {
-    "add": Task(gen_add, check_number),
-    "sub": Task(gen_sub, check_number),
-    "reverse": Task(gen_reverse, check_word),
-    "count": Task(gen_count, check_number),
-    "sort": Task(gen_sort, check_sequence),
-    "compare": Task(gen_compare, check_number),
+    "compare": Task(draw_compare, 2, lambda o: f"Which is larger, {o[0]} or {o[1]}?",
+                    re.compile(r"Which is larger, ([0-9]+) or ([0-9]+)\?"), lambda o: str(max(o)),
+                    "The larger is {}.", check_number),
+    "min": Task(draw_min, 4, lambda o: f"Which is smallest: {join(o)}?",
+                re.compile(r"Which is smallest: ([0-9]+), ([0-9]+), ([0-9]+), ([0-9]+)\?"), lambda o: str(min(o)),
+                "The smallest is {}.", check_number),
+    "repeat": Task(draw_repeat, len(REPEAT_PAIRS), lambda o: f"Which word appears twice: {join(o)}?",
+                   re.compile(r"Which word appears twice: ([a-z]+), ([a-z]+), ([a-z]+), ([a-z]+)\?"), repeated,
+                   "The repeated word is {}.", check_word),
+    "sort": Task(draw_sort, len(SORT_ORDERS), lambda o: f"Sort from smallest to largest: {join(o)}",
+                 re.compile(r"Sort from smallest to largest: ([0-9]+), ([0-9]+), ([0-9]+)"),
+                 lambda o: join(sorted(o)), "Sorted: {}.", check_sequence),
 }
 
 
@@ -164,71 +198,128 @@ def check(task, completion, answer):
     return bool(get_task(task).check(completion, answer))
 
 
+def operands(task, question):
+    """The operands of a question of `task` (ints or words), or None if the text is not one of its questions."""
+    m = get_task(task).parse.fullmatch(question)
+    return tuple(int(g) if g.isdigit() else g for g in m.groups()) if m else None
+
+
+# ---- answer-prior rules: what a model scores without solving anything -----------------------------------------
+
+def prior_rules(task, train_answers):
+    """{name: operands -> answer}: always the first operand (the first as given, for sort), always the last, and
+    the majority answer of the training problems. A model has learned the task only where it beats the best."""
+    t = get_task(task)
+    majority = Counter(train_answers).most_common(1)[0][0] if train_answers else None
+    if task == "sort":
+        return {"as given": lambda o: join(o), "majority answer": lambda o: majority}
+    return {"first": lambda o: t.solve((o[0],)), "last": lambda o: t.solve((o[-1],)),
+            "majority answer": lambda o: majority}
+
+
+def guess(task, operands_, rng):
+    """An answer made by a prior rule picked at random: a random operand (for sort, a random order). SFT on such
+    replies teaches the format and the copying but not the decision, which GRPO's reward then has to teach."""
+    if task == "sort":
+        return join(rng.sample(operands_, len(operands_)))
+    return get_task(task).solve((rng.choice(operands_),))
+
+
 # ---- splits and problem sets -----------------------------------------------------------------------------------
 
-def split_of(question):
-    """'heldout' for HELDOUT_PERCENT % of questions, chosen by the sha1 of the text, else 'train': a property of
-    the question alone, so no seed or set size can move a problem across the split."""
-    h = int.from_bytes(hashlib.sha1(question.encode("utf-8")).digest()[:8], "big")
+def split_of(task, ops):
+    """'heldout' for HELDOUT_PERCENT % of canonical keys (the task and its sorted operands), chosen by sha1, else
+    'train': a property of the problem up to the order of its operands, so no seed, set size or operand order can
+    move a problem across the split."""
+    key = f"{task}:" + ",".join(sorted(map(str, ops)))
+    h = int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:8], "big")
     return "heldout" if h % 100 < HELDOUT_PERCENT else "train"
 
 
 def problems(task, split, n, seed=0):
-    """n distinct (question, answer) pairs of `task` in `split`, the same for the same (task, split, seed); the
-    first k of n are the problems for n=k. A task with fewer problems in the split than n (reverse: one per word,
-    so about len(WORDS) * 0.9 train and len(WORDS) * 0.1 held-out) gives all it has, in practice, and no more.
-    Distinct questions drift from the generator's mix once one kind runs out: count has only ~1,500 questions about
-    a letter the word holds (135 held out) against ~7,400 about one it lacks, so its first ~100 held-out problems
-    are 80/20 as generated, the first 300 are 55% answer 0, 2,000 training problems are 40% answer 0."""
-    gen = get_task(task).generate
+    """n distinct (question, answer, operands) of `task` in `split`, the same for the same (task, split, seed); the
+    first k of n are the problems for n=k. Problem i has its answer at position i % positions, so the mix of
+    positions is the same at every n."""
+    t = get_task(task)
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}: choose from {', '.join(SPLITS)}")
     rng = random.Random(f"{task}/{split}/{seed}")
     seen, out = set(), []
-    for _ in range(50 * n + 10_000):  # a bound on the draws, for tasks whose split has fewer than n problems
-        if len(out) >= n:
+    for i in range(n):
+        for _ in range(10_000):  # a bound on the draws; every task has tens of thousands of problems per split
+            ops = t.draw(rng, i % t.positions)
+            if ops not in seen and split_of(task, ops) == split:
+                break
+        else:
             break
-        question, answer = gen(rng)
-        if question not in seen:
-            seen.add(question)
-            if split_of(question) == split:
-                out.append((question, answer))
+        seen.add(ops)
+        out.append((t.ask(ops), t.solve(ops), ops))
     return out
 
 
-def conversation(question, answer):
-    """A problem as a chat: the user asks, the assistant replies with the bare answer."""
-    return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+def conversation(question, reply):
+    """A problem as a chat: the user asks, the assistant replies."""
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]
 
 
-def sft_conversations(n_per_task, split="train", seed=0):
-    """n_per_task problems of every task (fewer for reverse, see problems()) as conversations, shuffled by seed."""
-    convs = [conversation(q, a) for task in TASKS for q, a in problems(task, split, n_per_task, seed)]
+def sft_conversations(n_per_task, split="train", seed=0, guess_tasks=()):
+    """n_per_task problems of every task as conversations, shuffled by seed. The tasks in guess_tasks are answered
+    by guess() instead of correctly: format and copying, not the decision (for a GRPO demonstration)."""
+    rng = random.Random(f"guess/{split}/{seed}")
+    convs = []
+    for task, t in TASKS.items():
+        for q, a, ops in problems(task, split, n_per_task, seed):
+            convs.append(conversation(q, t.reply.format(guess(task, ops, rng) if task in guess_tasks else a)))
     random.Random(f"sft/{split}/{seed}").shuffle(convs)
     return convs
 
 
-def evaluate(generate_fn, n_per_task, seed=0, tasks=None):
-    """Held-out accuracy per task. generate_fn(prompts) -> completions: prompts is a list of conversations that
-    end with the user's question (for data.loader.render_prompt), completions the assistant's reply texts, one per
-    prompt. Returns {task: {"correct": int, "n": int, "accuracy": float}}."""
+def evaluate(greedy_fn, n_per_task, seed=0, tasks=None, sample_fn=None):
+    """Held-out scores per task. greedy_fn(prompts) -> one greedy reply text per prompt (prompts: conversations
+    ending with the user's question, for data.loader.render_prompt); sample_fn(prompts) -> a list of k sampled
+    replies per prompt, or None. Returns {task: {"correct", "n", "accuracy" (greedy exact match), "pass1" (the
+    fraction of samples that are right: sampled pass@1, None without sample_fn), "prior" (the best prior rule's
+    accuracy on the same problems), "prior_rule" (its name)}}."""
     results = {}
     for task in tasks or TASKS:
         probs = problems(task, "heldout", n_per_task, seed)
-        completions = list(generate_fn([[{"role": "user", "content": q}] for q, _ in probs]))
+        prompts = [[{"role": "user", "content": q}] for q, _, _ in probs]
+        completions = list(greedy_fn(prompts))
         if len(completions) != len(probs):
-            raise ValueError(f"generate_fn returned {len(completions)} completions for {len(probs)} prompts")
-        correct = sum(check(task, c, a) for c, (_, a) in zip(completions, probs))
-        results[task] = {"correct": correct, "n": len(probs), "accuracy": correct / len(probs) if probs else 0.0}
+            raise ValueError(f"greedy_fn returned {len(completions)} completions for {len(probs)} prompts")
+        correct = sum(check(task, c, a) for c, (_, a, _) in zip(completions, probs))
+        pass1 = None
+        if sample_fn is not None:
+            samples = list(sample_fn(prompts))
+            pass1 = sum(sum(check(task, s, a) for s in ss) / max(len(ss), 1)
+                        for ss, (_, a, _) in zip(samples, probs)) / max(len(probs), 1)
+        rules = prior_rules(task, [a for _, a, _ in problems(task, "train", 1000, seed)])
+        scores = {name: sum(rule(o) == a for _, a, o in probs) / max(len(probs), 1) for name, rule in rules.items()}
+        best = max(scores, key=scores.get)
+        results[task] = {"correct": correct, "n": len(probs), "accuracy": correct / len(probs) if probs else 0.0,
+                         "pass1": pass1, "prior": scores[best], "prior_rule": best}
     return results
+
+
+def format_results(results):
+    """One line per task: greedy exact match, sampled pass@1, the best prior rule."""
+    lines = []
+    for task, r in results.items():
+        line = f"{task:8s} greedy {r['correct']:4d} / {r['n']:4d} = {r['accuracy']:.3f}"
+        if r.get("pass1") is not None:
+            line += f" | sampled pass@1 {r['pass1']:.3f}"
+        if r.get("prior") is not None:
+            line += f" | best prior rule ({r['prior_rule']}) {r['prior']:.3f}"
+        lines.append(line)
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
     from data.loader import render_conversation
     for name, task in TASKS.items():
         train, heldout = problems(name, "train", 1000), problems(name, "heldout", 100)
-        lengths = [len(render_conversation(conversation(q, a))[0]) for q, a in train + heldout]
-        print(f"{name}: {len(train)} train / {len(heldout)} held-out problems (of 1000 / 100 asked), rendered "
-              f"{min(lengths)}-{max(lengths)} tokens, mean {sum(lengths) / len(lengths):.1f}")
-        for q, a in train[:3]:
-            print(f"    {q}  ->  {a}")
+        lengths = [len(render_conversation(conversation(q, task.reply.format(a)))[0]) for q, a, _ in train + heldout]
+        print(f"{name}: {len(train)} train / {len(heldout)} held-out problems, rendered {min(lengths)}-{max(lengths)} "
+              f"tokens, mean {sum(lengths) / len(lengths):.1f}")
+        for q, a, _ in train[:3]:
+            print(f"    {q}  ->  {task.reply.format(a)}")

@@ -59,8 +59,11 @@ wandb_run_name = 'run'
 chat_data = ''                   # '' = pretraining on data_dir; else comma-separated sources: 'tasks' (tasks.py's
                                  # generated problems), a .jsonl(.gz) of {"messages": [...]}, 'smoltalk', 'gsm8k'
 chat_tasks = 2000                # generated training conversations per task, for 'tasks'
+chat_guess = ''                  # comma-separated tasks whose replies name a random operand (tasks.guess): the format
+                                 # without the decision, for GRPO to learn from its reward (config/sft_tiny_guess.py)
 chat_eval_interval = 0           # steps between greedy exact-match evals on held-out tasks (rank 0), 0 = off
 chat_eval_n = 20                 # held-out problems per task per eval
+chat_eval_samples = 0            # k: also sampled pass@1, k replies per problem at temperature 1 (0: greedy only)
 # LoRA (lora.py): train low-rank adapters on a pretrained model (init_from) instead of all its weights
 lora_rank = 0                    # 0 = off (full fine-tuning); r of the adapters
 lora_alpha = 16.0                # the adapters' output is scaled by lora_alpha / lora_rank
@@ -204,7 +207,8 @@ def chat_conversations(split):
     for source in chat_data.split(","):
         if source == "tasks":
             out += tasks.sft_conversations(chat_tasks if split == "train" else max(chat_tasks // 10, 1),
-                                           "train" if split == "train" else "heldout", seed)
+                                           "train" if split == "train" else "heldout", seed,
+                                           [t for t in chat_guess.split(",") if t])
         elif source in ("smoltalk", "gsm8k"):
             out += hub_conversations(source, split)
         else:  # a file: every 10th conversation is held out
@@ -418,11 +422,13 @@ while True:
             line += f", hellaswag acc {hs['acc']:.4f} acc_norm {hs['acc_norm']:.4f} (n={hs['n']})"
             record.update({"hellaswag_acc": hs["acc"], "hellaswag_acc_norm": hs["acc_norm"]})
         if chat_eval_interval and (step % chat_eval_interval == 0 or last_step) and master:
-            import chat  # greedy exact match on held-out tasks; the other ranks wait at the next collective
+            import chat  # held-out tasks (greedy, sampled, prior rules); the other ranks wait at the next collective
+            import tasks
             with ctx:
-                res = chat.evaluate(raw_model, enc, chat_eval_n, seed)
-            line += ", tasks " + " ".join(f"{t} {r['accuracy']:.2f}" for t, r in res.items())
-            record.update({f"task_{t}": r["accuracy"] for t, r in res.items()})
+                res = chat.evaluate(raw_model, enc, chat_eval_n, seed, samples=chat_eval_samples)
+            line += ", held-out tasks:\n" + tasks.format_results(res)
+            record.update({f"task_{t}{k}": r[v] for t, r in res.items()
+                           for k, v in (("", "accuracy"), ("_pass1", "pass1"), ("_prior", "prior"))})
         log(line)
         if master:
             with open(os.path.join(out_dir, "eval.jsonl"), "a") as f:

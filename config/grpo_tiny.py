@@ -11,7 +11,7 @@ out_dir = 'out-tiny-grpo'
 device = 'cpu'
 dtype = 'float32'
 
-prompts = 'count'
+prompts = 'compare'
 rewards = 'correct'
 group_size = 8
 prompts_per_step = 16

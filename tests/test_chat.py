@@ -130,15 +130,34 @@ def test_multi_turn_reply_with_the_kept_cache_equals_a_from_scratch_forward(chat
     assert len(first) > 0 and len(second) > 0
 
 
+def test_a_full_context_drops_the_oldest_exchange_only(chat_model, gpt2_enc):
+    """When the next turn does not fit, the oldest user + assistant pair goes first; the system prompt and the
+    latest exchanges stay (the model's context is 96 tokens here)."""
+    session = chat.Chat(chat_model, gpt2_enc, system="Be brief.", temperature=0.0)
+    asked, dropped = [], False
+    for i in range(8):
+        asked.append(f"Message number {i} with some words in it.")
+        list(session.reply(asked[-1], 8))
+        users = [m["content"] for m in session.messages if m["role"] == "user"]
+        dropped = dropped or len(users) < len(asked)
+        assert session.messages[0] == turn("system", "Be brief.")
+        assert users == asked[len(asked) - len(users):] and len(users) >= min(i + 1, 2), users  # oldest go first
+        assert len(session.ids) <= chat_model.cfg.max_seq_len
+    assert dropped  # the context did fill
+
+
 def test_chat_cli_one_reply_and_task_eval(chat_model, tmp_path):
     ckpt = save_ckpt(tmp_path / "sft", chat_model, step=7, config={"chat_data": "tasks"})
-    p = ok(run("chat.py", f"--out_dir={ckpt}", "--prompt=What is 17 + 25?", "--device=cpu", "--temperature=0",
+    p = ok(run("chat.py", f"--out_dir={ckpt}", "--prompt=Which is larger, 41 or 17?", "--device=cpu", "--temperature=0",
                "--max_new_tokens=5", timeout=120))
     assert p.stdout.endswith("\n") and p.stdout.count("\n") <= 6 and "chat.py" not in p.stdout  # the reply only
     p = ok(run("chat.py", f"--out_dir={ckpt}", "--eval_tasks=2", "--device=cpu", timeout=300))
     res = json.loads((ckpt / "chat_eval.json").read_text())["tasks"]
     assert set(res) == set(tasks.TASKS) and all(r["n"] == 2 for r in res.values())
-    assert len(p.stdout.strip().splitlines()) == len(tasks.TASKS)
+    assert all(0 <= r["pass1"] <= 1 and 0 <= r["prior"] <= 1 and r["prior_rule"] for r in res.values())
+    lines = p.stdout.strip().splitlines()
+    assert len(lines) == len(tasks.TASKS)  # one per task: greedy, sampled pass@1, the best prior rule
+    assert all("greedy" in ln and "sampled pass@1" in ln and "best prior rule" in ln for ln in lines)
     assert exit_message(chat.main, [f"--out_dir={tmp_path / 'none'}", "--prompt=hi"]).startswith(
         "chat.py: error: no checkpoint")
 

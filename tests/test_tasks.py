@@ -1,70 +1,59 @@
 """tasks.py (generators, checkers, splits, SFT conversations, evaluate) and the bundled data/chat_sample.jsonl."""
+import itertools
 import json
 import random
 import re
+from collections import Counter
 
 import pytest
 
 import tasks
 from data.loader import ASSISTANT, BOS, EOS, USER, DataError, read_conversations, render_conversation, render_prompt
 from conftest import ok, run
-from tasks import TASKS, check, conversation, evaluate, problems, sft_conversations, split_of
+from tasks import SPLITS, TASKS, check, conversation, evaluate, problems, sft_conversations, split_of
 
 MAX_TOKENS = 100  # every rendered conversation must be shorter: the offline recipe's context is 128 tokens
+SELECT = {"compare": max, "min": min}  # selection tasks by magnitude: the answer is one operand
 
 
 @pytest.fixture(scope="module")
 def splits():
-    """2000 train and 200 held-out problems of every task (fewer where the task has fewer: reverse)."""
-    return {t: (problems(t, "train", 2000), problems(t, "heldout", 200)) for t in TASKS}
+    """2000 train and 300 held-out problems of every task."""
+    return {t: (problems(t, "train", 2000), problems(t, "heldout", 300)) for t in TASKS}
 
 
-def test_registry():
-    assert set(TASKS) == {"add", "sub", "reverse", "count", "sort", "compare"}
-    assert all(callable(t.generate) and callable(t.check) for t in TASKS.values())
-    assert all(re.fullmatch(r"[a-z]{3,7}", w) for w in tasks.WORDS) and tasks.WORDS == sorted(set(tasks.WORDS))
+def test_registry(gpt2_enc):
+    assert set(TASKS) == {"compare", "min", "repeat", "sort"}
+    assert all(re.fullmatch(r"[a-z]{2,7}", w) for w in tasks.WORDS) and tasks.WORDS == sorted(set(tasks.WORDS))
     assert len(tasks.WORDS) >= 200
+    # every operand is ONE GPT-2 token with its leading space: what the replies copy
+    assert all(len(gpt2_enc.encode_ordinary(f" {x}")) == 1 for x in [*tasks.NUMBERS, *tasks.WORDS])
 
 
-def test_answers_are_right_and_varied(splits):
-    """Every generated problem's answer is recomputed from its question, and its checker accepts it. The generators
-    cover their ranges: 1- to 3-digit operands and sums past 1000, zero counts, 3 and 5 numbers."""
+def test_answers_are_right(splits):
+    """Every problem's answer is recomputed from its question text by a slow obvious rule; its checker accepts
+    the task's own reply; operands are in range and distinct where they must be."""
     for task, (train, heldout) in splits.items():
-        for q, a in train + heldout:
-            assert check(task, a, a), (task, q, a)
-            if task in ("add", "sub"):
-                x, op, y = re.fullmatch(r"What is (\d+) ([+-]) (\d+)\?", q).groups()
-                assert int(a) == (int(x) + int(y) if op == "+" else int(x) - int(y)) >= 0
-                assert len(x) <= 3 and len(y) <= 3
-            elif task == "reverse":
-                assert a == re.fullmatch(r"Spell '([a-z]{3,7})' backwards\.", q).group(1)[::-1]
-            elif task == "count":
-                letter, word = re.fullmatch(r"How many times does the letter '([a-z])' appear in '([a-z]+)'\?",
-                                            q).groups()
-                assert a == str(word.count(letter))
+        for q, a, ops in train + heldout:
+            assert tasks.operands(task, q) == ops, (task, q)
+            assert check(task, TASKS[task].reply.format(a), a) and check(task, a, a), (task, q, a)
+            if task in SELECT:
+                assert len(set(ops)) == len(ops) and a == str(SELECT[task](ops)) and all(0 <= x < 100 for x in ops)
             elif task == "sort":
-                nums = [int(x) for x in q.split(": ")[1].split(", ")]
-                assert 3 <= len(nums) <= 5 and a == ", ".join(map(str, sorted(nums)))
+                assert len(set(ops)) == 3 and a == ", ".join(str(x) for x in sorted(ops))
             else:
-                x, y = map(int, re.fullmatch(r"Which is larger, (\d+) or (\d+)\?", q).groups())
-                assert x != y and a == str(max(x, y))
-    adds = [int(a) for q, a in splits["add"][0]]
-    assert min(adds) < 10 and max(adds) >= 1000 and {"0", "1", "2"} <= {a for q, a in splits["count"][0]}
-    assert {len(a.split(", ")) for q, a in splits["sort"][0]} == {3, 4, 5}
+                twice = [w for w in ops if ops.count(w) == 2]
+                assert len(ops) == 4 and len(set(ops)) == 3 and twice == [a, a], (q, a)
 
 
-ACCEPT = [("add", "42", "42"), ("add", "The answer is 42.", "42"), ("add", " 42\n", "42"), ("add", "17 + 25 = 42", "42"),
-          ("add", "1,042", "1042"), ("sub", "83 - 27 = 56", "56"), ("compare", "31 is larger.", "31"),
-          ("count", "There are 3 r's in 'strawberry': 3", "3"), ("reverse", "tac", "tac"),
-          ("reverse", "The word backwards is 'tac'.", "tac"), ("reverse", "Tac", "tac"), ("sort", "2, 5, 9", "2, 5, 9"),
-          ("sort", "Sorted: 2 5 9.", "2, 5, 9")]
-REJECT = [(t, c, "42") for t in ("add", "sub", "count", "compare") for c in [
-    "", "   ", "\n", "I don't know.", "forty-two", "Forty two", "４２", "٤٢", "42 or maybe 41", "It is 42, no wait, 43",
-    "-42", "42.5", "042", "4 2", "The answer is", None]] + [
-    ("reverse", c, "tac") for c in ["", "cat", "tac is the answer", "t a c", "tàc", "tacs", "ta", "123", "tac tac cat",
-                                     None]] + [
-    ("sort", c, "2, 5, 9") for c in ["", "5, 2, 9", "2, 5", "2, 5, 9, 11", "2, 9, 5", "２, ５, ９", "two, five, nine",
-                                      "Sort 5, 2, 9: 2, 5, 9", "25, 9", None]]
+ACCEPT = [("compare", "The larger is 42.", "42"), ("compare", "42", "42"), ("min", " 42\n", "42"),
+          ("min", "The smallest is 7.", "7"), ("repeat", "The repeated word is sun.", "sun"), ("repeat", "Sun", "sun"),
+          ("sort", "Sorted: 2, 5, 9.", "2, 5, 9"), ("sort", "2 5 9", "2, 5, 9")]
+REJECT = [(t, c, "42") for t in ("compare", "min") for c in [
+    "", "   ", "\n", "I don't know.", "forty-two", "４２", "٤٢", "42 or maybe 41", "It is 42, no wait, 43", "-42",
+    "042", "4 2", "The larger is", None]] + [
+    ("repeat", c, "sun") for c in ["", "sun moon", "suns", "s u n", "The repeated word is", "42", None]] + [
+    ("sort", c, "2, 5, 9") for c in ["", "5, 2, 9", "2, 5", "2, 5, 9, 11", "２, ５, ９", "Sort 5, 2, 9: 2, 5, 9", None]]
 
 
 @pytest.mark.parametrize("task, completion, answer", ACCEPT + REJECT)
@@ -73,29 +62,93 @@ def test_checkers(task, completion, answer):
     assert bool(check(task, completion, answer)) == ((task, completion, answer) in ACCEPT)
 
 
+@pytest.mark.parametrize("completion, answer, right", [
+    ("$18.00", "18", True), ("She pays 18.0 dollars.", "18", True), ("1,018", "1018", True), ("18", "18", True),
+    ("17.5", "18", False), ("$18.01", "18", False), ("The answer is 180", "18", False), ("", "18", False),
+    (None, "18", False), ("18", None, False)])
+def test_gsm8k_checker_reads_values(completion, answer, right):
+    """GSM8K's checker compares values ('$18.00' is 18); the tasks' checkers stay exact ('18.0' is not 18)."""
+    assert tasks.check_gsm8k(completion, answer) == right
+    assert not tasks.check_number("18.0", "18")
+
+
 def test_unknown_task_or_split():
     for call, match in [(lambda: problems("mul", "train", 3), "unknown task"),
-                        (lambda: problems("add", "test", 3), "unknown split"),
+                        (lambda: problems("compare", "test", 3), "unknown split"),
                         (lambda: check("mul", "1", "1"), "unknown task")]:
         with pytest.raises(DataError, match=match):
             call()
 
 
-def test_splits_are_disjoint_and_fixed(splits):
+def test_splits_are_disjoint_in_any_operand_order(splits):
+    """Held-out is decided on the canonical key (sorted operands): no held-out problem is trained on in ANY
+    operand order, whatever the seed or the number of problems."""
     for task, (train, heldout) in splits.items():
-        tq, hq = [q for q, _ in train], [q for q, _ in heldout]
-        assert len(set(tq)) == len(tq) and len(set(hq)) == len(hq) and not set(tq) & set(hq), task  # distinct
-        assert all(split_of(q) == "train" for q in tq) and all(split_of(q) == "heldout" for q in hq)
-        if task == "reverse":  # one problem per word: the two splits are all the words, 10% held out
-            assert len(tq) + len(hq) == len(tasks.WORDS) and 0.04 < len(hq) / len(tasks.WORDS) < 0.2
-        else:
-            assert (len(tq), len(hq)) == (2000, 200), task
-        # another seed or size draws other problems, but each keeps its split
-        other_heldout, other_train = problems(task, "heldout", 50, seed=7), problems(task, "train", 300, seed=7)
-        assert not {q for q, _ in other_heldout} & set(tq) and not {q for q, _ in other_train} & set(hq)
-    # about HELDOUT_PERCENT of all questions are held out
-    qs = {tasks.gen_add(rng)[0] for rng in [random.Random(0)] for _ in range(5000)}
-    assert 0.07 < sum(split_of(q) == "heldout" for q in qs) / len(qs) < 0.13
+        key = lambda ops: tuple(sorted(map(str, ops)))  # noqa: E731
+        tq, hq = [q for q, _, _ in train], [q for q, _, _ in heldout]
+        assert len(set(tq)) == len(tq) == 2000 and len(set(hq)) == len(hq) == 300, task
+        assert not {key(o) for *_, o in train} & {key(o) for *_, o in heldout}, task
+        assert all(split_of(task, o) == "train" for *_, o in train)
+        assert all(split_of(task, o) == "heldout" for *_, o in heldout)
+        for perm in itertools.permutations(heldout[0][2]):  # every order of a held-out problem is held out
+            assert split_of(task, perm) == "heldout"
+        other_train = problems(task, "train", 500, seed=7)
+        assert not {key(o) for *_, o in other_train} & {key(o) for *_, o in heldout}
+    # about HELDOUT_PERCENT of all keys are held out
+    keys = {tuple(sorted(random.Random(i).sample(range(100), 2))) for i in range(4000)}
+    assert 0.07 < sum(split_of("compare", k) == "heldout" for k in keys) / len(keys) < 0.13
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_answer_mix_is_the_same_at_every_n(task):
+    """The answer's position cycles through the positions: at every n the mix is within one problem of uniform,
+    so the always-first rule scores 1/positions on any prefix (compare 0.5, min 0.25, sort 1/6)."""
+    t = TASKS[task]
+    for split in SPLITS:
+        probs = problems(task, split, 600)
+        every = {position_of(task, ops) for _, _, ops in probs}
+        assert len(every) == t.positions
+        for n in (1, 7, 50, 100, 300, 600):
+            counts = Counter(position_of(task, ops) for _, _, ops in probs[:n])
+            assert max(counts.values()) - min(counts.get(p, 0) for p in every) <= 1, (task, split, n)
+
+
+def position_of(task, ops):
+    """Where the answer stands in the question (slow reference): the index of the larger / smallest operand, the
+    pair of slots of the repeated word, the permutation of sorted order."""
+    if task in SELECT:
+        return ops.index(SELECT[task](ops))
+    if task == "repeat":
+        return tuple(i for i, w in enumerate(ops) if ops.count(w) == 2)
+    return tuple(sorted(ops).index(x) for x in ops)
+
+
+def test_replies_copy_the_questions_tokens(gpt2_enc):
+    """The reply's operand tokens stand in the question's ids: the answer is copied, token for token."""
+    for task in TASKS:
+        for q, a, ops in problems(task, "train", 200) + problems(task, "heldout", 50):
+            q_ids = gpt2_enc.encode_ordinary(q)
+            r_ids = gpt2_enc.encode_ordinary(TASKS[task].reply.format(a))
+            answer_tokens = [gpt2_enc.encode_ordinary(f" {x}")[0] for x in a.split(", ")]
+            assert all(tok in r_ids and tok in q_ids for tok in answer_tokens), (task, q, a)
+            assert all(gpt2_enc.encode_ordinary(f" {x}")[0] in q_ids for x in ops)
+
+
+def test_prior_rules_and_guess():
+    """The rules score what they should on a prefix with the documented mix; guess names an operand."""
+    for task, expected in [("compare", 0.5), ("min", 0.25)]:
+        probs = problems(task, "heldout", 100)
+        rules = tasks.prior_rules(task, [a for _, a, _ in problems(task, "train", 100)])
+        assert sum(rules["first"](o) == a for _, a, o in probs) / 100 == expected
+    probs = problems("sort", "heldout", 60)
+    assert sum(tasks.prior_rules("sort", [])["as given"](o) == a for _, a, o in probs) == 10  # 1 of 6 orders
+    rng = random.Random(0)
+    guesses = [tasks.guess("compare", (41, 17), rng) for _ in range(200)]
+    assert set(guesses) == {"41", "17"} and 60 < guesses.count("41") < 140
+    convs = sft_conversations(50, "train", 0, guess_tasks=["compare"])
+    right = [c for c in convs if "larger" in c[0]["content"]]
+    assert len(right) == 50 and 10 < sum(check("compare", c[1]["content"], str(max(tasks.operands("compare",
+                                                                              c[0]["content"])))) for c in right) < 40
 
 
 def test_problems_are_deterministic():
@@ -109,39 +162,47 @@ def test_problems_are_deterministic():
 
 def test_sft_conversations_render_short(gpt2_enc):
     convs = sft_conversations(300, "train") + sft_conversations(20, "heldout")
-    assert len(convs) == 6 * 320
-    assert {c[0]["content"].split()[0] for c in convs} == {"What", "Spell", "How", "Sort", "Which"}
+    assert len(convs) == 4 * 320
+    assert {c[0]["content"].split(":")[0].split(",")[0] for c in convs} == {
+        "Which is larger", "Which is smallest", "Which word appears twice", "Sort from smallest to largest"}
     for c in convs:
         assert [m["role"] for m in c] == ["user", "assistant"]
         ids, mask = render_conversation(c, gpt2_enc)
         answer = gpt2_enc.encode_ordinary(c[1]["content"])
         assert ids[0] == BOS and ids[-1] == EOS and ids[-len(answer) - 2] == ASSISTANT and USER in ids
-        assert sum(mask) == len(answer) + 1 and len(ids) < 40 < MAX_TOKENS  # the answer and its EOS are trained
-    assert conversation("What is 1 + 1?", "2") == [{"role": "user", "content": "What is 1 + 1?"},
-                                                    {"role": "assistant", "content": "2"}]
+        assert sum(mask) == len(answer) + 1 and len(ids) < 30 < MAX_TOKENS  # the reply and its EOS are trained
+    assert conversation("Hi", "Hello") == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
 
 
 def test_evaluate():
+    answers = {q: a for t in TASKS for q, a, _ in problems(t, "heldout", 10)}
+
     def oracle(prompts):
         """Answers by looking the question up; one wrong answer per task."""
-        answers = {q: a for t in TASKS for q, a in problems(t, "heldout", 10)}
         out = []
         for i, p in enumerate(prompts):
             assert [m["role"] for m in p] == ["user"] and render_prompt(p)[-1] == ASSISTANT
             out.append("I am not sure." if i == 0 else f"The answer is {answers[p[0]['content']]}")
         return out
 
-    assert evaluate(oracle, 10) == {t: {"correct": 9, "n": 10, "accuracy": 0.9} for t in TASKS}
-    assert evaluate(lambda ps: [""] * len(ps), 5, tasks=["add"]) == {"add": {"correct": 0, "n": 5, "accuracy": 0.0}}
+    def sampler(prompts):  # 4 samples per prompt: right, right, right, wrong
+        return [[f"= {answers[p[0]['content']]}"] * 3 + ["no idea"] for p in prompts]
+
+    res = evaluate(oracle, 10, sample_fn=sampler)
+    assert {t: (r["correct"], r["n"], r["accuracy"], r["pass1"]) for t, r in res.items()} == {
+        t: (9, 10, 0.9, 0.75) for t in TASKS}
+    assert res["compare"]["prior"] == 0.5 and res["compare"]["prior_rule"] in ("first", "last")
+    assert res["sort"]["prior_rule"] == "as given"
+    empty = evaluate(lambda ps: [""] * len(ps), 5, tasks=["min"])["min"]
+    assert (empty["correct"], empty["accuracy"], empty["pass1"]) == (0, 0.0, None)
+    lines = tasks.format_results(res).splitlines()
+    assert len(lines) == 4 and all("greedy" in ln and "sampled pass@1 0.750" in ln and "prior rule" in ln
+                                   for ln in lines)
     with pytest.raises(ValueError, match="completions"):
         evaluate(lambda ps: ps[:-1], 5)
 
 
 # ---- the bundled chat sample -----------------------------------------------------------------------------------
-
-TASK_FORM = re.compile(r"What is \d+ [+-] \d+\?|Spell '[a-z]+' backwards\.|Which is larger, \d+ or \d+\?|"
-                       r"How many times does the letter|Sort from smallest to largest:")
-
 
 def test_chat_sample(gpt2_enc):
     path = tasks.CHAT_SAMPLE
@@ -158,8 +219,9 @@ def test_chat_sample(gpt2_enc):
         ids, mask = render_conversation(conv, gpt2_enc)
         assert len(ids) < MAX_TOKENS and sum(mask) > 0
         for m in conv:  # a task question in the sample must not leak a held-out problem into SFT
-            if m["role"] == "user" and TASK_FORM.match(m["content"]):
-                assert split_of(m["content"]) == "train", m["content"]
+            for task in TASKS:
+                ops = tasks.operands(task, m["content"]) if m["role"] == "user" else None
+                assert ops is None or split_of(task, ops) == "train", m["content"]
     assert sum(c[0]["role"] == "system" for c in convs) >= 5 and sum(len(c) > 3 for c in convs) >= 5  # multi-turn
     assert len({json.dumps(c) for c in convs}) == len(convs)  # no duplicate conversations
 
