@@ -467,26 +467,36 @@ class Transformer(nn.Module):
             balance = balance + b
         return h, balance
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, trained_only=False):
         """idx (B, T) token ids; targets (B, T) = idx shifted by one (targets[:, i] = t_{i+1}); a target of -1 is
         not trained (SFT masks everything but the assistant's tokens, for the main head and every MTP depth alike).
         Returns logits (B, T, vocab) and, with targets, the parts of the V3 loss (train.py weighs them):
           ce      main next-token cross-entropy (scalar),
           mtp     CE_k of each MTP depth k = 1..D, shape (D,) (depth k at position i predicts t_{i+k+1}),
-          balance the sequence-wise balance loss summed over the MoE layers, MTP blocks included (scalar)."""
+          balance the sequence-wise balance loss summed over the MoE layers, MTP blocks included (scalar).
+        trained_only=True runs the head on the trained positions only (logits: (N, vocab) for those N): chat SFT
+        trains about a third of its positions, and on a small model the 50,304-row head is most of a step. Its
+        shapes depend on the data, so pretraining (every position trained) and compiled runs leave it off."""
         h, balance = self.trunk(idx)
-        logits = self.head(self.norm(h))
         if targets is None:
-            return logits, None
-        ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
+            return self.head(self.norm(h)), None
+
+        def head_ce(hidden, norm, tgt):  # (logits, CE) of one head over its positions
+            if trained_only:
+                keep = tgt >= 0
+                hidden, tgt = hidden[keep], tgt[keep]
+            logits = self.head(norm(hidden))
+            return logits, F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), tgt.reshape(-1),
+                                           ignore_index=-1)
+
+        logits, ce = head_ce(h, self.norm, targets)
         mtp = []
         T = idx.size(1)
         for k, module in enumerate(self.mtp, start=1):
             # Depth k runs on the shortened window i = 0..T-k-1 (V3 eq. 21-25): its inputs are h^{k-1}_i and
             # Emb(t_{i+k}) = Emb(idx[:, i+k]); its label is t_{i+k+1} = targets[:, i+k].
             h, b = module(h[:, :T - k], self.embed(idx[:, k:]), self.rope_cos[:T - k], self.rope_sin[:T - k])
-            logits_k = self.head(module.norm(h))
-            mtp.append(F.cross_entropy(logits_k.flatten(0, 1).float(), targets[:, k:].flatten(), ignore_index=-1))
+            mtp.append(head_ce(h, module.norm, targets[:, k:])[1])
             balance = balance + b
         mtp = torch.stack(mtp) if mtp else ce.new_zeros(0)
         return logits, {"ce": ce, "mtp": mtp, "balance": balance}

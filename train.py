@@ -216,6 +216,7 @@ def chat_conversations(split):
     return out
 
 
+trained_only = bool(chat_data) and not compile  # SFT: the head on the trained positions only (model.forward)
 if chat_data:
     train_data = ChatReader(chat_conversations("train"), batch_size, cfg.max_seq_len, rank, world, seed)
     val_data = ChatReader(chat_conversations("val"), batch_size, cfg.max_seq_len, rank, world, seed, shuffle=False)
@@ -339,7 +340,7 @@ def evaluate():
                   disable=not (master and sys.stderr.isatty())):
         x, y = (t.to(device) for t in val_data.next_batch())
         with ctx:
-            _, parts = model(x, y)
+            _, parts = model(x, y, trained_only=trained_only)
         sums += torch.stack([parts["ce"], parts["mtp"].sum() / max(cfg.n_mtp, 1)])
     if ddp:
         dist.all_reduce(sums)
@@ -457,7 +458,7 @@ while True:
         if ddp:  # all-reduce gradients only on the last micro-step
             model.require_backward_grad_sync = micro == grad_accum - 1
         with ctx:
-            _, parts = model(x, y)
+            _, parts = model(x, y, trained_only=trained_only)
         loss, mtp = v3_loss(parts, lam)
         data_state, x, y = next_batch()  # overlaps with the backward pass on GPU
         (loss / grad_accum).backward()

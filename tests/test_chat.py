@@ -180,6 +180,25 @@ def test_masked_targets_are_left_out_of_every_loss(chat_model):
     assert parts["mtp"][0].item() == pytest.approx(F.cross_entropy(l1[keep1], y[:, 1:][keep1]).item(), rel=1e-5)
 
 
+def test_the_head_on_trained_positions_only_gives_the_same_loss_and_gradients(chat_model):
+    """trained_only=True (SFT's fast path: the head runs on the N trained positions only) returns (N, vocab) logits
+    equal to the full ones at those positions, and the same losses and gradients."""
+    m = chat_model
+    x = torch.randint(0, 50000, (3, 40), generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 50000, (3, 40), generator=torch.Generator().manual_seed(2))
+    y[torch.rand(3, 40, generator=torch.Generator().manual_seed(3)) < 0.7] = -1
+    params = [p for p in m.parameters() if p.requires_grad]
+    out = []
+    for trained_only in (False, True):
+        logits, parts = m(x, y, trained_only=trained_only)
+        loss = parts["ce"] + parts["mtp"].sum()
+        out.append((logits, parts, torch.autograd.grad(loss, params, allow_unused=True)))
+    (full, a, ga), (kept, b, gb) = out
+    assert kept.shape == (int((y >= 0).sum()), full.size(-1)) and torch.allclose(kept, full[y >= 0], atol=1e-5)
+    assert torch.allclose(a["ce"], b["ce"], atol=1e-5) and torch.allclose(a["mtp"], b["mtp"], atol=1e-5)
+    assert all((u is None) == (v is None) and (u is None or torch.allclose(u, v, atol=1e-6)) for u, v in zip(ga, gb))
+
+
 def run_sft(out, base, *args, launch=()):
     p = ok(run(*launch, "train.py", f"--init_from={base}", f"--out_dir={out}", "--chat_data=tasks,data/chat_sample.jsonl",
                "--chat_tasks=40", "--device=cpu", "--dtype=float32", "--compile=False", "--batch_size=2",
