@@ -48,6 +48,9 @@ dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'
 # -----------------------------------------------------------------------------------------------------------------
 
 
+TASK_REPLY_TOKENS = 16  # a task reply is at most 10 tokens with its EOS ("Sorted: 7, 41, 63."); longer is wrong
+
+
 class Chat:
     """One conversation: its ids so far and the decoding state (latent cache) that holds them."""
 
@@ -112,7 +115,7 @@ def evaluate_gsm8k(model, enc, n):
     return {"correct": correct, "n": len(convs), "accuracy": correct / max(len(convs), 1)}
 
 
-def sample_replies(model, enc, conversations, k, temperature=1.0, max_new_tokens=32, seed=0):
+def sample_replies(model, enc, conversations, k, temperature=1.0, max_new_tokens=16, seed=0):
     """k sampled replies (text) per conversation, at `temperature` over the chat vocabulary: the distribution GRPO
     optimises (grpo.rollout: the k rows of a prompt decode together through the latent cache). A reply that has
     not ended within max_new_tokens is kept as it stands."""
@@ -132,14 +135,13 @@ def sample_replies(model, enc, conversations, k, temperature=1.0, max_new_tokens
 def evaluate(model, enc, n, seed=0, samples=0, temperature=1.0):
     """{task: tasks.evaluate's scores + ended} on n held-out problems per task: greedy exact match, sampled pass@1
     over `samples` replies per problem at `temperature` (0: not measured), the best prior rule; ended is the
-    fraction of greedy replies the model closed with EOS (within 32 tokens)."""
+    fraction of greedy replies the model closed with EOS within TASK_REPLY_TOKENS."""
     res = {}
     for task in tasks.TASKS:
         ended = []
-        sample_fn = (lambda convs: sample_replies(model, enc, convs, samples, temperature, seed=seed)) \
-            if samples else None
-        res[task] = tasks.evaluate(lambda convs: complete(model, enc, convs, ended=ended), n, seed, [task],
-                                   sample_fn)[task]
+        greedy = lambda convs: complete(model, enc, convs, TASK_REPLY_TOKENS, ended)  # noqa: E731
+        sampled = lambda convs: sample_replies(model, enc, convs, samples, temperature, TASK_REPLY_TOKENS, seed)  # noqa: E731
+        res[task] = tasks.evaluate(greedy, n, seed, [task], sampled if samples else None)[task]
         res[task]["ended"] = sum(ended) / max(len(ended), 1)
     return res
 

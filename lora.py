@@ -11,9 +11,10 @@ of the dense FFNs and the shared experts, in the MTP blocks too. With experts=Tr
 adapters as well: per-expert A and B, stacked like the experts' weights, applied to the expert-sorted token rows
 through the same grouped matmuls (x A^T, then B^T), so W + BA is never formed during training. Everything else,
 the embedding, the head, the norms, the router and its expert bias, stays frozen (train.py also stops the bias
-update), except, in chat SFT, the embedding and head rows of the 4 chat tokens (TokenRows): pretraining never saw
-those tokens, so their rows are untrained, and no low-rank adapter can stand in for them (measured in
-docs/results.md). The optimizer sees the adapters (and those rows) only: AdamW, as in the LoRA paper. Muon is not offered: it
+update), except, in chat SFT, some rows of the embedding and the head (TokenRows, PEFT's trainable_token_indices):
+those of the 4 chat tokens, which pretraining never saw, and by default those of every token the training replies
+use, without which a low-rank adapter on a briefly pretrained model cannot learn to copy an operand from the
+question into the reply (measured in docs/results.md). The optimizer sees the adapters (and those rows) only: AdamW, as in the LoRA paper. Muon is not offered: it
 orthogonalises each matrix's update, and for the factors of a rank-r product that neither gives the product an
 orthogonal update nor has Muon's rationale behind it.
 
@@ -98,36 +99,39 @@ class LoRAExperts(Experts):
 
 
 class TokenRows(nn.Module):
-    """A frozen embedding or output head (weight (vocab, dim)) whose rows lo..hi-1 train, as lora_rows (a copy of
-    them at first): for tokens the base model never saw, such as the chat tokens, whose rows pretraining never
-    trained. An adapter elsewhere cannot give an untrained row a meaning, and training all rows would cost a
-    full-size optimizer state for the two largest matrices."""
+    """A frozen embedding or output head (weight (vocab, dim)) whose rows `ids` train, as lora_rows (a copy of
+    them at first), as PEFT's trainable_token_indices: the chat tokens, whose rows pretraining never trained, and
+    optionally the tokens the SFT replies use. An adapter elsewhere cannot give an untrained row a meaning, nor
+    make the head name the token a reply copies from the question when the base never learned to copy (measured
+    in docs/results.md), and training all rows would cost a full-size optimizer state for the two largest
+    matrices."""
 
-    def __init__(self, base, lo, hi):
+    def __init__(self, base, ids):
         super().__init__()
-        self.weight, self.lo, self.hi = base.weight.requires_grad_(False), lo, hi
-        self.lora_rows = nn.Parameter(base.weight[lo:hi].detach().clone())
+        self.weight = base.weight.requires_grad_(False)
+        self.register_buffer("ids", torch.tensor(sorted(ids), dtype=torch.long, device=base.weight.device),
+                             persistent=False)
+        slot = torch.full((base.weight.size(0),), -1, dtype=torch.long, device=base.weight.device)
+        slot[self.ids] = torch.arange(len(self.ids), device=base.weight.device)
+        self.register_buffer("slot", slot, persistent=False)  # token id -> its row in lora_rows, -1 if frozen
+        self.lora_rows = nn.Parameter(base.weight[self.ids].detach().clone())
         self.is_head = isinstance(base, nn.Linear)
 
     def forward(self, x):
-        if self.is_head:  # x (..., dim) -> logits; the slice of the new rows is replaced in place
+        if self.is_head:  # x (..., dim) -> logits; the columns of the trained rows are replaced
             logits = F.linear(x, self.weight)
-            logits[..., self.lo:self.hi] = F.linear(x, self.lora_rows.to(logits.dtype))
-            return logits
-        new = (x >= self.lo) & (x < self.hi)  # x: token ids
-        rows = self.lora_rows[(x - self.lo).clamp(0, self.hi - self.lo - 1)]
-        return torch.where(new[..., None], rows, F.embedding(x, self.weight))
+            return logits.index_copy(-1, self.ids, F.linear(x, self.lora_rows.to(logits.dtype)))
+        slot = self.slot[x]  # x: token ids
+        return torch.where((slot >= 0)[..., None], self.lora_rows[slot.clamp(min=0)], F.embedding(x, self.weight))
 
     def merged_weight(self):
-        w = self.weight.clone()
-        w[self.lo:self.hi] = self.lora_rows
-        return w
+        return self.weight.index_copy(0, self.ids, self.lora_rows.to(self.weight.dtype))
 
 
 def add_lora(model, rank, alpha, dropout=0.0, targets=TARGETS, experts=False, token_rows=None):
     """Freeze every parameter of `model` and give each target an adapter (in place; new parameters on the
-    model's device, initialised from torch's global RNG); token_rows=(lo, hi) also trains those rows of the
-    embedding and the head (TokenRows). Returns the number of trainable parameters."""
+    model's device, initialised from torch's global RNG); token_rows (a list of token ids) also trains those rows
+    of the embedding and the head (TokenRows). Returns the number of trainable parameters."""
     unknown = sorted(set(targets) - set(TARGETS))
     if unknown or not targets:
         raise UserError(f"lora_targets: unknown or empty {unknown or list(targets)}; choose from {', '.join(TARGETS)}")
@@ -141,7 +145,7 @@ def add_lora(model, rank, alpha, dropout=0.0, targets=TARGETS, experts=False, to
             elif experts and isinstance(child, Experts):
                 setattr(module, name, LoRAExperts(child, rank, alpha, dropout))
     if token_rows:
-        model.embed, model.head = TokenRows(model.embed, *token_rows), TokenRows(model.head, *token_rows)
+        model.embed, model.head = TokenRows(model.embed, token_rows), TokenRows(model.head, token_rows)
     n = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if n == 0:
         raise UserError(f"lora_targets {list(targets)} match no layer of this model")

@@ -2,20 +2,20 @@
 grade a model's reply (SFT evaluation, GRPO's reward), the answer-prior rules an accuracy must beat, and the
 bundled chat sample.
 
-    compare  Which is larger, 41 or 17?                      -> The larger is 41.           (select 1 of 2)
-    min      Which is smallest: 63, 8, 41, 27?               -> The smallest is 8.          (select 1 of 4)
-    repeat   Which word appears twice: cat, sun, dog, sun?   -> The repeated word is sun.   (match, 1 of 4)
-    sort     Sort from smallest to largest: 41, 7, 63        -> Sorted: 7, 41, 63.          (order 3)
+    compare  Which is larger, 41 or 17?                  -> The larger is 41.     (select 1 of 2)
+    min      Which is smallest: 63, 8, 41, 27?           -> The smallest is 8.    (select 1 of 4)
+    sort     Sort from smallest to largest: 41, 7, 63    -> Sorted: 7, 41, 63.    (order 3)
 
 Why these, by measurement (docs/results.md): a model this small learns a task in minutes when its reply COPIES
-single GPT-2 tokens that stand in the question exactly as they stand in the reply. Every operand is one token
-with its leading space: the numbers 0-99 (' 41') and WORDS (' sun'), and each reply repeats them after a space, as
-the question has them. Multi-digit arithmetic (' 605' is ' 6' + '05', and '605' a third token) and tasks that need
-the letters inside a token (spelling backwards, counting letters) were dropped: 300-500 SFT steps taught them
-nothing. What stays:
-  - compare and min: selection by magnitude; the model must learn the order of the number tokens.
-  - repeat: selection by identity (find the token that occurs twice), the copying that attention does best.
-  - sort: ordering, the output is three copies in the right order.
+single GPT-2 tokens that stand in the question exactly as they stand in the reply. Every operand is one of the
+numbers 0-99, each one token with its leading space (' 41'), and each reply repeats it after a space, as the
+question has it. Multi-digit arithmetic (' 605' is ' 6' + '05', and '605' a third token) and tasks that need the
+letters inside a token (spelling backwards, counting letters) were dropped: 300-500 SFT steps taught them nothing.
+A word task (which of four words appears twice) was dropped too: its 300 words share no copying with the numbers,
+and it reached 0.05 where compare and min reached 0.5. What stays, all on the same 100 number tokens:
+  - compare and min: selection by magnitude. Copying is the hard part (the model must learn to name a token of
+    the question); once a reply names an operand it is nearly always the right one.
+  - sort: ordering, the reply is three copies in the right order.
 
 Splits: a problem is held out iff the sha1 of its CANONICAL KEY (the task and its operands, sorted) falls in
 HELDOUT_PERCENT % of the hash range. "Which is larger, 41 or 17?" and "..., 17 or 41?" share a key, so a held-out
@@ -25,8 +25,8 @@ Mix: the answer's position cycles through the positions (compare: the larger com
 problems(task, split, n) has the same mix at every n, and the always-first rule scores 1/positions exactly.
 
 Checkers are plain functions of (completion, answer) -> bool, exact but tolerant of harmless text around the
-answer: numeric tasks take the LAST number in the completion (ASCII digits only), repeat the last word of ASCII
-letters, sort the whole sequence of numbers. Anything else (no answer, a number spelled as a word) is wrong.
+answer: compare and min take the LAST number in the completion (ASCII digits only), sort the whole sequence of
+numbers. Anything else (no answer, a number spelled as a word) is wrong.
 
     python tasks.py        # a few problems of every task, their token lengths, split sizes and prior rules
 """
@@ -45,33 +45,6 @@ SPLITS = ("train", "heldout")
 CHAT_SAMPLE = Path(__file__).resolve().parent / "data" / "chat_sample.jsonl"  # written by data/make_chat_sample.py
 NUMBERS = range(100)  # ' 0' ... ' 99': each one GPT-2 token
 
-# Common, neutral lowercase English words, each ONE GPT-2 token with its leading space (' cat'; tests check it).
-WORDS = sorted(set("""
-    ant bat bee cat cow dog fox hen owl pig ram yak bear bird crab deer duck fish frog goat lion mole
-    seal wolf camel eagle goose horse mouse shark sheep snake squid tiger whale donkey lizard monkey pigeon
-    rabbit salmon spider turtle chicken dolphin lobster
-    egg fig jam pie tea bean cake corn lime meat milk pear plum rice salt soup apple bread grape honey
-    lemon mango olive onion pasta peach pizza sugar almond banana butter carrot cheese cherry cookie
-    garlic orange pepper potato tomato cabbage lettuce
-    bag bed box cup fan jar key map mat mug pan pen pot rug bell book coin comb desk door fork lamp sofa brush
-    chair clock glass knife plate shelf spoon table towel basket bottle bucket button candle hammer jacket
-    kettle ladder mirror pencil pillow ribbon wallet blanket
-    fog ice mud sea sky sun hill lake leaf moon moss pond rain rock sand snow star tree wind beach cloud field
-    grass ocean plant river stone storm breeze canyon desert forest garden island planet valley
-    red tan blue gold gray pink black brown green white purple silver violet yellow
-    arm ear eye leg toe face foot hair hand knee neck nose thumb elbow finger
-    bus cab car jet van bike boat ship canoe plane train truck wagon rocket
-    drum horn note poem song word chalk class paper piano ruler story guitar lesson letter
-    number puzzle school violin
-    day dawn dusk hour noon week year month night today spring summer autumn minute season winter evening
-    morning
-    hop run sit bake cook draw jump play read rest sing swim wait walk build climb dance laugh learn paint sleep
-    smile teach think write listen travel
-    big hot new old calm cold fast kind loud soft slow tall warm brave clean early fresh happy large quick quiet
-    round sharp small sweet bright gentle simple
-""".split()))
-
-
 class Task(NamedTuple):
     draw: Callable      # (rng, position) -> operands (a tuple) whose answer stands at `position` of the question
     positions: int      # how many positions the answer can take; problems() cycles through them
@@ -86,7 +59,6 @@ class Task(NamedTuple):
 # ASCII digits only ([0-9], not \d, which also matches '４' or '٤'); a minus sign counts only right before the
 # digits, so "-56" is not 56; "1,042" is read as 1042.
 NUMBER = re.compile(r"-?[0-9]+(?:,[0-9]{3})*")
-WORD = re.compile(r"[A-Za-z]+")
 
 
 def last_number(completion):
@@ -98,12 +70,6 @@ def last_number(completion):
 def check_number(completion, answer):
     """True iff the last number of the completion is the answer, digit for digit ('042' is not '42')."""
     return last_number(completion) == answer
-
-
-def check_word(completion, answer):
-    """True iff the last word of ASCII letters in the completion is the answer, ignoring case ('Sun' is 'sun')."""
-    words = WORD.findall(completion) if isinstance(completion, str) else []
-    return bool(words) and words[-1].lower() == answer.lower()
 
 
 def check_sequence(completion, answer):
@@ -140,21 +106,6 @@ def draw_min(rng, position):
     return tuple(nums)
 
 
-REPEAT_PAIRS = list(itertools.combinations(range(4), 2))  # where the repeated word stands: 6 pairs of 4 slots
-
-
-def draw_repeat(rng, position):
-    """Four slots, one word twice (in the slots of REPEAT_PAIRS[position]) and two others once."""
-    twice, *once = rng.sample(WORDS, 3)
-    words = [None] * 4
-    for slot in REPEAT_PAIRS[position]:
-        words[slot] = twice
-    for slot in range(4):
-        if words[slot] is None:
-            words[slot] = once.pop()
-    return tuple(words)
-
-
 SORT_ORDERS = list(itertools.permutations(range(3)))  # 6 orders of three numbers
 
 
@@ -167,10 +118,6 @@ def join(items):
     return ", ".join(map(str, items))
 
 
-def repeated(words):
-    return Counter(words).most_common(1)[0][0]
-
-
 TASKS = {
     "compare": Task(draw_compare, 2, lambda o: f"Which is larger, {o[0]} or {o[1]}?",
                     re.compile(r"Which is larger, ([0-9]+) or ([0-9]+)\?"), lambda o: str(max(o)),
@@ -178,9 +125,6 @@ TASKS = {
     "min": Task(draw_min, 4, lambda o: f"Which is smallest: {join(o)}?",
                 re.compile(r"Which is smallest: ([0-9]+), ([0-9]+), ([0-9]+), ([0-9]+)\?"), lambda o: str(min(o)),
                 "The smallest is {}.", check_number),
-    "repeat": Task(draw_repeat, len(REPEAT_PAIRS), lambda o: f"Which word appears twice: {join(o)}?",
-                   re.compile(r"Which word appears twice: ([a-z]+), ([a-z]+), ([a-z]+), ([a-z]+)\?"), repeated,
-                   "The repeated word is {}.", check_word),
     "sort": Task(draw_sort, len(SORT_ORDERS), lambda o: f"Sort from smallest to largest: {join(o)}",
                  re.compile(r"Sort from smallest to largest: ([0-9]+), ([0-9]+), ([0-9]+)"),
                  lambda o: join(sorted(o)), "Sorted: {}.", check_sequence),
@@ -199,15 +143,15 @@ def check(task, completion, answer):
 
 
 def operands(task, question):
-    """The operands of a question of `task` (ints or words), or None if the text is not one of its questions."""
+    """The operands of a question of `task` (ints), or None if the text is not one of its questions."""
     m = get_task(task).parse.fullmatch(question)
-    return tuple(int(g) if g.isdigit() else g for g in m.groups()) if m else None
+    return tuple(map(int, m.groups())) if m else None
 
 
 # ---- answer-prior rules: what a model scores without solving anything -----------------------------------------
 
 def prior_rules(task, train_answers):
-    """{name: operands -> answer}: always the first operand (the first as given, for sort), always the last, and
+    """{name: operands -> answer}: always the first operand (the order as given, for sort), always the last, and
     the majority answer of the training problems. A model has learned the task only where it beats the best."""
     t = get_task(task)
     majority = Counter(train_answers).most_common(1)[0][0] if train_answers else None

@@ -35,6 +35,7 @@ from lora import TARGETS, add_lora, adapter_state, checkpoint_hash
 from optim import build_optimizer
 from model import ModelConfig, Transformer, autocast_context, gpu_peak_flops, init_distributed
 from sample import generate_tokens
+import tasks
 
 # -----------------------------------------------------------------------------------------------
 # default settings (config/train_fineweb.py holds the real run)
@@ -70,8 +71,9 @@ lora_alpha = 16.0                # the adapters' output is scaled by lora_alpha 
 lora_dropout = 0.0               # dropout on the adapters' input
 lora_targets = ','.join(TARGETS) # MLA projections (wq | wq_a, wq_b; wkv_a, wkv_b, wo) and dense/shared SwiGLU w1-w3
 lora_experts = False             # also the routed experts: stacked per-expert adapters through the grouped matmuls
-lora_chat_tokens = True          # with chat_data: also train the embedding and head rows of the 4 chat tokens, which
-                                 # pretraining never saw (lora.TokenRows; 2 x 4 x dim parameters)
+lora_tokens = 'replies'          # with chat_data, also train these tokens' embedding and head rows (lora.TokenRows):
+                                 # 'chat' the 4 chat tokens (pretraining never saw them), 'replies' those and every
+                                 # token of a training reply, '' none
 # data / batch
 batch_size = 16                  # sequences per micro-step per process
 total_batch_size = 524288        # tokens per optimizer step; gradient accumulation = this / (batch_size*max_seq_len*world)
@@ -202,7 +204,6 @@ log(f"tokens per step: {total_batch_size:,} = {batch_size} x {cfg.max_seq_len} x
 
 def chat_conversations(split):
     """The conversations of chat_data's sources for split 'train' or 'val' (held-out: never a training one)."""
-    import tasks
     out = []
     for source in chat_data.split(","):
         if source == "tasks":
@@ -217,8 +218,24 @@ def chat_conversations(split):
 
 
 trained_only = bool(chat_data) and not compile  # SFT: the head on the trained positions only (model.forward)
+def lora_token_rows(conversations):
+    """The token ids whose embedding and head rows LoRA trains (lora_tokens): the 4 chat tokens and, for 'replies',
+    every token of a training reply."""
+    ids = set(range(BOS, ASSISTANT + 1))
+    if lora_tokens == "replies":
+        for messages in conversations:
+            ids.update(t for m in messages if m["role"] == "assistant" for t in enc.encode_ordinary(m["content"]))
+    return sorted(ids)
+
+
+unknown = [t for t in chat_guess.split(",") if t and t not in tasks.TASKS]
+if unknown:
+    fail(f"chat_guess names unknown tasks {unknown}: choose from {', '.join(tasks.TASKS)}")
+if lora_tokens not in ("", "chat", "replies"):
+    fail(f"lora_tokens must be 'chat', 'replies' or '', not {lora_tokens!r}")
 if chat_data:
-    train_data = ChatReader(chat_conversations("train"), batch_size, cfg.max_seq_len, rank, world, seed)
+    train_convs = chat_conversations("train")
+    train_data = ChatReader(train_convs, batch_size, cfg.max_seq_len, rank, world, seed)
     val_data = ChatReader(chat_conversations("val"), batch_size, cfg.max_seq_len, rank, world, seed, shuffle=False)
     log(f"chat data: {train_data.n_conversations:,} training conversations in {train_data.n_windows:,} rows, "
         f"{val_data.n_conversations:,} held out ({train_data.n_dropped + val_data.n_dropped} longer than "
@@ -249,7 +266,7 @@ if init_from == "resume" and bool(lora_rank) != ("lora" in base):
     fail(f"{ckpt_path} is {'a LoRA' if 'lora' in base else 'a full fine-tuning'} run: resume it with "
          f"{'its lora_rank' if 'lora' in base else 'lora_rank=0'}")
 if lora_rank:  # freeze the model, add the adapters; the checkpoint records the base's path and weights' hash
-    rows = [BOS, ASSISTANT + 1] if lora_chat_tokens and chat_data and cfg.vocab_size > ASSISTANT else None
+    rows = lora_token_rows(train_convs) if lora_tokens and chat_data and cfg.vocab_size > ASSISTANT else None
     lora = dict(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, targets=lora_targets.split(","),
                 experts=lora_experts, token_rows=rows)
     if init_from == "resume":
@@ -264,7 +281,7 @@ if lora_rank:  # freeze the model, add the adapters; the checkpoint records the 
     n_base = sum(p.numel() for p in raw_model.parameters())
     n_train = add_lora(raw_model, lora_rank, lora_alpha, lora_dropout, lora["targets"], lora_experts, rows)
     log(f"LoRA rank {lora_rank} on {lora_targets}{' and the routed experts' if lora_experts else ''}"
-        f"{' and the chat tokens rows' if rows else ''}: "
+        f"{f' and {len(rows)} tokens embedding and head rows ({lora_tokens})' if rows else ''}: "
         f"{n_train:,} trainable parameters, {100 * n_train / n_base:.2f}% of the model's {n_base:,}")
 opt = build_optimizer(raw_model, optimizer, learning_rate, weight_decay, (beta1, beta2), muon_momentum)
 step, tokens_seen, best_val, train_time = 0, 0, float("inf"), 0.0  # train_time: seconds in training steps
@@ -424,7 +441,6 @@ while True:
             record.update({"hellaswag_acc": hs["acc"], "hellaswag_acc_norm": hs["acc_norm"]})
         if chat_eval_interval and (step % chat_eval_interval == 0 or last_step) and master:
             import chat  # held-out tasks (greedy, sampled, prior rules); the other ranks wait at the next collective
-            import tasks
             with ctx:
                 res = chat.evaluate(raw_model, enc, chat_eval_n, seed, samples=chat_eval_samples)
             line += ", held-out tasks:\n" + tasks.format_results(res)

@@ -1,12 +1,12 @@
-# GRPO on the chat-tuned quick-start model: offline, minutes on a CPU.
-#   python train.py config/train_tiny.py       # pretrain -> out-tiny
-#   python train.py config/sft_tiny.py         # SFT -> out-tiny-sft
-#   python grpo.py config/grpo_tiny.py         # GRPO -> out-tiny-grpo
-#   python chat.py --out_dir=out-tiny-grpo --eval_tasks=50
-# The prompts are tasks.py's letter-counting problems: the one task where the SFT model's sampled replies are right
-# often enough (about half of them at temperature 1) to give a group of 8 different rewards. On compare it samples
-# a right answer 0.6% of the time, on the other tasks never: every group's rewards would be equal, advantages 0.
-init_from = 'out-tiny-sft'
+# GRPO on the quick-start model: offline, about 10 minutes on 2 CPU cores. The SFT stage before it teaches the
+# format and the copying but NOT compare's decision: its compare replies name either number at random
+# (train.py's chat_guess), while min and sort are taught as usual. GRPO's reward alone must then teach which number
+# is larger.
+#   python train.py config/train_tiny.py                                                  # -> out-tiny
+#   python train.py config/sft_tiny.py --chat_guess=compare --out_dir=out-tiny-sft-guess  # -> out-tiny-sft-guess
+#   python grpo.py config/grpo_tiny.py                                                    # -> out-tiny-grpo
+#   python chat.py --out_dir=out-tiny-grpo --eval_tasks=300
+init_from = 'out-tiny-sft-guess'
 out_dir = 'out-tiny-grpo'
 device = 'cpu'
 dtype = 'float32'
@@ -15,13 +15,12 @@ prompts = 'compare'
 rewards = 'correct'
 group_size = 8
 prompts_per_step = 16
-max_new_tokens = 8                # replies are 1-2 tokens and EOS; a longer one is wrong anyway
+max_new_tokens = 8                # "The larger is 41." is 5 tokens and EOS; a longer reply is wrong anyway
 ppo_epochs = 2                    # each batch of rollouts (half of a step's time) is used twice (rho != 1)
-# beta 0.3: at 0.04 (lr 1e-4) the policy collapsed onto the majority answer '1' and stopped learning; a stronger
-# pull to the SFT model keeps it sampling both 0 and 1 long enough to learn which letters mean 0 (docs/results.md)
-beta = 0.3
+beta = 0.3                        # a strong pull to the SFT model: min and sort must not drift (docs/results.md)
 learning_rate = 3e-4
 max_iters = 200
 eval_interval = 50
-eval_n = 100                      # held-out problems per task: count's first 100 have the generator's mix
+eval_n = 100                      # held-out problems per task at each eval (chat.py --eval_tasks=300 for the record)
+eval_samples = 4                  # sampled pass@1 over 4 replies per problem at temperature 1
 log_interval = 10

@@ -1,31 +1,33 @@
-# Chat fine-tuning (SFT) of the quick-start model: offline, a few minutes on a CPU.
+# Chat fine-tuning (SFT) of the quick-start model: offline, about 15 minutes on 2 CPU cores.
 #   python train.py config/train_tiny.py       # pretrain -> out-tiny
 #   python train.py config/sft_tiny.py         # SFT -> out-tiny-sft
-#   python chat.py --out_dir=out-tiny-sft
-# The data: tasks.py's generated problems (addition, subtraction, spelling backwards, counting letters, sorting,
-# comparing) and the bundled plain conversations; the loss is on the assistant's replies only. The model config
-# comes from the checkpoint, and so does the tokenizer's chat format (its special tokens use spare vocab rows).
+#   python chat.py --out_dir=out-tiny-sft --eval_tasks=300
+# The data: tasks.py's generated problems (compare, min, sort on the numbers 0-99, replies that copy the question's
+# tokens) and the bundled plain conversations; the loss is on the assistant's replies only. The model config comes
+# from the checkpoint, and so does the tokenizer's chat format (its special tokens use spare vocab rows).
+# What it learns and when (docs/results.md): the format in ~50 steps, then nothing for ~600 steps, until the model
+# learns to copy a number token of the question into its reply; from then on it nearly always copies the right one.
 init_from = 'out-tiny'
 out_dir = 'out-tiny-sft'
 chat_data = 'tasks,data/chat_sample.jsonl'
-chat_tasks = 2000                 # training problems per task (reverse has only ~310)
+chat_tasks = 8000                 # training problems per task: most of compare's ~8,900 training questions
 device = 'cpu'
 dtype = 'float32'
 compile = False
 
-batch_size = 8                    # 8 rows of 128 tokens, each holding several conversations
+batch_size = 8                    # 8 rows of 128 tokens, each holding ~6 conversations
 total_batch_size = 1024
-max_iters = 300
-learning_rate = 3e-3              # a third of the pretraining peak: the model keeps what it knows
+max_iters = 1500
+learning_rate = 3e-3              # a third of the pretraining peak (1e-2 learned no faster)
 min_lr = 3e-4
 warmup_iters = 20
-lr_decay_iters = 300
-eval_interval = 50
-eval_iters = 8                    # all 8 x 8 rows of held-out conversations
-log_interval = 10
+lr_decay_iters = 1500
+eval_interval = 250
+eval_iters = 8                    # 8 x 8 rows of held-out conversations
+log_interval = 50
 sample_tokens = 0
-chat_eval_interval = 300          # greedy exact match on 20 held-out problems per task at steps 0 and 300
-chat_eval_n = 20
-# The expert-bias update is frozen: SFT is short and narrow (digits and short words), and re-balancing the
-# routers on it would move tokens away from the experts that learned them in pretraining.
+chat_eval_interval = 1500         # held-out greedy exact match (and the prior rules) at steps 0 and 1500
+chat_eval_n = 100
+# The expert-bias update is frozen: SFT is short and narrow (number tokens), and re-balancing the routers on it
+# would move tokens away from the experts that learned them in pretraining.
 bias_update_speed = 0.0

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import chat
 import tasks
-from conftest import TORCHRUN, exit_message, ok, run, save_ckpt, tiny_model
+from conftest import TORCHRUN, exit_message, ok, one_line_error, run, save_ckpt, tiny_model
 from data import loader
 from data.loader import (ASSISTANT, BOS, EOS, USER, ChatReader, DataError, gsm8k_conversation, read_conversations,
                          render_conversation, render_prompt)
@@ -250,3 +250,12 @@ def test_hub_chat_sources_and_gsm8k_eval_on_an_offline_fixture(monkeypatch, chat
     with pytest.raises(DataError, match="could not reach the Hugging Face Hub for openai/gsm8k") as e:
         loader.hub_conversations("gsm8k", "train")
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("arg, says", [("--chat_guess=compare,mul", "chat_guess names unknown tasks ['mul']"),
+                                       ("--lora_tokens=all", "lora_tokens must be 'chat', 'replies' or ''")])
+def test_bad_chat_settings_stop_in_one_line(chat_model, tmp_path, arg, says):
+    base = save_ckpt(tmp_path / "base", chat_model, step=1)
+    p = run("train.py", f"--init_from={base}", f"--out_dir={tmp_path / 'out'}", "--chat_data=tasks", "--device=cpu",
+            "--compile=False", "--batch_size=2", "--total_batch_size=192", arg, timeout=120)
+    assert says in one_line_error(p, "train.py")

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 import export
+import tasks
 from checkpoint import load_model, save_checkpoint
+from data.loader import get_tokenizer
 from conftest import TORCHRUN, ok, one_line_error, run, save_ckpt, tiny_model
 from lora import LoRAExperts, LoRALinear, add_lora, adapter_state, base_hash, merge_lora
 from model import ModelConfig, Transformer
@@ -34,8 +36,8 @@ def adapted(experts, seed=0, token_rows=None, **cfg):
 @pytest.mark.parametrize("experts", [False, True])
 @pytest.mark.parametrize("q_lora_rank", [0, 8])
 def test_merged_equals_unmerged_and_cached_decode_equals_forward(experts, q_lora_rank):
-    """With experts, also trained rows 100-103 of the embedding and head (TokenRows, as for the chat tokens)."""
-    m, base_state = adapted(experts, q_lora_rank=q_lora_rank, token_rows=(100, 104) if experts else None)
+    """With experts, also trained rows 7, 60, 61, 120 of the embedding and head (TokenRows, as for the chat tokens)."""
+    m, base_state = adapted(experts, q_lora_rank=q_lora_rank, token_rows=[7, 60, 61, 120] if experts else None)
     wanted = {"wq_a", "wq_b"} if q_lora_rank else {"wq"}
     got = {n.split(".")[-1] for n, mod in m.named_modules() if isinstance(mod, LoRALinear)}
     assert got == wanted | {"wkv_a", "wkv_b", "wo", "w1", "w2", "w3"}
@@ -66,7 +68,7 @@ def test_only_the_adapters_train_and_their_size():
     """After optimizer steps on a loss, only adapter tensors moved: the embedding, head, norms, router weight,
     expert bias and the base matrices are bit for bit the same. Trainable parameters on the quick-start model
     (config/train_tiny.py's architecture) and the optimizer state, against full fine-tuning's."""
-    m, base = adapted(True, token_rows=(100, 104))
+    m, base = adapted(True, token_rows=[7, 60, 61, 120])
     m.train()
     opt = build_optimizer(m, "adamw", 1e-2, 0.1, (0.9, 0.95))
     x = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
@@ -92,7 +94,8 @@ def test_only_the_adapters_train_and_their_size():
         torch.manual_seed(0)
         model = Transformer(tiny)
         total = sum(p.numel() for p in model.parameters())
-        trainable = total if experts is None else add_lora(model, 8, 16.0, experts=experts, token_rows=(50257, 50261))
+        chat_rows = list(range(50257, 50261))
+        trainable = total if experts is None else add_lora(model, 8, 16.0, experts=experts, token_rows=chat_rows)
         opt = build_optimizer(model, "adamw", 1e-3, 0.1, (0.9, 0.95))
         _, parts = model(torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8, dtype=torch.long))
         parts["ce"].backward()
@@ -109,13 +112,13 @@ def test_merged_export_loads_in_transformers(tmp_path):
     """A LoRA checkpoint (adapters + its base's path and hash) exports as one plain model whose logits in
     transformers' DeepseekV3 equal ours with the adapters unmerged."""
     from test_export import load_hf_clean
-    m, base_state = adapted(True, vocab_size=256, token_rows=(100, 104))
+    m, base_state = adapted(True, vocab_size=256, token_rows=[7, 60, 61, 120])
     base = tiny_model(0, vocab_size=256)
     base.load_state_dict(base_state)
     save_ckpt(tmp_path / "base", base)
     lora = dict(base=str(tmp_path / "base"), hash=base_hash(base.state_dict()), rank=4, alpha=8.0, dropout=0.0,
                 targets=["wq", "wq_a", "wq_b", "wkv_a", "wkv_b", "wo", "w1", "w2", "w3"], experts=True,
-                token_rows=[100, 104])
+                token_rows=[7, 60, 61, 120])
     (tmp_path / "lora").mkdir()
     save_checkpoint(str(tmp_path / "lora" / "ckpt.pt"), {"model": adapter_state(m), "model_config": asdict(m.cfg),
                                                           "lora": lora})
@@ -157,12 +160,17 @@ def test_lora_sft_resumes_exactly_runs_under_ddp_and_pins_its_base(tmp_path):
     assert set(a["model"]) == set(b["model"]) and all("lora_" in k for k in a["model"])
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert a["lora"]["hash"] == base_hash(chat_model.state_dict()) and a["lora"]["base"] == str(base)
-    assert a["lora"]["token_rows"] == [50257, 50261] and a["model"]["embed.lora_rows"].shape == (4, 32)
+    # the trained rows (lora_tokens='replies'): the 4 chat tokens and every token of a training reply
+    enc = get_tokenizer()
+    replies = {t for c in tasks.sft_conversations(40, "train", 1337) for t in enc.encode_ordinary(c[1]["content"])}
+    rows = sorted(replies | set(range(50257, 50261)))
+    assert a["lora"]["token_rows"] == rows and a["model"]["embed.lora_rows"].shape == (len(rows), 32)
+    assert a["model"]["head.lora_rows"].shape == (len(rows), 32) and 100 < len(rows) < 200
     assert a["model"]["layers.1.ffn.experts.w1_lora_B"].abs().sum() > 0  # the experts' adapters trained
     # readers get the merged model: base weights + (alpha / r) B A, expert bias unchanged
     merged, _ = load_model(straight)
     expected = copy.deepcopy(chat_model)
-    add_lora(expected, 4, 16.0, experts=True, token_rows=(50257, 50261))
+    add_lora(expected, 4, 16.0, experts=True, token_rows=rows)
     expected.load_state_dict(a["model"], strict=False)
     x = torch.randint(0, 50257, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -23,11 +23,10 @@ def splits():
 
 
 def test_registry(gpt2_enc):
-    assert set(TASKS) == {"compare", "min", "repeat", "sort"}
-    assert all(re.fullmatch(r"[a-z]{2,7}", w) for w in tasks.WORDS) and tasks.WORDS == sorted(set(tasks.WORDS))
-    assert len(tasks.WORDS) >= 200
+    assert set(TASKS) == {"compare", "min", "sort"}
     # every operand is ONE GPT-2 token with its leading space: what the replies copy
-    assert all(len(gpt2_enc.encode_ordinary(f" {x}")) == 1 for x in [*tasks.NUMBERS, *tasks.WORDS])
+    assert list(tasks.NUMBERS) == list(range(100)) and all(len(gpt2_enc.encode_ordinary(f" {x}")) == 1
+                                                           for x in tasks.NUMBERS)
 
 
 def test_answers_are_right(splits):
@@ -39,20 +38,16 @@ def test_answers_are_right(splits):
             assert check(task, TASKS[task].reply.format(a), a) and check(task, a, a), (task, q, a)
             if task in SELECT:
                 assert len(set(ops)) == len(ops) and a == str(SELECT[task](ops)) and all(0 <= x < 100 for x in ops)
-            elif task == "sort":
-                assert len(set(ops)) == 3 and a == ", ".join(str(x) for x in sorted(ops))
             else:
-                twice = [w for w in ops if ops.count(w) == 2]
-                assert len(ops) == 4 and len(set(ops)) == 3 and twice == [a, a], (q, a)
+                assert len(set(ops)) == 3 and a == ", ".join(str(x) for x in sorted(ops)) and max(ops) < 100
 
 
 ACCEPT = [("compare", "The larger is 42.", "42"), ("compare", "42", "42"), ("min", " 42\n", "42"),
-          ("min", "The smallest is 7.", "7"), ("repeat", "The repeated word is sun.", "sun"), ("repeat", "Sun", "sun"),
+          ("min", "The smallest is 7.", "7"),
           ("sort", "Sorted: 2, 5, 9.", "2, 5, 9"), ("sort", "2 5 9", "2, 5, 9")]
 REJECT = [(t, c, "42") for t in ("compare", "min") for c in [
     "", "   ", "\n", "I don't know.", "forty-two", "４２", "٤٢", "42 or maybe 41", "It is 42, no wait, 43", "-42",
     "042", "4 2", "The larger is", None]] + [
-    ("repeat", c, "sun") for c in ["", "sun moon", "suns", "s u n", "The repeated word is", "42", None]] + [
     ("sort", c, "2, 5, 9") for c in ["", "5, 2, 9", "2, 5", "2, 5, 9, 11", "２, ５, ９", "Sort 5, 2, 9: 2, 5, 9", None]]
 
 
@@ -115,11 +110,9 @@ def test_answer_mix_is_the_same_at_every_n(task):
 
 def position_of(task, ops):
     """Where the answer stands in the question (slow reference): the index of the larger / smallest operand, the
-    pair of slots of the repeated word, the permutation of sorted order."""
+    permutation of sorted order."""
     if task in SELECT:
         return ops.index(SELECT[task](ops))
-    if task == "repeat":
-        return tuple(i for i, w in enumerate(ops) if ops.count(w) == 2)
     return tuple(sorted(ops).index(x) for x in ops)
 
 
@@ -162,9 +155,9 @@ def test_problems_are_deterministic():
 
 def test_sft_conversations_render_short(gpt2_enc):
     convs = sft_conversations(300, "train") + sft_conversations(20, "heldout")
-    assert len(convs) == 4 * 320
+    assert len(convs) == 3 * 320
     assert {c[0]["content"].split(":")[0].split(",")[0] for c in convs} == {
-        "Which is larger", "Which is smallest", "Which word appears twice", "Sort from smallest to largest"}
+        "Which is larger", "Which is smallest", "Sort from smallest to largest"}
     for c in convs:
         assert [m["role"] for m in c] == ["user", "assistant"]
         ids, mask = render_conversation(c, gpt2_enc)
@@ -196,7 +189,7 @@ def test_evaluate():
     empty = evaluate(lambda ps: [""] * len(ps), 5, tasks=["min"])["min"]
     assert (empty["correct"], empty["accuracy"], empty["pass1"]) == (0, 0.0, None)
     lines = tasks.format_results(res).splitlines()
-    assert len(lines) == 4 and all("greedy" in ln and "sampled pass@1 0.750" in ln and "prior rule" in ln
+    assert len(lines) == 3 and all("greedy" in ln and "sampled pass@1 0.750" in ln and "prior rule" in ln
                                    for ln in lines)
     with pytest.raises(ValueError, match="completions"):
         evaluate(lambda ps: ps[:-1], 5)
