@@ -4,6 +4,7 @@ Benchmark nanoDeepSeek against a dense GPT-2-style baseline with the same FLOPs 
     python bench.py                          # CUDA: config/train_fineweb.py's model, bf16, compiled
     python bench.py --device=cpu             # CPU: config/train_tiny.py's model, fp32 (under two minutes)
     python bench.py config/train_fineweb.py --batch_size=8 --json=bench.json
+    python bench.py config/train_fineweb.py --memory   # any machine: the GPU memory training it should take
 
 The model settings (and batch_size, device, dtype, compile) come from a train.py config file, read by the same
 configurator as train.py (its training-only settings are skipped); without one, config/train_fineweb.py on CUDA
@@ -19,7 +20,13 @@ Measures, after warm-up steps, on random tokens:
            and all, the dense SwiGLU of inter_dim in place of each MoE), the MoE-vs-dense ablation of docs/results.md;
   decode   tokens/s of cached decoding (absorbed MLA, latent cache) and of recomputing the full forward per
            token, with the cache bytes per token against multi-head attention.
-The per-backend timing of MLA's attention is dev/sdpa_backends.py.
+The per-backend timing of MLA's attention is dev/sdpa_backends.py. On a GPU whose compute capability is not 9.x or
+10.x, PyTorch has no fused grouped GEMM for the MoE and bench.py says so first (model.grouped_mm_path).
+
+--memory only estimates the GPU memory of training the config at its batch_size, with AdamW and with Muon (train.py
+prints the same for its optimizer when it starts on CUDA): parameters, gradients and optimizer state exactly, the
+activations from autograd's saved tensors measured on the CPU at a small batch and scaled linearly, and the largest
+batch_size that fits 24, 40 and 80 GB (see memory_estimate for what it leaves out).
 """
 import json as json_lib
 import resource
@@ -32,8 +39,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from configurator import check_choice, configure, config_keys, one_line_errors
-from optim import build_optimizer
-from model import ModelConfig, Transformer, autocast_context, check_device, gpu_peak_flops
+from optim import build_optimizer, muon_takes
+from model import DTYPES, ModelConfig, Transformer, autocast_context, check_device, gpu_peak_flops, grouped_mm_path
 
 # -----------------------------------------------------------------------------------------------------------------
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
@@ -51,6 +58,10 @@ optimizer = 'adamw'              # train.py's optimizer setting (a config file's
 peak_flops = 0.0                 # for MFU; 0: look the GPU up in model.PEAK_FLOPS
 seed = 1337
 json = ''                        # write the results to this JSON file (--json=bench.json)
+memory = False                   # only print the GPU memory estimate of training this config (any machine, the CPU
+                                 # included; dtype bfloat16 unless --dtype or the config sets it)
+memory_seq_len = 256             # --memory measures activations at batch 1 and 2 of this many tokens (at most
+                                 # max_seq_len) and scales them linearly to batch_size x max_seq_len
 globals().update({f.name: f.default for f in fields(ModelConfig)})  # the model settings, as in train.py
 # -----------------------------------------------------------------------------------------------------------------
 _DEFAULTS = config_keys(globals())  # main() rebinds the globals; tests call it more than once
@@ -174,13 +185,119 @@ def bench_decode(model, dev, ctx, cache_dtype):
 
 
 # -----------------------------------------------------------------------------------------------------------------
+# the GPU memory estimate (--memory; train.py prints it too when it starts on CUDA)
+
+GPU_GB = (24, 40, 80)  # the usual cards' memory; GB = 1e9 bytes throughout
+OPTIMIZER_NAMES = {"adamw": "AdamW", "muon": "Muon"}
+
+
+def state_bytes(model, optimizer):
+    """{'params', 'grads', 'optimizer'}: bytes of training `model` with optim.build_optimizer(model, optimizer),
+    exact. The parameters stay fp32 master weights under bf16 autocast (it casts copies, counted as activations);
+    a gradient per trained parameter, in its dtype; AdamW (fused) keeps two moments of the parameter's size and
+    a 4-byte fp32 step counter per parameter; Muon keeps one momentum buffer per matrix it takes (optim.muon_takes),
+    AdamW has the rest."""
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    opt = sum(p.nbytes if optimizer == "muon" and muon_takes(n, p) else 2 * p.nbytes + 4 for n, p in trained)
+    return {"params": sum(p.nbytes for p in model.parameters()), "grads": sum(p.nbytes for _, p in trained),
+            "optimizer": opt}
+
+
+def saved_bytes(model, batch, seq_len, dtype):
+    """Bytes of the tensors autograd keeps for the backward of one training forward of `model` on random tokens
+    (batch x seq_len, autocast to dtype), each storage counted once: what a training step holds at the end of its
+    forward, above the parameters and buffers (not counted: they are the model's). MLA pads v on the CPU
+    (model.PAD_V_DEVICES), so SDPA runs its flash kernel here, which keeps what CUDA's fused kernels keep: q, k, v,
+    the output and the logsumexp, no T x T matrix (with train_fineweb's head dims the padded v and output take the
+    bytes of CUDA's v, a view of wkv_b's whole output, and output)."""
+    own = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    seen = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in own:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    x = torch.randint(0, model.cfg.vocab_size, (batch, seq_len + 1), generator=torch.Generator().manual_seed(seed))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast_context("cpu", dtype):
+        model(x[:, :-1], x[:, 1:])  # its graph keeps every saved storage alive to the end: no address is reused
+    return sum(seen.values())
+
+
+def activation_bytes(cfg, dtype, seq_len):
+    """(fixed, per_token): activation bytes of a training step = fixed + tokens * per_token, fitted to saved_bytes
+    at batch 1 and 2 of seq_len tokens on the CPU (fresh weights; this process's RNG left as it was). Every saved
+    tensor grows with the tokens (attention's included, see saved_bytes) but the weights' bf16 copies, which are
+    fixed."""
+    with torch.random.fork_rng(devices=[]):
+        model = Transformer(cfg)
+    one, two = (saved_bytes(model, b, seq_len, dtype) for b in (1, 2))
+    return max(0, 2 * one - two), (two - one) / seq_len
+
+
+def memory_estimate(model, optimizers, batch_size, dtype, seq_len=None):
+    """GPU memory of training `model` at batch_size x max_seq_len under autocast dtype, for each optimizer:
+    state_bytes, plus activation_bytes measured at seq_len tokens (default max_seq_len), and the largest
+    batch_size whose total fits each of GPU_GB. The activations are full training's (a LoRA run saves less). Not
+    counted: the CUDA context, cuBLAS workspaces, the allocator's fragmentation, backward's transient buffers (the
+    largest: the logits' gradient, batch x T x vocab fp32, per head), DDP's gradient buckets (another grads'
+    worth), torch.compile's savings (it recomputes pointwise ops instead of saving them)."""
+    cfg = model.cfg
+    fixed, per_token = activation_bytes(cfg, dtype, min(seq_len or cfg.max_seq_len, cfg.max_seq_len))
+    per_seq = per_token * cfg.max_seq_len
+    est = {"batch_size": batch_size, "seq_len": cfg.max_seq_len, "dtype": dtype, "activations_fixed": fixed,
+           "activations_per_seq": per_seq, "activations": fixed + batch_size * per_seq, "optimizers": {}}
+    for name in optimizers:
+        s = state_bytes(model, name)
+        base = s["params"] + s["grads"] + s["optimizer"] + fixed
+        est["optimizers"][name] = {**s, "total": base + batch_size * per_seq,
+                                   "fits": {gb: max(0, int((gb * 1e9 - base) // per_seq)) for gb in GPU_GB}}
+    return est
+
+
+def memory_lines(est):
+    """memory_estimate as a few printable lines, a figure per optimizer."""
+    gb = lambda b: f"{b / 1e9:.2f} GB"
+    each = lambda figure: ", ".join(f"{figure(o)} {OPTIMIZER_NAMES[n]}" for n, o in est["optimizers"].items())
+    first = next(iter(est["optimizers"].values()))
+    fixed = f" + {gb(est['activations_fixed'])} of the weights' {est['dtype']} copies" * (est["dtype"] != "float32")
+    return [f"memory estimate (estimated, not yet measured) for batch_size {est['batch_size']} x {est['seq_len']} in "
+            f"{est['dtype']}, one GPU:",
+            f"  params {gb(first['params'])}, grads {gb(first['grads'])}, optimizer state "
+            f"{each(lambda o: gb(o['optimizer']))}",
+            f"  activations {gb(est['activations'])}: {gb(est['activations_per_seq'])} per sequence{fixed}",
+            f"  total {each(lambda o: gb(o['total']))}",
+            "  largest batch_size that fits (estimated, not yet measured): "
+            + "; ".join(f"{g} GB " + each(lambda o: o["fits"][g]) for g in GPU_GB)]
+
+
+def print_memory_estimate(path, cfg):
+    """--memory: memory_estimate of this config with AdamW and with Muon, printed (and written to --json)."""
+    with torch.device("meta"):  # state_bytes reads shapes only; activation_bytes builds its own CPU model
+        model = Transformer(cfg)
+    t = min(memory_seq_len, cfg.max_seq_len)
+    print(f"bench.py --memory: {path}, activations measured at batch 1 and 2 x {t} tokens on the CPU, scaled "
+          f"linearly to batch_size x {cfg.max_seq_len}; torch {torch.__version__}", flush=True)
+    est = memory_estimate(model, ("adamw", "muon"), batch_size, dtype, t)
+    print("\n".join(memory_lines(est)), flush=True)
+    if json:
+        with open(json, "w") as f:
+            json_lib.dump({"model_config": path, "memory": est}, f, indent=1)
+        print(f"wrote {json}")
+
+
+# -----------------------------------------------------------------------------------------------------------------
 
 @one_line_errors("bench.py")
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
+    estimate = "--memory" in argv or "--memory=True" in argv
     if not any(not a.startswith("-") for a in argv):  # no config file: the default model for this machine
-        on_cpu = "--device=cpu" in argv or not torch.cuda.is_available()
+        on_cpu = ("--device=cpu" in argv or not torch.cuda.is_available()) and not estimate
         argv.insert(0, "config/train_tiny.py" if on_cpu else "config/train_fineweb.py")
+    if estimate:  # a CUDA run's dtype, unless the config or --dtype says otherwise (they come later in argv)
+        argv.insert(0, "--dtype=bfloat16")
     path = next(a for a in argv if not a.startswith("-"))
     c = configure(_DEFAULTS, argv, description=__doc__.strip().split("\n\n")[0], quiet=True,
                   skip_unknown_file_keys=True)
@@ -193,6 +310,8 @@ def main(argv=None):
     check_choice("optimizer", optimizer, ("adamw", "muon"))
     if baseline and baseline_model == "gpt":
         globals()["optimizer"] = "adamw"  # the GPT-2-style baseline has no Muon routing: time both with AdamW
+    if memory:
+        return print_memory_estimate(path, cfg)
     B, T = batch_size, cfg.max_seq_len
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -201,6 +320,8 @@ def main(argv=None):
     machine = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"bench.py: {path}, {machine}, {dtype}, compile={compile}, batch {B} x {T}, optimizer {optimizer}, "
           f"torch {torch.__version__}", flush=True)
+    if dev.type == "cuda":  # whether the MoE numbers below come from the fused grouped GEMM or its slow fallback
+        print(grouped_mm_path(torch.cuda.get_device_capability(dev), DTYPES[dtype])[1], flush=True)
     res = {"model_config": path, "machine": machine, "dtype": dtype, "compile": compile, "optimizer": optimizer,
            "batch_size": B, "seq_len": T, "torch": torch.__version__, "peak_flops": peak or None}
 

@@ -638,6 +638,27 @@ def gpu_peak_flops(device):
     return next((v for k, v in PEAK_FLOPS.items() if k in name), 0.0)
 
 
+def grouped_mm_path(capability, dtype):
+    """(fast, line): whether the MoE's F.grouped_mm runs PyTorch's fused kernel on a CUDA device of this (major, minor)
+    compute capability with operands of this dtype, and a line saying so. PyTorch's _grouped_mm_cuda
+    (aten/src/ATen/native/cuda/GroupedBlas.cpp) takes its fused kernel only where
+    _scaled_mm_allowed_device(sm90_only=true, sm100_only=true) holds, i.e. major == 9 or 10 (H100/H200, B200/B300),
+    and both operands and the output are bf16. Anything else (A100, RTX 3090/4090, L4, RTX 5090 at 12.0; fp32 on
+    an H100) takes _grouped_mm_fallback (GroupedMMUtils.h): the offsets copied to the host, a sync, then one mm per
+    expert, in each of an MoE layer's 9 grouped matmuls (3 forward, 6 backward). No faster path is offered here:
+    without the offsets on the host, a sync-free one must pad every expert to all N*K rows (E times the memory) or
+    run every token through every expert (E/K times the FLOPs), and torch.compile takes the same fallback (Inductor's
+    Triton grouped-GEMM template is gated to capability >= 9.0)."""
+    major, minor = capability
+    head = f"grouped_mm: CUDA compute capability {major}.{minor}, {str(dtype).removeprefix('torch.')}:"
+    if major in (9, 10) and dtype == torch.bfloat16:
+        return True, f"{head} PyTorch's fused grouped GEMM kernel for the MoE experts (no host sync)"
+    return False, (f"{head} no fused grouped GEMM kernel (PyTorch has one for capability 9.x/10.x in bfloat16 only): "
+                   "each MoE grouped matmul copies the expert offsets to the host (a sync) and runs one matmul per "
+                   "expert, so the MoE will be slow here: bench.py --baseline_model=dense shows how slow against "
+                   "the same model all dense")
+
+
 def init_distributed(device):
     """Under torchrun (RANK set): join the process group (NCCL on CUDA, gloo on the CPU) and take this process's
     GPU. Returns (ddp, rank, local_rank, world_size, device); outside torchrun (False, 0, 0, 1, device)."""

@@ -305,6 +305,11 @@ start_step = step
 rep = raw_model.param_report()
 log(f"parameters: {rep['total'] / 1e6:.1f}M total, {rep['active'] / 1e6:.1f}M active per token "
     f"(+{rep['active_with_mtp'] - rep['active']:,} in MTP), flops/token {raw_model.flops_per_token() / 1e9:.3f} G")
+if device_type == "cuda" and master:  # the MoE's grouped_mm path on this GPU, and the memory this run should take
+    from bench import memory_estimate, memory_lines
+    from model import DTYPES, grouped_mm_path
+    log(grouped_mm_path(torch.cuda.get_device_capability(device), DTYPES[dtype])[1])
+    log("\n".join(memory_lines(memory_estimate(raw_model, [optimizer], batch_size, dtype, seq_len=256))))
 model = raw_model  # what the loop calls: compiled and/or DDP-wrapped
 if compile:
     log("compiling the model... (about a minute)")
