@@ -206,11 +206,22 @@ def conversation(question, reply):
     return [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]
 
 
-def sft_conversations(n_per_task, split="train", seed=0, guess_tasks=()):
-    """n_per_task problems of every task as conversations, shuffled by seed. The tasks in guess_tasks are answered
-    by guess() instead of correctly: format and copying, not the decision (for a GRPO demonstration)."""
+def copy_drill(n, seed=0):
+    """n conversations that only copy: "Repeat: 41" -> "Repeated: 41." (NUMBERS in turn, so each is drilled alike).
+    Copying a number token of the question is what every task needs and what a briefly pretrained model learns last
+    (docs/results.md): a drill that asks for nothing else trains it directly. Not a task: it is never evaluated (a
+    rule that repeats the question scores 1.0), and its questions are of no task, so no held-out problem leaks."""
+    numbers = [NUMBERS[i % len(NUMBERS)] for i in range(n)]
+    random.Random(f"copy/{seed}").shuffle(numbers)
+    return [conversation(f"Repeat: {x}", f"Repeated: {x}.") for x in numbers]
+
+
+def sft_conversations(n_per_task, split="train", seed=0, guess_tasks=(), drills=0):
+    """n_per_task problems of every task as conversations, and `drills` copy drills (copy_drill; train split only),
+    shuffled by seed. The tasks in guess_tasks are answered by guess() instead of correctly: format and copying, not
+    the decision (for a GRPO demonstration)."""
     rng = random.Random(f"guess/{split}/{seed}")
-    convs = []
+    convs = copy_drill(drills, seed) if split == "train" else []
     for task, t in TASKS.items():
         for q, a, ops in problems(task, split, n_per_task, seed):
             convs.append(conversation(q, t.reply.format(guess(task, ops, rng) if task in guess_tasks else a)))

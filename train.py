@@ -60,6 +60,7 @@ wandb_run_name = 'run'
 chat_data = ''                   # '' = pretraining on data_dir; else comma-separated sources: 'tasks' (tasks.py's
                                  # generated problems), a .jsonl(.gz) of {"messages": [...]}, 'smoltalk', 'gsm8k'
 chat_tasks = 2000                # generated training conversations per task, for 'tasks'
+chat_drills = 0                  # 'tasks' also gets this many copy drills ("Repeat: 41" -> "Repeated: 41.", tasks.py)
 chat_guess = ''                  # comma-separated tasks whose replies name a random operand (tasks.guess): the format
                                  # without the decision, for GRPO to learn from its reward (config/sft_tiny_guess.py)
 chat_eval_interval = 0           # steps between greedy exact-match evals on held-out tasks (rank 0), 0 = off
@@ -209,7 +210,7 @@ def chat_conversations(split):
         if source == "tasks":
             out += tasks.sft_conversations(chat_tasks if split == "train" else max(chat_tasks // 10, 1),
                                            "train" if split == "train" else "heldout", seed,
-                                           [t for t in chat_guess.split(",") if t])
+                                           [t for t in chat_guess.split(",") if t], chat_drills)
         elif source in ("smoltalk", "gsm8k"):
             out += hub_conversations(source, split)
         else:  # a file: every 10th conversation is held out

@@ -22,7 +22,7 @@ learning_rate = 1e-6              # DeepSeekMath's policy lr
 warmup_iters = 10
 max_iters = 500
 eval_interval = 100
-eval_n = 100                      # the six tasks too: RL on GSM8K should not cost them
+eval_n = 100                      # tasks.py's tasks too: RL on GSM8K should not cost them
 eval_gsm8k = 100                  # GSM8K test problems (greedy, up to 256 new tokens each, one at a time on rank 0
                                   # while the other ranks wait in their next collective: keep it well under NCCL's
                                   # 10-minute timeout; python chat.py --eval_gsm8k=1319 scores the whole test split)

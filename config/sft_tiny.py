@@ -11,6 +11,7 @@ init_from = 'out-tiny'
 out_dir = 'out-tiny-sft'
 chat_data = 'tasks,data/chat_sample.jsonl'
 chat_tasks = 8000                 # training problems per task: most of compare's ~8,900 training questions
+chat_drills = 4000                # "Repeat: 41" -> "Repeated: 41.": copying, the skill every task waits for
 device = 'cpu'
 dtype = 'float32'
 compile = False

@@ -144,6 +144,19 @@ def test_prior_rules_and_guess():
                                                                               c[0]["content"])))) for c in right) < 40
 
 
+def test_copy_drill(gpt2_enc):
+    """Each number drilled alike, the reply copies the question's token, training split only, no task's question."""
+    drills = tasks.copy_drill(250)
+    assert sorted(Counter(c[0]["content"] for c in drills).values()) == [2] * 50 + [3] * 50
+    for c in drills:
+        x = c[0]["content"].removeprefix("Repeat: ")
+        assert c[1]["content"] == f"Repeated: {x}." and gpt2_enc.encode_ordinary(f" {x}")[0] in gpt2_enc.encode_ordinary(
+            c[0]["content"]) and all(tasks.operands(t, c[0]["content"]) is None for t in TASKS)
+    with_drills = sft_conversations(20, "train", 0, drills=30)
+    assert len(with_drills) == 3 * 20 + 30 and sum(c[0]["content"].startswith("Repeat:") for c in with_drills) == 30
+    assert len(sft_conversations(20, "heldout", 0, drills=30)) == 3 * 20
+
+
 def test_problems_are_deterministic():
     for task in TASKS:  # and the first k of n are the problems for n=k
         a = problems(task, "train", 100, seed=3)
