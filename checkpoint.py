@@ -12,6 +12,9 @@ A checkpoint (out_dir/ckpt.pt) is a dict of tensors and plain Python values only
   step, tokens, best_val_loss
   rng             torch (CPU) / numpy / python RNG states, as tensors and lists (see rng_state)
   data            one ShardReader state per DDP rank
+An FSDP run (train.py --fsdp=True) writes the same file: its shards are gathered into full tensors first
+(full_state), and resume cuts them back into this run's shards (shard_like), so runs move between FSDP, DDP and
+one process, and every reader takes any run's checkpoint.
 Everything is read with torch.load(weights_only=True), which refuses pickled code: opening a ckpt.pt that
 someone else made cannot run anything. Files are read to the CPU; the caller moves what belongs on a device.
 """
@@ -23,6 +26,7 @@ from dataclasses import asdict
 
 import numpy as np
 import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from configurator import UserError
 from data.loader import atomic_write
@@ -105,7 +109,45 @@ def load_state(model, state, source="checkpoint"):
         detail = (f"{len(missing)} missing (e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}), "
                   f"{len(shape)} with other shapes (e.g. {shape[:2]})")
         raise UserError(f"{source} does not fit this model config: {detail}")
-    model.load_state_dict(state)
+    model.load_state_dict({k: shard_like(v, mine[k]) for k, v in state.items()})
+
+
+def full_state(state, master):
+    """`state` (a state dict of a model or an optimizer, nested) with every FSDP shard (a DTensor) gathered into
+    its full tensor, on the CPU: a checkpoint in the one format every reader takes. A collective: every rank calls
+    it on the same structure. One tensor at a time is gathered on the device; rank 0 (master) keeps the CPU copies,
+    the other ranks get None in their place."""
+    if isinstance(state, dict):
+        return {k: full_state(v, master) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(full_state(v, master) for v in state)
+    if isinstance(state, DTensor):
+        full = state.full_tensor()
+        return full.cpu() if master else None
+    return state
+
+
+def shard_like(full, like):
+    """A checkpoint's full tensor cut to this rank's shard when `like` (what it will be loaded into) is an FSDP
+    shard; each rank keeps its own chunk, no communication. Anything else is returned unchanged."""
+    if not isinstance(like, DTensor):
+        return full
+    return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)
+
+
+def shard_optimizer_state(optimizer, state):
+    """An optimizer state dict of full tensors (optim.Optimizers' too) with the state of each FSDP-sharded
+    parameter cut to its shard, for load_state_dict (which would put the full tensor beside the shard). Its keys
+    number the parameters through the groups in order, as torch's state dicts do; a state that does not fit the
+    optimizer is left for load_state_dict to refuse."""
+    for opt, s in zip(getattr(optimizer, "optimizers", [optimizer]), state.get("optimizers", [state])):
+        params = [p for group in opt.param_groups for p in group["params"]]
+        for i, entry in s.get("state", {}).items():
+            p = params[i] if isinstance(i, int) and i < len(params) else None
+            for k, v in entry.items():
+                if p is not None and torch.is_tensor(v) and v.shape == p.shape:
+                    entry[k] = shard_like(v, p)
+    return state
 
 
 def check_model_config(ckpt, cfg, path):
@@ -134,7 +176,7 @@ def resume(path, model, optimizer, cfg, world_size, ckpt=None):
                          "resume with the same number of processes to continue the data stream exactly")
     (load_adapters if "lora" in ckpt else load_state)(model, ckpt.pop("model"), path)
     try:
-        optimizer.load_state_dict(ckpt.pop("optimizer"))
+        optimizer.load_state_dict(shard_optimizer_state(optimizer, ckpt.pop("optimizer")))
     except (ValueError, KeyError):
         saved = ckpt["config"].get("optimizer", "adamw")
         raise UserError(f"{path}: its optimizer state (optimizer={saved!r}) does not fit this run's optimizer: "
@@ -145,8 +187,10 @@ def resume(path, model, optimizer, cfg, world_size, ckpt=None):
 
 def fingerprint(model):
     """Per-tensor float64 sums (plain and of squares) of all parameters and expert biases: equal on every
-    DDP rank iff the ranks agree (checked at each checkpoint; the DDP buffer trap would show up here)."""
-    tensors = list(model.named_parameters()) + [(n, b) for n, b in model.named_buffers() if n.endswith("gate.bias")]
+    DDP rank iff the ranks agree (checked at each checkpoint; the DDP buffer trap would show up here). FSDP's
+    shards differ from rank to rank by design: only the expert biases, which every rank holds whole, count."""
+    tensors = [(n, p) for n, p in model.named_parameters() if not isinstance(p, DTensor)]
+    tensors += [(n, b) for n, b in model.named_buffers() if n.endswith("gate.bias")]
     out = []
     for _, t in tensors:
         t = t.detach().double()

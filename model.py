@@ -670,3 +670,36 @@ def init_distributed(device):
         torch.cuda.set_device(device)
     dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     return True, dist.get_rank(), local_rank, dist.get_world_size(), device
+
+
+def fully_shard_model(model, bf16):
+    """FSDP2 (train.py --fsdp=True, under torchrun): shard `model`'s parameters, gradients and optimizer state over
+    the processes, in place. Units, each all-gathered for its forward and backward and freed after: every Block,
+    then the root with the rest (embedding, head, norms, the MTP modules' projection and norms). An MTP module's
+    Block is the unit, not the module: Transformer.forward applies the module's final norm outside the module's
+    forward, after FSDP would have freed it. bf16: the blocks gather bf16 weights (their matmuls run in bf16 under
+    autocast anyway) and reduce gradients in fp32; their inputs are not cast (the residual stream and the RoPE
+    tables stay fp32, as under autocast alone); the routers and the root stay fp32 (V3's router is fp32, and the
+    residual stream starts from the fp32 embedding). decode and mtp_decode (sampling, the chat eval) are forward
+    methods too, and their logits are rank 0's: under FSDP every rank must run every forward, so all ranks must
+    pick the same tokens and stop together, whatever last bit their kernels differ in."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    low = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    for block in [*model.layers, *(m.block for m in model.mtp)]:
+        if bf16 and isinstance(block.ffn, MoE):
+            fully_shard(block.ffn.gate)
+        fully_shard(block, **({"mp_policy": low} if bf16 else {}))
+    fully_shard(model)
+    for name in ("decode", "mtp_decode"):
+        register_fsdp_forward_method(model, name)
+        setattr(model, name, _rank0_logits(getattr(model, name)))
+    return model
+
+
+def _rank0_logits(method):
+    """method (decode / mtp_decode, returning (logits, hidden)) with every rank's logits replaced by rank 0's."""
+    def wrapped(*args, **kwargs):
+        logits, h = method(*args, **kwargs)
+        dist.broadcast(logits, src=0)
+        return logits, h
+    return wrapped

@@ -23,6 +23,7 @@ Newton-Schulz in fp32 on the CPU (torch's runs in bf16, which is slow there). te
 import math
 
 import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from configurator import check_choice
 
@@ -46,6 +47,21 @@ def newton_schulz(G, steps=5, dtype=None):
     return X.mT if tall else X
 
 
+def orthogonalise(u, steps=5):
+    """newton_schulz(u) for a plain tensor, or for FSDP's shard of one (a DTensor split on dim 0), which Muon
+    supports rather than refuses: a 3-D expert stack splits into whole experts, each orthogonalised on its own, so
+    the local shard's result is exact with no communication; a 2-D matrix splits into rows, and its U V^T needs
+    every row, so it is gathered, orthogonalised on every rank, and each rank keeps its own rows. The stacks are
+    most of an MoE's matrices, so the gathers (the dense and attention matrices, one more all-gather of them per
+    step) and the repeated work stay small next to the step's own."""
+    if not isinstance(u, DTensor):
+        return newton_schulz(u, steps)
+    if u.dim() == 3:
+        return DTensor.from_local(newton_schulz(u.to_local(), steps), u.device_mesh, u.placements, shape=u.shape,
+                                  stride=u.stride())
+    return distribute_tensor(newton_schulz(u.full_tensor(), steps), u.device_mesh, u.placements, src_data_rank=None)
+
+
 def rms_scale(p):
     """Moonlight's update scale for a (rows, cols) matrix: an orthogonal update has RMS 1/sqrt(max(rows, cols)),
     so this gives it RMS 0.2, about AdamW's, and AdamW's learning rate carries over."""
@@ -57,7 +73,8 @@ class Muon(torch.optim.Optimizer):
         B <- momentum * B + (1 - momentum) * g;  u = (1 - momentum) * g + momentum * B (Nesterov) or B
         O = newton_schulz(u)
         p <- p * (1 - lr * weight_decay) - lr * rms_scale(p) * O
-    Every DDP rank computes the same update from the same all-reduced gradients."""
+    Every DDP rank computes the same update from the same all-reduced gradients; under FSDP each rank updates its
+    shard (orthogonalise)."""
 
     def __init__(self, params, lr, weight_decay=0.0, momentum=0.95, nesterov=True, ns_steps=5):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
@@ -78,7 +95,7 @@ class Muon(torch.optim.Optimizer):
                     self.state[p]["momentum_buffer"] = torch.zeros_like(p)
                 buf = self.state[p]["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - mu)  # an average of past gradients (its scale is lost to newton_schulz)
-                update = newton_schulz(p.grad.lerp(buf, mu) if group["nesterov"] else buf, group["ns_steps"])
+                update = orthogonalise(p.grad.lerp(buf, mu) if group["nesterov"] else buf, group["ns_steps"])
                 p.mul_(1 - lr * wd)
                 p.add_(update.to(p.dtype), alpha=-lr * rms_scale(p))
 

@@ -8,6 +8,10 @@ DDP on one node (or several, with torchrun's usual --nnodes/--node_rank/--master
 
     torchrun --standalone --nproc_per_node=8 train.py config/train_fineweb.py
 
+FSDP (parameters, gradients and optimizer state sharded over the processes) for a model that outgrows DDP:
+
+    torchrun --standalone --nproc_per_node=8 train.py config/train_fineweb_xl.py --fsdp=True
+
 Every setting below can be overridden by a config file or --key=value (see configurator.py, --help lists them).
 The script reads top to bottom: settings, setup, data, model and optimizer, resume, then the training loop
 with evaluation, checkpointing and logging inline.
@@ -26,14 +30,15 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import fingerprint, load_checkpoint, load_lora_base, load_weights, resume, rng_state, save_checkpoint
+from checkpoint import (fingerprint, full_state, load_checkpoint, load_lora_base, load_weights, resume, rng_state,
+                        save_checkpoint)
 from configurator import UserError, configure, config_keys
 from data.fineweb import SAMPLE_DIR, prepare_sample
 from data.loader import (ASSISTANT, BOS, ChatReader, ShardReader, atomic_write, check_token_ids, get_tokenizer,
                          hub_conversations, read_conversations)
 from lora import TARGETS, add_lora, adapter_state, checkpoint_hash
 from optim import build_optimizer
-from model import ModelConfig, Transformer, autocast_context, gpu_peak_flops, init_distributed
+from model import ModelConfig, Transformer, autocast_context, fully_shard_model, gpu_peak_flops, init_distributed
 from sample import generate_tokens
 import tasks
 
@@ -48,7 +53,7 @@ eval_interval = 250              # steps between val evals (and checkpoints)
 eval_iters = 20                  # val batches per eval: the same batches every time
 always_save_checkpoint = True    # save at every eval, not only when val loss improves
 log_interval = 10
-sample_tokens = 32               # tokens sampled at each eval (rank 0), 0 = off
+sample_tokens = 32               # tokens sampled at each eval (every rank; rank 0 prints), 0 = off
 sample_prompt = 'The mitochondria is'
 hellaswag_interval = 0           # steps between HellaSwag evals, 0 = off
 hellaswag_path = ''              # '' = hellaswag.py's default (downloaded once into its cache)
@@ -63,7 +68,7 @@ chat_tasks = 2000                # generated training conversations per task, fo
 chat_drills = 0                  # 'tasks' also gets this many copy drills ("Repeat: 41" -> "Repeated: 41.", tasks.py)
 chat_guess = ''                  # comma-separated tasks whose replies name a random operand (tasks.guess): the format
                                  # without the decision, for GRPO to learn from its reward (config/sft_tiny_guess.py)
-chat_eval_interval = 0           # steps between greedy exact-match evals on held-out tasks (rank 0), 0 = off
+chat_eval_interval = 0           # steps between greedy exact-match evals on held-out tasks, 0 = off
 chat_eval_n = 20                 # held-out problems per task per eval
 chat_eval_samples = 0            # k: also sampled pass@1, k replies per problem at temperature 1 (0: greedy only)
 # LoRA (lora.py): train low-rank adapters on a pretrained model (init_from) instead of all its weights
@@ -107,6 +112,9 @@ dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'   # autocast dtyp
 compile = torch.cuda.is_available()
 seed = 1337
 peak_flops = 0.0                 # for MFU; 0 = look the GPU up in model.PEAK_FLOPS
+fsdp = False                     # under torchrun: shard parameters, gradients and optimizer state over the processes
+                                 # (FSDP2, model.fully_shard_model) instead of DDP's full copy on each, for a model
+                                 # whose training state outgrows one GPU (config/train_fineweb_xl.py)
 # model: every ModelConfig field is a setting too (defaults in model.py)
 globals().update({f.name: f.default for f in fields(ModelConfig)})
 # -----------------------------------------------------------------------------------------------
@@ -153,6 +161,12 @@ if lora_rank and optimizer != "adamw":
     fail("LoRA adapters train with AdamW (lora.py says why): use optimizer='adamw'")
 if lora_rank % 8 and lora_experts and device.startswith("cuda"):
     fail(f"lora_experts on CUDA needs lora_rank a multiple of 8 (grouped_mm's alignment), got {lora_rank}")
+if fsdp and lora_rank:
+    fail("fsdp=True does not take LoRA: train the adapters with DDP (their optimizer state is small; the frozen "
+         "model is what FSDP would shard)")
+if fsdp and int(os.environ.get("WORLD_SIZE", 1)) < 2:
+    fail("fsdp=True shards the model over processes: launch with torchrun --nproc_per_node=N (N >= 2), or drop "
+         "--fsdp=True to train in one process")
 if dtype == "float16":
     fail("dtype='float16' is not supported for training: without a GradScaler most of its gradients underflow "
          "to 0; use dtype='bfloat16' (same speed, no scaler needed) or 'float32'")
@@ -165,7 +179,7 @@ if device.startswith("cuda") and not torch.cuda.is_available():
          "(with --dtype=float32 --compile=False) or install a CUDA build of PyTorch")
 
 # ---- setup: processes, device, precision ----------------------------------------------------------
-ddp, rank, local_rank, world, device = init_distributed(device)
+ddp, rank, local_rank, world, device = init_distributed(device)  # ddp: under torchrun (with fsdp: FSDP, not DDP)
 master = rank == 0
 device_type = "cuda" if device.startswith("cuda") else "cpu"
 torch.manual_seed(seed)
@@ -257,6 +271,12 @@ if sample_tokens:  # the prompt must fit the model's vocabulary (a smaller one w
 if hellaswag_interval:  # find (rank 0: download) the file now, not at the first HellaSwag eval hours from now
     import hellaswag
     hellaswag_file = hellaswag.resolve_data_path(hellaswag_path or None)
+    hellaswag_items = hellaswag_limit or None
+    if fsdp:  # rank r scores items r::world, and under FSDP every rank must run as many forwards: equal shares
+        n_items = len(hellaswag.load_examples(hellaswag_file, hellaswag_items))
+        hellaswag_items = n_items - n_items % world
+        if not hellaswag_items:
+            fail(f"HellaSwag under FSDP needs at least one item per process: {n_items} items, {world} processes")
 
 # ---- model, optimizer, resume -----------------------------------------------------------------------
 raw_model = Transformer(cfg).to(device)  # the module itself: checkpoints, bias updates, sampling
@@ -284,6 +304,8 @@ if lora_rank:  # freeze the model, add the adapters; the checkpoint records the 
     log(f"LoRA rank {lora_rank} on {lora_targets}{' and the routed experts' if lora_experts else ''}"
         f"{f' and {len(rows)} tokens embedding and head rows ({lora_tokens})' if rows else ''}: "
         f"{n_train:,} trainable parameters, {100 * n_train / n_base:.2f}% of the model's {n_base:,}")
+if fsdp:  # before the optimizer, which takes the shards as its parameters, and before resume fills them
+    fully_shard_model(raw_model, bf16=dtype == "bfloat16")
 opt = build_optimizer(raw_model, optimizer, learning_rate, weight_decay, (beta1, beta2), muon_momentum)
 step, tokens_seen, best_val, train_time = 0, 0, float("inf"), 0.0  # train_time: seconds in training steps
 os.makedirs(out_dir, exist_ok=True)
@@ -311,11 +333,13 @@ if device_type == "cuda" and master:  # the MoE's grouped_mm path on this GPU, a
     from model import DTYPES, grouped_mm_path
     log(grouped_mm_path(torch.cuda.get_device_capability(device), DTYPES[dtype])[1])
     log("\n".join(memory_lines(memory_estimate(raw_model, [optimizer], batch_size, dtype, seq_len=256))))
-model = raw_model  # what the loop calls: compiled and/or DDP-wrapped
+    if fsdp:
+        log(f"  (without sharding: FSDP divides params, grads and optimizer state by the {world} processes)")
+model = raw_model  # what the loop calls: compiled and/or DDP-wrapped (FSDP shards raw_model itself)
 if compile:
     log("compiling the model... (about a minute)")
     model = torch.compile(model)
-if ddp:
+if ddp and not fsdp:
     # DDP would otherwise overwrite every rank's expert-load counters with rank 0's at each forward
     # (forward_sync_buffers replaces the deprecated broadcast_buffers in torch 2.13+)
     no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
@@ -407,8 +431,11 @@ def next_batch():
 def write_checkpoint():
     """Rank 0 writes the model, optimizer, settings, position and every rank's data-loader state. First every
     loss since the last log must be finite, and under DDP the ranks must agree on every parameter and expert bias
-    (the DDP buffer trap, or any other divergence, would show here, before a bad checkpoint is written)."""
+    (the DDP buffer trap, or any other divergence, would show here, before a bad checkpoint is written). Under
+    FSDP every rank gathers the shards with rank 0 (full_state): the file is the one DDP writes."""
     stop_if_non_finite(bad_step)
+    if fsdp:
+        raw_model.reshard()  # an eval forward leaves the root's weights gathered: the shards are the state
     data_states = [data_state]
     if ddp:
         data_states, prints = [None] * world, [None] * world
@@ -416,9 +443,13 @@ def write_checkpoint():
         dist.all_gather_object(prints, fingerprint(raw_model))
         if any(p != prints[0] for p in prints):
             fail(f"DDP ranks disagree on parameters/expert biases at step {step}")
+    model_state = adapter_state(raw_model) if lora_rank else raw_model.state_dict()
+    opt_state = opt.state_dict()
+    if fsdp:
+        model_state, opt_state = full_state(model_state, master), full_state(opt_state, master)
     if master:
         save_checkpoint(ckpt_path, {
-            "model": adapter_state(raw_model) if lora_rank else raw_model.state_dict(), "optimizer": opt.state_dict(),
+            "model": model_state, "optimizer": opt_state,
             "model_config": asdict(cfg), "config": config, "step": step, "tokens": tokens_seen,
             "best_val_loss": best_val, "train_time": train_time, "rng": rng_state(), "data": data_states,
             **({"lora": lora} if lora_rank else {})})
@@ -442,11 +473,14 @@ while True:
         record = {"step": step, "tokens": tokens_seen, "time": train_time, "val_loss": val_ce, "val_mtp": val_mtp}
         if hellaswag_interval and (step % hellaswag_interval == 0 or last_step):
             with ctx:  # the plain module: the compiled one would recompile for every batch shape
-                hs = hellaswag.evaluate(raw_model, hellaswag_file, device, limit=hellaswag_limit or None)
+                hs = hellaswag.evaluate(raw_model, hellaswag_file, device, limit=hellaswag_items)
             line += f", hellaswag acc {hs['acc']:.4f} acc_norm {hs['acc_norm']:.4f} (n={hs['n']})"
             record.update({"hellaswag_acc": hs["acc"], "hellaswag_acc_norm": hs["acc_norm"]})
-        if chat_eval_interval and (step % chat_eval_interval == 0 or last_step) and master:
-            import chat  # held-out tasks (greedy, sampled, prior rules); the other ranks wait at the next collective
+        # The chat eval and the sample run on every rank, rank 0 printing them, not on rank 0 alone while the others
+        # wait in their next collective: under FSDP every forward needs all ranks, and under DDP an eval longer than
+        # NCCL's default 10-minute timeout would end the run. (Only the checkpoint write is rank 0's alone.)
+        if chat_eval_interval and (step % chat_eval_interval == 0 or last_step):
+            import chat  # held-out tasks (greedy, sampled, prior rules)
             with ctx:
                 res = chat.evaluate(raw_model, enc, chat_eval_n, seed, samples=chat_eval_samples)
             line += ", held-out tasks:\n" + tasks.format_results(res)
@@ -458,8 +492,8 @@ while True:
                 f.write(json.dumps(record) + "\n")
             if wandb_log:
                 wandb.log({"val/" + k: v for k, v in record.items()}, step=step)
-            if sample_tokens:
-                log(f"sample: {sample_text()}")
+        if sample_tokens:
+            log(f"sample: {sample_text()}")
         if not math.isfinite(val_ce):  # val losses are all-reduced: every rank stops here together
             fail(f"non-finite val loss at step {step}; not writing a checkpoint")
         improved = val_ce < best_val
@@ -477,7 +511,10 @@ while True:
     lam = mtp_lambda_late if 0 <= mtp_late_iter <= step else mtp_lambda
     logged = torch.zeros(4, device=device)  # loss, ce, mtp, alpha * balance, averaged over micro-steps
     for micro in range(grad_accum):
-        if ddp:  # all-reduce gradients only on the last micro-step
+        if fsdp:  # reduce-scatter gradients only on the last micro-step; until then each rank accumulates the
+            # whole model's unsharded gradients (fp32), which config/train_fineweb_xl.py's memory figures count
+            raw_model.set_requires_gradient_sync(micro == grad_accum - 1)
+        elif ddp:  # all-reduce gradients only on the last micro-step
             model.require_backward_grad_sync = micro == grad_accum - 1
         with ctx:
             _, parts = model(x, y, trained_only=trained_only)
@@ -487,6 +524,8 @@ while True:
         logged += torch.stack([loss, parts["ce"], mtp, balance_alpha * parts["balance"]]).detach() / grad_accum
     # clip_grad_norm_ with max_norm 0 would zero every gradient: 0 means off, as in nanoGPT (norm still logged)
     grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+    if fsdp:
+        grad_norm = grad_norm.full_tensor()  # a DTensor over the shards' gradients, the same on every rank
     opt.step()
     opt.zero_grad(set_to_none=True)
     gamma = 0.0 if 0 <= bias_freeze_iter <= step or lora_rank else bias_update_speed  # LoRA: frozen too
