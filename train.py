@@ -277,6 +277,7 @@ if hellaswag_interval:  # find (rank 0: download) the file now, not at the first
         hellaswag_items = n_items - n_items % world
         if not hellaswag_items:
             fail(f"HellaSwag under FSDP needs at least one item per process: {n_items} items, {world} processes")
+        log(f"HellaSwag under FSDP: {hellaswag_items:,} of its {n_items:,} items, an equal share per process")
 
 # ---- model, optimizer, resume -----------------------------------------------------------------------
 raw_model = Transformer(cfg).to(device)  # the module itself: checkpoints, bias updates, sampling
