@@ -281,8 +281,8 @@ import torch.distributed as dist
 rank = os.environ["RANK"]
 if rank == "1":
     forward, calls = model.Transformer.forward, []
-    def poisoned(self, idx, targets=None):
-        logits, parts = forward(self, idx, targets)
+    def poisoned(self, idx, targets=None, **kw):
+        logits, parts = forward(self, idx, targets, **kw)
         if parts is not None and self.training:
             calls.append(1)
             if len(calls) > 2:
