@@ -91,7 +91,7 @@ def test_conversation_files_and_gsm8k_rows(tmp_path):
     assert conv[0] == turn("user", row["question"]) and conv[1]["content"] == ("Natalia sold 48/2 = 24 clips in May.\n"
                                                                              "Natalia sold 48+24 = 72 clips altogether "
                                                                              "in April and May.\nThe answer is 72.")
-    assert tasks.check("add", conv[1]["content"], "72")  # the task checkers read it
+    assert tasks.check_gsm8k(conv[1]["content"], "72")  # GSM8K's checker (GRPO's reward) reads it
     render_conversation(conv)
 
 
