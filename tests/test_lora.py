@@ -165,7 +165,7 @@ def test_lora_sft_resumes_exactly_runs_under_ddp_and_pins_its_base(tmp_path):
     replies = {t for c in tasks.sft_conversations(40, "train", 1337) for t in enc.encode_ordinary(c[1]["content"])}
     rows = sorted(replies | set(range(50257, 50261)))
     assert a["lora"]["token_rows"] == rows and a["model"]["embed.lora_rows"].shape == (len(rows), 32)
-    assert a["model"]["head.lora_rows"].shape == (len(rows), 32) and 100 < len(rows) < 200
+    assert a["model"]["head.lora_rows"].shape == (len(rows), 32) and 90 < len(rows) < 200
     assert a["model"]["layers.1.ffn.experts.w1_lora_B"].abs().sum() > 0  # the experts' adapters trained
     # readers get the merged model: base weights + (alpha / r) B A, expert bias unchanged
     merged, _ = load_model(straight)
