@@ -9,7 +9,7 @@ Under the device tool (15 minutes of device time in all; plain `python3` holds P
     run(command="PYTHONUNBUFFERED=1 python3 dev/gpu_check.py --out=$OUT/gpu_check.json", timeout_s=540)
 
 It brings back $OUT/gpu_check.json (the report) and $OUT/gpu_check.log (every command's output). Nothing comes
-from the network or from ../shared: the tokenizer (data/gpt2.tiktoken.gz) and the FineWeb-Edu sample
+from the network or from outside the repository: the tokenizer (data/gpt2.tiktoken.gz) and the FineWeb-Edu sample
 (data/fineweb_edu_sample.jsonl.gz) ship with the repository. --budget_s (default 480) bounds the whole run: each
 command's limit (LIMIT_S) is cut to what is left, so the report is written before the tool's timeout_s; it is
 also rewritten after every step. After a failure, --only=bench,memory reruns some steps (sample, export and
