@@ -20,8 +20,9 @@ Measures, after warm-up steps, on random tokens:
            and all, the dense SwiGLU of inter_dim in place of each MoE), the MoE-vs-dense ablation of docs/results.md;
   decode   tokens/s of cached decoding (absorbed MLA, latent cache) and of recomputing the full forward per
            token, with the cache bytes per token against multi-head attention.
-The per-backend timing of MLA's attention is dev/sdpa_backends.py. On a GPU whose compute capability is not 9.x or
-10.x, PyTorch has no fused grouped GEMM for the MoE and bench.py says so first (model.grouped_mm_path).
+The per-backend timing of MLA's attention is dev/sdpa_backends.py; bench.py first prints the kernel SDPA picks for
+it here (model.sdpa_path). On a GPU whose compute capability is not 9.x or 10.x, PyTorch has no fused grouped GEMM
+for the MoE and bench.py says so first (model.grouped_mm_path).
 
 --memory only estimates the GPU memory of training the config at its batch_size, with AdamW and with Muon (train.py
 prints the same for its optimizer when it starts on CUDA): parameters, gradients and optimizer state exactly, the
@@ -40,7 +41,8 @@ import torch.nn.functional as F
 
 from configurator import check_choice, configure, config_keys, one_line_errors
 from optim import build_optimizer, muon_takes
-from model import DTYPES, ModelConfig, Transformer, autocast_context, check_device, gpu_peak_flops, grouped_mm_path
+from model import (DTYPES, ModelConfig, Transformer, autocast_context, check_device, gpu_peak_flops, grouped_mm_path,
+                   sdpa_path)
 
 # -----------------------------------------------------------------------------------------------------------------
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
@@ -322,6 +324,7 @@ def main(argv=None):
           f"torch {torch.__version__}", flush=True)
     if dev.type == "cuda":  # whether the MoE numbers below come from the fused grouped GEMM or its slow fallback
         print(grouped_mm_path(torch.cuda.get_device_capability(dev), DTYPES[dtype])[1], flush=True)
+    print(sdpa_path(cfg, dev, dtype)[1], flush=True)  # MLA's attention: a fused SDPA kernel, or the slow math one
     res = {"model_config": path, "machine": machine, "dtype": dtype, "compile": compile, "optimizer": optimizer,
            "batch_size": B, "seq_len": T, "torch": torch.__version__, "peak_flops": peak or None}
 

@@ -127,9 +127,12 @@ class ModelConfig:
         return cls(**d)
 
 
-# CPU SDPA has a flash kernel only for equal qk/v head dims, else it runs the O(T^2)-memory math kernel. Zero
-# columns in v give zero output columns, so padding v to the qk head dim is exact (and measured faster on CPU,
-# see the README). CUDA has cuDNN/efficient kernels for unequal dims.
+# CPU SDPA has a flash kernel only for equal qk/v head dims, else it runs the O(T^2)-memory math kernel
+# (check_head_dim_size_cpp, aten/src/ATen/native/transformers/sdp_utils_cpp.cpp). Zero columns in v give zero output
+# columns, so padding v to the qk head dim is exact (and measured faster on CPU, see the README). CUDA's flash
+# kernel also needs equal dims, but its memory-efficient kernel (head dims multiples of 8 in bf16/fp16, 4 in fp32,
+# v's storage offset 16-byte aligned) and cuDNN's (head dims <= 128 and multiples of 8, bf16/fp16, sm80+) take
+# unequal ones (cuda/sdp_utils.cpp): sdpa_path says which one a config gets.
 PAD_V_DEVICES = {"cpu"}
 
 # ----------------------------------------------------------------------------------------------
@@ -210,9 +213,9 @@ class MLA(nn.Module):
             mscale = 0.1 * cfg.mscale * math.log(cfg.rope_factor) + 1.0
             self.softmax_scale *= mscale * mscale
 
-    def forward(self, x, cos, sin, cache=None, start_pos=0):
-        """x (B, T, dim); cos/sin for positions start_pos..start_pos+T-1. cache=None: training path.
-        cache=(kv_cache (B, L, kv_lora_rank), pe_cache (B, L, qk_rope_head_dim)): absorbed decode path."""
+    def project(self, x, cos, sin):
+        """x (B, T, dim) -> q_nope (B, T, heads, qk_nope), roped q_pe (B, T, heads, qk_rope), the normed latent c
+        (B, T, kv_lora_rank) and the roped shared key k_pe (B, T, 1, qk_rope)."""
         B, T, _ = x.shape
         q = self.wq(x) if hasattr(self, "wq") else self.wq_b(self.q_norm(self.wq_a(x)))
         q = q.view(B, T, self.n_heads, self.nope + self.rope)
@@ -221,18 +224,32 @@ class MLA(nn.Module):
         c, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.rope], dim=-1)
         c = self.kv_norm(c)
         k_pe = apply_rotary_emb(k_pe.unsqueeze(2), cos, sin)  # (B, T, 1, rope): one head, shared by all heads
+        return q_nope, q_pe, c, k_pe
+
+    def sdpa_operands(self, q_nope, q_pe, c, k_pe):
+        """The training path's SDPA operands q, k, v (B, heads, T, head dim): per-head K/V materialised from the
+        latent, v zero-padded to the qk head dim on PAD_V_DEVICES. sdpa_path asks PyTorch which kernel these get."""
+        B, T = c.shape[:2]
+        kv = self.wkv_b(c).view(B, T, self.n_heads, self.nope + self.v_dim)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)  # v: a view at offset nope (efficient's alignment)
+        k = torch.cat([k_nope, k_pe.expand(-1, -1, self.n_heads, -1)], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        pad = self.nope + self.rope - self.v_dim
+        if c.device.type in PAD_V_DEVICES and pad > 0:
+            v = F.pad(v, (0, pad))
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def forward(self, x, cos, sin, cache=None, start_pos=0):
+        """x (B, T, dim); cos/sin for positions start_pos..start_pos+T-1. cache=None: training path.
+        cache=(kv_cache (B, L, kv_lora_rank), pe_cache (B, L, qk_rope_head_dim)): absorbed decode path."""
+        B, T, _ = x.shape
+        q_nope, q_pe, c, k_pe = self.project(x, cos, sin)
 
         if cache is None:
-            # Training: materialise per-head K/V and use fused causal SDPA.
-            kv = self.wkv_b(c).view(B, T, self.n_heads, self.nope + self.v_dim)
-            k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
-            k = torch.cat([k_nope, k_pe.expand(-1, -1, self.n_heads, -1)], dim=-1)
-            q = torch.cat([q_nope, q_pe], dim=-1)
-            pad = self.nope + self.rope - self.v_dim
-            if x.device.type in PAD_V_DEVICES and pad > 0:
-                v = F.pad(v, (0, pad))
-            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                               is_causal=True, scale=self.softmax_scale)
+            # Training: materialise per-head K/V and use fused causal SDPA. Lq == Lk here, so is_causal's mask is
+            # the usual one (PyTorch aligns it top-left, which only matters when Lq != Lk: see the decode path).
+            q, k, v = self.sdpa_operands(q_nope, q_pe, c, k_pe)
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
             return self.wo(o[..., :self.v_dim].transpose(1, 2).flatten(2))
 
         # Decode: absorb W^UK into the query and W^UV into the output; attend over the cached latent directly.
@@ -244,12 +261,16 @@ class MLA(nn.Module):
         w = self.wkv_b.merged_weight() if hasattr(self.wkv_b, "merged_weight") else self.wkv_b.weight
         w = w.view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
         q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w[:, :self.nope])
-        kvc, pec = kv_cache[:B, :end].type_as(q), pe_cache[:B, :end].type_as(q)
+        kvc, pec = kv_cache[:B, :end].type_as(q_nope), pe_cache[:B, :end].type_as(q_nope)
         scores = (torch.einsum("bthc,bsc->bths", q_lat, kvc) +
                   torch.einsum("bthr,bsr->bths", q_pe, pec)) * self.softmax_scale
+        # query i is at position start_pos + i: mask keys after it (bottom-right aligned). SDPA's is_causal would be
+        # wrong here when T != end: PyTorch aligns it top-left (query i sees keys 0..i), and CUDA's flash kernel
+        # refuses is_causal with Lq != Lk (check_flash_causal_non_square_seqlens, cuda/sdp_utils.cpp). With a
+        # top-left mask tests/test_model.py::test_absorbed_cached_decode_matches_full_forward fails.
         future = torch.arange(end, device=x.device)[None, :] > torch.arange(start_pos, end, device=x.device)[:, None]
         scores = scores.masked_fill(future[None, :, None, :], float("-inf"))
-        probs = scores.float().softmax(dim=-1).type_as(q)
+        probs = scores.float().softmax(dim=-1).type_as(q_nope)
         o_lat = torch.einsum("bths,bsc->bthc", probs, kvc)
         o = torch.einsum("bthc,hdc->bthd", o_lat, w[:, self.nope:])
         return self.wo(o.flatten(2))
@@ -657,6 +678,40 @@ def grouped_mm_path(capability, dtype):
                    "each MoE grouped matmul copies the expert offsets to the host (a sync) and runs one matmul per "
                    "expert, so the MoE will be slow here: bench.py --baseline_model=dense shows how slow against "
                    "the same model all dense")
+
+
+def sdpa_path(cfg, device, dtype):
+    """(fast, line): the kernel PyTorch's SDPA picks for MLA's training attention at cfg's shapes (one sequence of
+    max_seq_len, with gradients) on device under autocast to dtype ('bfloat16' | 'float16' | 'float32'), asked of
+    PyTorch itself (torch._fused_sdp_choice on the operands MLA.sdpa_operands builds, so their layout and v's view
+    offset are the real ones), and a line saying so. fast is False for MATH, the unfused kernel: it materialises
+    the (T, T) scores of every head, slow and O(T^2) in memory, and nothing else says it was taken. On CUDA with
+    qk head dim != v head dim (MLA: 96 / 64 here) flash refuses (equal dims only); cuDNN comes first where PyTorch
+    prefers it (sm90/sm100 with cuDNN > 9.15), else the memory-efficient kernel: both need head dims that are
+    multiples of 8 in bf16 (aten/src/ATen/native/transformers/cuda/sdp_utils.cpp). Under torch.compile the trace
+    asks the same chooser (_fused_sdp_choice_meta, attention.cpp), on Inductor's layouts. The module is built on
+    the meta device and given uninitialised memory, so no generator is drawn from."""
+    from torch.nn.attention import SDPBackend
+    device = torch.device(device)
+    with torch.device("meta"):
+        attn = MLA(cfg)
+    attn = attn.to_empty(device=device)
+    cos, sin = (t.to(device) for t in precompute_freqs_cis(cfg))
+    x = torch.zeros(1, cfg.max_seq_len, cfg.dim, device=device)
+    with autocast_context(device.type, dtype):
+        q, k, v = attn.sdpa_operands(*attn.project(x, cos, sin))
+    name = SDPBackend(torch._fused_sdp_choice(q, k, v, is_causal=True, scale=attn.softmax_scale)).name
+    padded = f", v padded to {q.size(-1)}" if v.size(-1) != cfg.v_head_dim else ""
+    line = (f"sdpa: {device.type} {dtype}, MLA training attention (qk head dim {cfg.qk_head_dim}, v head dim "
+            f"{cfg.v_head_dim}{padded}): {name}")
+    if name != "MATH":
+        return True, line
+    why = ("the CPU's flash kernel needs equal qk and v head dims (PAD_V_DEVICES pads v only up to the qk dim)"
+           if device.type == "cpu" else "CUDA's fused kernels need head dims that are multiples of 8 in bf16 "
+           "(qk_nope_head_dim too: v is a view at that offset), cuDNN's also at most 128 (256 on sm90/sm100 with "
+           "cuDNN > 9.22)")
+    return False, (f"{line}, PyTorch's unfused kernel: slow, and (T, T) scores per head in memory: {why}; "
+                   "dev/sdpa_backends.py times each backend")
 
 
 def init_distributed(device):

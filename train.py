@@ -331,8 +331,9 @@ log(f"parameters: {rep['total'] / 1e6:.1f}M total, {rep['active'] / 1e6:.1f}M ac
     f"(+{rep['active_with_mtp'] - rep['active']:,} in MTP), flops/token {raw_model.flops_per_token() / 1e9:.3f} G")
 if device_type == "cuda" and master:  # the MoE's grouped_mm path on this GPU, and the memory this run should take
     from bench import memory_estimate, memory_lines
-    from model import DTYPES, grouped_mm_path
+    from model import DTYPES, grouped_mm_path, sdpa_path
     log(grouped_mm_path(torch.cuda.get_device_capability(device), DTYPES[dtype])[1])
+    log(sdpa_path(cfg, device, dtype)[1])  # a config whose attention falls to SDPA's math kernel says so here
     log("\n".join(memory_lines(memory_estimate(raw_model, [optimizer], batch_size, dtype, seq_len=256))))
     if fsdp:
         log(f"  (without sharding: FSDP divides params, grads and optimizer state by the {world} processes)")
@@ -424,7 +425,7 @@ def next_batch():
     which is not trained on yet."""
     state = train_data.state_dict()
     x, y = train_data.next_batch()
-    if device_type == "cuda":
+    if device_type == "cuda":  # async only from pinned memory; the copy's event keeps the pinned block from reuse
         return state, x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return state, x, y
 

@@ -19,11 +19,13 @@ was written in a session without a GPU, so its first GPU run is also its first t
 The steps, each recorded with ok, its wall seconds, its key numbers, or the one-line error it stopped with (a
 failed step does not stop the next one):
   tests     the tests whose outcome depends on a CUDA GPU: the repository marks none as GPU-only, so every test
-            whose id says 'cuda' (pytest -k cuda: 8 tests at this writing, the grouped_mm guard's stand-ins and
-            the device-error tests);
+            whose id says 'cuda' (pytest -k cuda: 9 tests at this writing, the grouped_mm guard's stand-ins,
+            sdpa_path on every training config and the device-error tests);
             passed / failed / skipped counts and the failed ids (from pytest's junit XML)
   bench     bench.py on config/train_fineweb.py (bf16, compiled, batch 16 x 1024), its --json folded in: tokens/s
-            and MFU against the FLOP-matched dense baseline, decode tokens/s with and without the latent cache
+            and MFU against the FLOP-matched dense baseline, decode tokens/s with and without the latent cache,
+            and its lines naming the MoE's grouped_mm path and the SDPA kernel MLA's attention gets (model.sdpa_path:
+            CUDNN_ATTENTION or EFFICIENT_ATTENTION expected for qk 96 / v 64; MATH fails the step)
   memory    bench.py --memory's estimate at the config's batch_size next to torch.cuda.max_memory_allocated of
             real training steps at that batch size: eager (what the estimate models) here, compiled from bench
   train     200 train.py steps of the fineweb config on shards made from the bundled sample (prepare_sample
@@ -172,13 +174,17 @@ def bench(ctx):
     ours, base, dec = res["ours"], res["baseline"], res["decode"]
     if not (ours["tok_per_s"] > 0 and base["tok_per_s"] > 0 and dec["cached_tok_per_s"] > 0):
         raise StepError("a tokens/s figure is not positive", json=res)
-    return dict(tok_per_s=ours["tok_per_s"], mfu=ours["mfu"], baseline_tok_per_s=base["tok_per_s"],
-                baseline_mfu=base["mfu"], ratio=res["ratio"], ratio_flop_normalised=res["ratio_flop_normalised"],
-                decode_cached_tok_per_s=dec["cached_tok_per_s"], decode_uncached_tok_per_s=dec["uncached_tok_per_s"],
-                decode_speedup=dec["cached_tok_per_s"] / dec["uncached_tok_per_s"],
-                peak_mem_gb=ours["peak_mem_gb"], compile_warmup_s=ours["warmup_s"],
-                grouped_mm=next((line for line in out.splitlines() if line.startswith("grouped_mm:")), None),
-                json=res)
+    rec = dict(tok_per_s=ours["tok_per_s"], mfu=ours["mfu"], baseline_tok_per_s=base["tok_per_s"],
+               baseline_mfu=base["mfu"], ratio=res["ratio"], ratio_flop_normalised=res["ratio_flop_normalised"],
+               decode_cached_tok_per_s=dec["cached_tok_per_s"], decode_uncached_tok_per_s=dec["uncached_tok_per_s"],
+               decode_speedup=dec["cached_tok_per_s"] / dec["uncached_tok_per_s"],
+               peak_mem_gb=ours["peak_mem_gb"], compile_warmup_s=ours["warmup_s"],
+               grouped_mm=next((line for line in out.splitlines() if line.startswith("grouped_mm:")), None),
+               sdpa=next((line for line in out.splitlines() if line.startswith("sdpa:")), None),
+               json=res)
+    if rec["sdpa"] is None or ": MATH" in rec["sdpa"]:  # the figures above would then time the unfused kernel
+        raise StepError(f"MLA's attention is not on a fused SDPA kernel: {rec['sdpa']}", **rec)
+    return rec
 
 
 def measured_peak(cfg, batch_size, dtype, device):

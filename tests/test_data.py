@@ -498,6 +498,24 @@ def chats(n, seed=0):
     return out
 
 
+def test_batches_are_new_arrays_never_views_or_refilled_buffers(tmp_path):
+    """train.py takes the next batch between a micro-step's forward and its backward. On the CPU x and y go to the
+    model as they come (on CUDA .pin_memory() copies them first), and the backward still reads what the forward
+    saved from them (the embedding's indices, the loss's targets): next_batch must hand out new arrays each time,
+    never a view of the shards or rows, nor a buffer it refills."""
+    np.save(tmp_path / "t_train_000000.npy", (np.arange(400) % 97).astype(np.uint16))
+    (tmp_path / "meta.json").write_text(json.dumps({"dtype": "uint16", "complete": True, "vocab_size": 97, "shards": [
+        {"file": "t_train_000000.npy", "split": "train", "tokens": 400}]}))
+    for reader, owned in ((ShardReader(tmp_path, "train", batch_size=3, seq_len=16), lambda r: r.shards),
+                          (loader.ChatReader(chats(40), batch_size=2, seq_len=256), lambda r: [r.tokens, r.targets])):
+        first = reader.next_batch()
+        kept = [t.clone() for t in first]
+        second = reader.next_batch()
+        arrays = [t.numpy() for t in first + second]
+        assert not any(np.shares_memory(a, b) for i, a in enumerate(arrays) for b in arrays[i + 1:] + owned(reader))
+        assert all(torch.equal(a, b) for a, b in zip(first, kept))
+
+
 def test_chat_rows_are_packed_into_arrays_as_the_reference_packs_them():
     """Every row equals the reference packing (exact fits, drops, the last partial row), and building them holds little
     more than the rows themselves: no Python object per token (a (token, mask) tuple list took ~80 bytes a token,

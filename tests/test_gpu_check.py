@@ -22,6 +22,7 @@ def test_dry_run_reports_every_step_ok_with_sane_numbers(tmp_path):
     b = s["bench"]
     assert b["tok_per_s"] > 0 and b["baseline_tok_per_s"] > 0 and b["ratio"] > 0 and b["mfu"] is None  # CPU: no peak
     assert b["decode_cached_tok_per_s"] > 0 and b["decode_uncached_tok_per_s"] > 0
+    assert b["sdpa"].startswith("sdpa: cpu float32,") and b["sdpa"].endswith(": FLASH_ATTENTION")  # v padded
     assert b["json"]["model_config"] == "config/train_tiny.py" and b["json"]["ours"]["flops_per_token"] > 0
     m = s["memory"]
     assert m["estimated_gb"] > m["state_gb"] > 0 and m["activations_gb"] > 0 and m["measured_eager_gb"] is None

@@ -1,13 +1,18 @@
 """model.grouped_mm_path: which GPUs run the MoE's grouped matmuls with PyTorch's fused kernel (checked on the CPU
-through stand-in compute capabilities), and that bench.py and train.py say it when they start on CUDA."""
+through stand-in compute capabilities), and that bench.py and train.py say it when they start on CUDA; model.sdpa_path:
+which SDPA kernel MLA's training attention gets (PyTorch's own chooser: on the CPU here, on CUDA under
+dev/gpu_check.py, which runs the tests named cuda); non_blocking copies only from pinned memory to the device."""
 import ast
+from dataclasses import fields
 
 import pytest
 import torch
 
 import bench
-from conftest import ROOT, TINY
-from model import grouped_mm_path
+import model
+from configurator import configure
+from conftest import ROOT, TINY, tiny_cfg
+from model import ModelConfig, grouped_mm_path, sdpa_path
 
 
 @pytest.mark.parametrize("capability, dtype, fast", [
@@ -55,9 +60,52 @@ def cuda_branch_calls(path):
 
 
 @pytest.mark.parametrize("path, calls", [("bench.py", {"grouped_mm_path", "get_device_capability"}),
-                                         ("train.py", {"grouped_mm_path", "get_device_capability",
+                                         ("train.py", {"grouped_mm_path", "get_device_capability", "sdpa_path",
                                                        "memory_estimate", "memory_lines"})])
 def test_scripts_call_the_guard_on_cuda(path, calls):
     """train.py (a script run top to bottom, not callable here) and bench.py call grouped_mm_path with the device's
     capability in a CUDA-only branch; train.py prints the memory estimate there too."""
     assert calls <= cuda_branch_calls(path)
+
+
+def test_sdpa_path_cpu_flash_with_padded_v_math_without_and_never_math_on_cuda(monkeypatch):
+    """sdpa_path asks PyTorch's chooser about the operands MLA itself builds. On the CPU (check_head_dim_size_cpp)
+    v padded to the qk head dim gets the flash kernel, and unequal head dims the math kernel, which the line calls
+    slow. On a CUDA machine every training config's attention (qk 96 / v 64 and the small ones), bf16 or fp32 with
+    gradients, gets a fused kernel (cuDNN or memory-efficient: flash needs equal head dims), never math."""
+    assert sdpa_path(tiny_cfg(), "cpu", "float32") == (True, "sdpa: cpu float32, MLA training attention (qk head "
+                                                            "dim 12, v head dim 8, v padded to 12): FLASH_ATTENTION")
+    monkeypatch.setattr(model, "PAD_V_DEVICES", set())
+    fast, line = sdpa_path(tiny_cfg(), "cpu", "bfloat16")
+    assert not fast and "(qk head dim 12, v head dim 8): MATH, PyTorch's unfused kernel: slow" in line
+    assert "flash kernel needs equal qk and v head dims" in line and "\n" not in line
+    if torch.cuda.is_available():
+        for path in sorted((ROOT / "config").glob("train_*.py")):
+            args = configure({f.name: f.default for f in fields(ModelConfig)}, [str(path)], quiet=True,
+                             skip_unknown_file_keys=True)
+            cfg = ModelConfig(**{f.name: args[f.name] for f in fields(ModelConfig)})
+            for dtype in ("bfloat16", "float32"):
+                fast, line = sdpa_path(cfg, "cuda", dtype)
+                assert fast and "FLASH" not in line, (path.name, line)
+
+
+def test_non_blocking_copies_only_from_pinned_memory_to_the_device():
+    """PyTorch's copy rules (aten/src/ATen/native/cuda/Copy.cu, copy_kernel_cuda): a non_blocking host-to-device
+    copy is asynchronous only from pinned memory (from pageable memory the driver stages it synchronously), and it
+    records an event on the pinned block, which the caching host allocator does not hand out again before that event
+    (ATen/core/CachingHostAllocator.h, free): so a fresh x.pin_memory() per batch, dropped at once, is safe. A
+    non_blocking device-to-host copy returns before the data has arrived. In the product code every non_blocking copy
+    is therefore <tensor>.pin_memory().to(device, non_blocking=True), and none goes to the CPU."""
+    files = sorted(ROOT.glob("*.py")) + sorted((ROOT / "data").glob("*.py"))
+    seen = 0
+    for path in files:
+        for call in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(call, ast.Call) and any(k.arg == "non_blocking" for k in call.keywords)):
+                continue
+            seen += 1
+            src = ast.unparse(call)
+            assert isinstance(call.func, ast.Attribute) and call.func.attr == "to", (path.name, src)
+            assert isinstance(call.func.value, ast.Call) and getattr(call.func.value.func, "attr", None) == \
+                "pin_memory", (path.name, src)
+            assert call.args and "cpu" not in ast.unparse(call.args[0]).lower(), (path.name, src)
+    assert seen >= 2  # train.py's x and y
