@@ -47,14 +47,14 @@ Choices, with their reasons:
     the statistics are all-reduced, and the gradients summed, so every rank applies the same update. No DDP wrapper:
     the gradients are all-reduced once per optimizer step, after all its micro-batches (one per prompt group).
 
-Logs: a line per step (mean reward and each reward function's, completion length with its EOS, the fraction that
-ended; per completion token the KL to pi_ref and the entropy of the sampling policy, the fraction of tokens whose
-gradient the clip stopped; sampled tokens/s); every eval_interval the held-out tasks (chat.evaluate, the numbers
-`python chat.py --eval_tasks=N` prints: greedy exact match, sampled pass@1 over eval_samples replies at the policy's
-temperature, the best answer-prior rule, which an accuracy must beat); out_dir/log.jsonl and eval.jsonl (task_<t>,
-task_<t>_pass1, task_<t>_prior; `python plot.py out-tiny-grpo --x=step` draws reward and accuracy); out_dir/ckpt.pt:
-a normal model checkpoint (chat.py, sample.py, export.py read it) plus the optimizer, the step, the sampling RNG and
-the reference model's path and fingerprint (init_from='resume' continues exactly).
+Logs: a line per step (mean reward, each reward function's and each prompt source's, completion length with its EOS,
+the fraction that ended; per completion token the KL to pi_ref and the entropy of the sampling policy, the fraction
+of tokens whose gradient the clip stopped; sampled tokens/s); every eval_interval the held-out tasks (chat.evaluate,
+the numbers `python chat.py --eval_tasks=N` prints: greedy exact match, sampled pass@1 over eval_samples replies at
+the policy's temperature, the best answer-prior rule, which an accuracy must beat); out_dir/log.jsonl and eval.jsonl
+(task_<t>, task_<t>_pass1, task_<t>_prior; `python plot.py out-tiny-grpo --x=step` draws reward and accuracy);
+out_dir/ckpt.pt: a normal model checkpoint (chat.py, sample.py, export.py read it) plus the optimizer, the step, the
+sampling RNG and the reference model's path and fingerprint (init_from='resume' continues exactly).
 
 The code reads top to bottom: settings, rewards, prompts, the algorithm's pieces, then the run: check_settings and
 setup (r, the run's state), one step (rollouts_and_rewards: 1-3; update: 4), evaluation and checkpoints, and the
@@ -505,6 +505,7 @@ def rollouts_and_rewards(r):
     groups = []
     tot = dict.fromkeys(["reward", *(f"reward_{n}" for n, _, _ in r.reward_fns), "sequences", "tokens", "ended",
                          "kl", "clipped", "entropy", "same_reward_groups"], 0.0)
+    by_task = {t: [0.0, 0.0] for t in c.prompts.split(",")}  # per prompt source: reward sum, completions
     for i in range(r.rank, c.prompts_per_step, r.world):
         prompt = r.pool[picks[i]]
         g = torch.Generator(device=r.device).manual_seed(seeds[i])
@@ -519,12 +520,16 @@ def rollouts_and_rewards(r):
         groups.append(SimpleNamespace(ids=ids, n_prompt=len(prompt["ids"]), adv=adv.to(r.device),
                                       mask=completion_mask(lengths, toks.size(1)).to(r.device)))
         tot["reward"] += rewards.sum().item()
+        by_task[prompt["task"]][0] += rewards.sum().item()
+        by_task[prompt["task"]][1] += c.group_size
         for (name, _, _), rs in zip(r.reward_fns, zip(*(each for _, each in scored))):
             tot[f"reward_{name}"] += sum(rs)
         tot["sequences"] += c.group_size
         tot["tokens"] += lengths.sum().item()
         tot["ended"] += ended.sum().item()
         tot["same_reward_groups"] += float(bool((rewards == rewards[0]).all()))
+    for t, (s, n) in by_task.items():  # fixed keys, the same on every rank (all_sum adds them up)
+        tot[f"task_sum_{t}"], tot[f"task_n_{t}"] = s, n
     return groups, tot
 
 
@@ -590,6 +595,8 @@ def grpo_step(r):
     r.tokens_seen += int(n_tok)
     rec = {"step": r.step, "tokens": r.tokens_seen, "time": r.elapsed,
            **{k: tot[k] / n_seq for k in tot if k.startswith("reward")}, "len": n_tok / n_seq,
+           "reward_by_task": {k[9:]: tot[k] / tot["task_n_" + k[9:]] for k in tot
+                              if k.startswith("task_sum_") and tot["task_n_" + k[9:]]},
            "ended": tot["ended"] / n_seq, "kl": tot["kl"] / n_tok if r.ref is not None else None,
            "clip_frac": tot["clipped"] / n_tok, "entropy": tot["entropy"] / n_tok,
            "same_reward_groups": tot["same_reward_groups"] / c.prompts_per_step, "lr": lr,
@@ -606,6 +613,8 @@ def log_step(r, rec):
         r.log_file.flush()
     if r.step % c.log_interval == 0 or r.step == c.max_iters:
         each = " ".join(f"{name} {rec['reward_' + name]:.3f}" for name, _, _ in r.reward_fns)
+        if len(rec["reward_by_task"]) > 1:
+            each += " | " + " ".join(f"{t} {v:.2f}" for t, v in rec["reward_by_task"].items())
         log(r, f"step {r.step}/{c.max_iters} | reward {rec['reward']:.3f} ({each}) | len {rec['len']:.1f} "
             f"ended {rec['ended']:.0%} | kl " + (f"{rec['kl']:.4f}" if rec["kl"] is not None else "-")
             + f" | clip {rec['clip_frac']:.3f} | ent {rec['entropy']:.3f} | all-equal groups "

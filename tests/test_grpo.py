@@ -282,6 +282,7 @@ def test_runs_learns_and_resumes_exactly(chat_ckpt, straight, tmp_path, capsys):
     assert [r["step"] for r in log] == [1, 2, 3, 4]
     assert all(0 < r["ended"] and 1 <= r["len"] <= 8 and r["entropy"] > 0 for r in log)
     assert any(0 < r["reward"] < 1 for r in log) and any(r["clip_frac"] > 0 for r in log)
+    assert all(r["reward_by_task"] == {"compare": pytest.approx(r["reward"])} for r in log)  # the one prompt source
     # the KL of the sampling policy: 0 (pi_ref itself) up to the first step with a gradient, then > 0
     moved = next(i for i, r in enumerate(log) if r["grad_norm"] > 0)
     assert all(r["kl"] == 0 for r in log[:moved + 1]) and log[moved + 1]["kl"] > 0
