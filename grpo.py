@@ -151,6 +151,14 @@ def reward_correct(prompt, completion):
     return float(tasks.check(prompt["task"], text, prompt["answer"]))
 
 
+def reward_partial(prompt, completion):
+    """reward_correct with partial credit for a sequence (tasks.partial_credit: sort's fraction of numbers in
+    place); for GSM8K and single-number answers it is reward_correct."""
+    if prompt["task"] == "gsm8k":
+        return reward_correct(prompt, completion)
+    return tasks.partial_credit(prompt["task"], answer_part(completion), prompt["answer"])
+
+
 def reward_format(prompt, completion):
     """R1-Zero's format reward: 1.0 iff the completion is its reasoning inside one <think>...</think>, then an
     answer (non-empty, no further think tags)."""
@@ -159,7 +167,7 @@ def reward_format(prompt, completion):
                  and "<think>" not in m.group(2) and "</think>" not in m.group(2))
 
 
-REWARDS = {"correct": reward_correct, "format": reward_format}
+REWARDS = {"correct": reward_correct, "partial": reward_partial, "format": reward_format}
 
 
 def parse_rewards(spec):

@@ -78,6 +78,19 @@ def check_sequence(completion, answer):
     return bool(got) and got == re.findall(r"[0-9]+", answer)
 
 
+def partial_credit(task, completion, answer):
+    """A graded score in [0, 1] for GRPO's 'partial' reward; the checks above stay exact for every evaluation. A
+    single-number answer scores as check does (0 or 1). A sequence (sort) scores the fraction of the answer's
+    numbers that stand at their place among the completion's numbers, and 0 if it has more or fewer numbers:
+    "Sorted: 7, 63, 41." for "7, 41, 63" scores 1/3. Why: sort's exact reward is nearly always 0 for all 8
+    samples of a prompt (docs/results.md), so its groups teach nothing and RL only drifts it."""
+    if get_task(task).check is not check_sequence:
+        return float(check(task, completion, answer))
+    got = re.findall(r"[0-9]+", completion) if isinstance(completion, str) else []
+    want = re.findall(r"[0-9]+", answer)
+    return sum(g == w for g, w in zip(got, want)) / len(want) if len(got) == len(want) else 0.0
+
+
 DECIMAL = re.compile(r"-?[0-9]+(?:,[0-9]{3})*(?:\.[0-9]+)?")
 
 

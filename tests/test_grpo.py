@@ -179,6 +179,21 @@ def test_gsm8k_reward_reads_decimals(completion, right):
     assert grpo.reward_correct(P("gsm8k", "18"), completion) == float(right), completion
 
 
+@pytest.mark.parametrize("completion,score", [
+    ("Sorted: 7, 41, 63.", 1.0), ("Sorted: 7, 63, 41.", 1 / 3), ("Sorted: 41, 7, 63.", 1 / 3), ("7, 41, 9", 2 / 3),
+    ("Sorted: 63, 7, 41.", 0.0), ("Sorted: 63, 41, 7.", 1 / 3), ("Sorted: 7, 41.", 0.0), ("Sorted: 7, 41, 63, 63.", 0.0), ("", 0.0),
+    ("<think>7 < 41 < 63</think> Sorted: 7, 41, 99.", 2 / 3),
+])
+def test_partial_reward_grades_sort_by_place_and_is_exact_elsewhere(completion, score):
+    """'partial' gives sort the fraction of its numbers in place (a reply of another length: 0); every other task's
+    reward stays reward_correct's 0 or 1, and the exact checker still says 0 for anything short of right."""
+    assert grpo.reward_partial(P("sort", "7, 41, 63"), completion) == pytest.approx(score)
+    assert tasks.check("sort", completion.rpartition("</think>")[2], "7, 41, 63") == (score == 1.0)
+    for task, c in (("compare", "The larger is 41."), ("min", "The smallest is 4 or 41."), ("gsm8k", "$41.00")):
+        assert grpo.reward_partial(P(task, "41"), c) == grpo.reward_correct(P(task, "41"), c) == 1.0
+        assert grpo.reward_partial(P(task, "41"), c.replace("41", "14")) == 0.0
+
+
 def test_format_reward_and_unended_completions():
     fmt = lambda c: grpo.reward_format(P("compare", "42"), c)  # noqa: E731
     assert fmt("<think>6 times 7</think> 42") == 1.0 and fmt("  <think>a\nb</think>\nThe answer is 42.") == 1.0
