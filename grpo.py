@@ -17,7 +17,7 @@ One step, for prompts_per_step prompts q (split across DDP ranks):
                     mean over completion tokens of  min(rho A, clip(rho, 1 - clip_eps, 1 + clip_eps) A) - beta KL
                 with rho = pi_theta(o_t) / pi_old(o_t) per token and KL the unbiased k3 estimator of
                 KL(pi_theta || pi_ref) against the frozen starting model pi_ref (beta = 0: no reference model is
-                kept). Only completion tokens (up to and including EOS) carry loss: prompts and padding are masked.
+                kept); both terms bounded (dual_clip for A < 0, k3 capped at K3_MAX). Only completion tokens (up to and including EOS) carry loss: prompts and padding are masked.
 
 Choices, with their reasons:
   - loss_norm='token' (default, DAPO): the sum over every completion token of the step divided by their number, so
@@ -99,6 +99,7 @@ temperature = 1.0                # sampling temperature (> 0), also the one the 
 top_k = 0                        # 0: off
 ppo_epochs = 1                   # mu, optimizer steps per batch of rollouts (1: on-policy, rho = 1)
 clip_eps = 0.2                   # PPO's clip range: rho in [1 - clip_eps, 1 + clip_eps]
+dual_clip = 3.0                  # A < 0: the objective is at least dual_clip * A (dual-clip PPO); 0: off
 beta = 0.04                      # KL(pi_theta || pi_ref) coefficient; 0 keeps no reference model
 std_normalize = True             # A = (r - mean) / (std + eps); False: r - mean (Dr. GRPO)
 loss_norm = 'token'              # 'token' (DAPO: every completion token weighs the same) | 'sequence' (the paper)
@@ -235,11 +236,18 @@ def group_advantages(rewards, std_normalize=True, eps=ADV_EPS):
     return centred / (rewards.std(correction=0) + eps) if std_normalize else centred
 
 
-def k3(logp, ref_logp):
+K3_MAX = 10.0
+
+
+def k3(logp, ref_logp, max_value=K3_MAX):
     """The unbiased, always >= 0 estimator of KL(pi || pi_ref) from a token sampled from pi (Schulman's k3, used by
-    DeepSeekMath eq. 4): pi_ref/pi - log(pi_ref/pi) - 1. Its expectation under pi is the exact KL."""
+    DeepSeekMath eq. 4): pi_ref/pi - log(pi_ref/pi) - 1. Its expectation under pi is the exact KL. Capped at
+    max_value (as verl's low_var_kl): where pi has fallen below ~7% of pi_ref on a sampled token, exp(d) and its
+    gradient explode (one such token gave a gradient norm of 2.7e6 at lr 1e-3, docs/results.md), and the cap
+    stops that token's gradient instead; None: uncapped."""
     d = ref_logp - logp
-    return torch.exp(d) - d - 1
+    kl = torch.exp(d) - d - 1
+    return kl if max_value is None else kl.clamp(max=max_value)
 
 
 def completion_lengths(tokens, eos=EOS):
@@ -272,9 +280,11 @@ def completion_logprobs(model, ids, n_prompt, n_vocab=EOS + 1, temperature=1.0, 
     return logp, ent
 
 
-def grpo_loss(logp, old_logp, ref_logp, adv, mask, clip_eps, beta, loss_norm, denom):
+def grpo_loss(logp, old_logp, ref_logp, adv, mask, clip_eps, beta, loss_norm, denom, dual_clip=0.0):
     """DeepSeekMath eq. 3, negated (a loss), for one group of completions:
         per token  -min(rho A, clip(rho, 1 - eps, 1 + eps) A) + beta * k3,   rho = exp(logp - old_logp)
+    with dual_clip = c > 1 and A < 0, the first term is at most -c A (dual-clip PPO, Ye et al. 2020, verl's
+    clip_ratio_c): PPO's min leaves rho A unbounded when a bad token's rho grows, and its gradient with it.
     summed over the completion tokens (mask) and divided by `denom`: the number of completion tokens of the whole
     step (loss_norm='token'), or, after a mean over each completion's tokens, its number of completions
     ('sequence'); over all groups and ranks, so the summed gradients are those of the step's mean.
@@ -283,6 +293,8 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, clip_eps, beta, loss_norm, de
     ratio = torch.exp(logp - old_logp)
     a = adv[:, None]
     per_token = -torch.min(ratio * a, ratio.clamp(1 - clip_eps, 1 + clip_eps) * a)
+    if dual_clip:
+        per_token = torch.where(a < 0, torch.minimum(per_token, -dual_clip * a), per_token)
     kl = torch.zeros_like(logp) if ref_logp is None else k3(logp, ref_logp)
     if beta:
         per_token = per_token + beta * kl
@@ -292,6 +304,8 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, clip_eps, beta, loss_norm, de
         loss = (per_token * mask).sum() / denom
     with torch.no_grad():  # outside the trust region on the side the advantage pushes towards: no gradient
         clipped = ((ratio > 1 + clip_eps) & (a > 0)) | ((ratio < 1 - clip_eps) & (a < 0))
+        if dual_clip:
+            clipped |= (ratio > dual_clip) & (a < 0)
         stats = {"kl": (kl.detach() * mask).sum(), "clipped": (clipped * mask).sum()}
     return loss, stats
 
@@ -339,6 +353,8 @@ def check_settings(c):
         raise UserError(f"temperature must be > 0 (greedy completions would all be equal), got {c.temperature}")
     if not c.clip_eps > 0:
         raise UserError(f"clip_eps must be > 0, got {c.clip_eps}")
+    if c.dual_clip and not c.dual_clip > 1:
+        raise UserError(f"dual_clip must be > 1 (or 0: off), got {c.dual_clip}")
     if c.loss_norm not in ("token", "sequence"):
         raise UserError(f"loss_norm must be 'token' or 'sequence', not {c.loss_norm!r}")
     if c.dtype not in ("float32", "bfloat16"):
@@ -558,7 +574,8 @@ def update(r, groups, denom, tot):
                 logp, ent = completion_logprobs(r.model, g.ids, g.n_prompt, temperature=c.temperature,
                                                 entropy=epoch == 0)
             old = logp.detach() if g.old is None else g.old  # mu = 1: pi_old is this very forward
-            loss, st = grpo_loss(logp, old, g.ref, g.adv, g.mask, c.clip_eps, c.beta, c.loss_norm, denom)
+            loss, st = grpo_loss(logp, old, g.ref, g.adv, g.mask, c.clip_eps, c.beta, c.loss_norm, denom,
+                                 c.dual_clip)
             loss.backward()
             tot["clipped"] += st["clipped"].item() / c.ppo_epochs
             if epoch == 0:  # the sampling policy's KL and entropy

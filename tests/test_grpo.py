@@ -2,6 +2,7 @@
 the reward checkers on adversarial strings, and the script end to end: exact resume, 2-process gloo = 1 process, the
 GPU recipe on an offline GSM8K fixture, one-line errors."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -36,7 +37,7 @@ def test_k3_is_nonnegative_zero_at_the_reference_and_unbiased():
     g = torch.Generator().manual_seed(0)
     logp = torch.log_softmax(torch.randn(5, 11, generator=g), -1)
     ref = torch.log_softmax(torch.randn(5, 11, generator=g) * 2, -1)
-    kl = grpo.k3(logp, ref)
+    kl = grpo.k3(logp, ref, max_value=None)
     assert (kl >= 0).all() and (kl > 0).any()
     assert torch.equal(grpo.k3(logp, logp), torch.zeros_like(logp))
     # unbiased: its expectation over tokens drawn from pi is the exact KL(pi || pi_ref)
@@ -47,6 +48,13 @@ def test_k3_is_nonnegative_zero_at_the_reference_and_unbiased():
     x = logp.clone().requires_grad_()
     grpo.k3(x, logp).sum().backward()
     assert torch.equal(x.grad, torch.zeros_like(x))
+    # capped at K3_MAX: a token pi has all but dropped (d = 5: k3 = e^5 - 6 = 142) gives 10 and no gradient; below the
+    # cap the value and the gradient 1 - e^d are k3's own
+    x = torch.tensor([-6.0, -2.0], requires_grad=True)
+    kl = grpo.k3(x, torch.tensor([-1.0, -1.0]))
+    kl.sum().backward()
+    torch.testing.assert_close(kl.detach(), torch.tensor([grpo.K3_MAX, math.e - 2]))
+    torch.testing.assert_close(x.grad, torch.tensor([0.0, 1 - math.e]))
 
 
 def test_clip_stops_the_gradient_only_where_the_advantage_pushes_past_the_trust_region():
@@ -65,6 +73,24 @@ def test_clip_stops_the_gradient_only_where_the_advantage_pushes_past_the_trust_
         torch.testing.assert_close(logp.grad, want)
         assert st["clipped"].item() == 1
         torch.testing.assert_close(loss, -(torch.minimum(rho * a, rho.clamp(0.8, 1.2) * a)).sum() / 3)
+
+
+def test_dual_clip_bounds_a_bad_tokens_loss_as_its_ratio_grows():
+    """A < 0, dual_clip 3: rho 1.5 and 2.9 keep PPO's gradient -A rho / n; at rho 5 the objective is 3A and the
+    gradient stops (without dual clip it is -A * 5 / n, growing with rho). A > 0 is untouched."""
+    old, mask = torch.zeros(1, 3), torch.ones(1, 3)
+    rho = torch.tensor([[1.5, 2.9, 5.0]])
+    for dual, want_last in ((3.0, 0.0), (0.0, 5.0 / 3)):
+        logp = torch.log(rho).requires_grad_()
+        loss, st = grpo.grpo_loss(logp, old, None, torch.tensor([-1.0]), mask, 0.2, 0.0, "token", 3, dual)
+        loss.backward()
+        torch.testing.assert_close(logp.grad, torch.tensor([[0.5, 2.9 / 3, want_last]]))
+        torch.testing.assert_close(loss, torch.tensor((1.5 + 2.9 + (3.0 if dual else 5.0)) / 3))
+        assert st["clipped"].item() == (1 if dual else 0)
+    logp = torch.log(rho).requires_grad_()
+    loss, _ = grpo.grpo_loss(logp, old, None, torch.tensor([1.0]), mask, 0.2, 0.0, "token", 3, 3.0)
+    loss.backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([[0.0, 0.0, 0.0]]))  # all above 1 + eps with A > 0: clipped
 
 
 def two_completions():
