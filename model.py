@@ -723,6 +723,9 @@ def init_distributed(device):
     if device.startswith("cuda"):
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
+    # Imported before the group exists: its functions' default group=group.WORLD, read at import (DDP imports it), would
+    # hold the group forever, and gloo's worker threads, outliving destroy_process_group, can abort Python's exit.
+    import torch.distributed.nn.functional  # noqa: F401
     dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     return True, dist.get_rank(), local_rank, dist.get_world_size(), device
 

@@ -564,7 +564,7 @@ while True:
 log(f"done: {step} steps, {tokens_seen:,} tokens in {train_time:.0f} s of training, best val loss {best_val:.4f}, "
     f"checkpoint {ckpt_path}")
 if ddp:
-    dist.barrier()  # leave together: a rank tearing gloo down while another still writes can abort it (SIGABRT)
-    del model  # the DDP wrapper's reducer holds the process group: free it first, not at interpreter exit (SIGABRT)
-    gc.collect()
+    dist.barrier()  # leave together
+    del model  # the DDP wrapper holds the process group: without it, destroy_process_group frees the group and joins
+    gc.collect()  # gloo's worker threads while Python still runs (see model.init_distributed); gc: a cheap guard
     dist.destroy_process_group()

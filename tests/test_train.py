@@ -125,6 +125,39 @@ def test_ddp_two_processes_match_single_process(tmp_path, small_shards, optimize
             assert cs["model"][k].abs().sum() > 0 and torch.equal(cs["model"][k], cd["model"][k]), k  # same counts
 
 
+
+# One process, one gloo rank: train.py's DDP teardown, then the gloo worker threads still alive (counted by name).
+DDP_TEARDOWN = """import glob, torch, torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from model import init_distributed
+def workers():
+    return sum(open(f).read().strip() == "pt_gloo_runloop" for f in glob.glob("/proc/self/task/*/comm"))
+init_distributed("cpu")
+model = DDP(torch.nn.Linear(4, 4))
+model(torch.ones(2, 4)).sum().backward()
+before = workers()
+del model
+dist.destroy_process_group()
+print(before, workers())
+"""
+
+
+def test_ddp_teardown_joins_the_gloo_threads():
+    """After train.py's teardown (del the DDP wrapper, destroy_process_group) no gloo worker thread is left: one
+    alive at interpreter exit may free a finished collective's tensor there, needs the GIL and aborts the process
+    (SIGABRT, 'terminate called without an active exception'). model.init_distributed imports
+    torch.distributed.nn.functional before the group exists; imported later (by DDP), its default arguments hold it."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    p = ok(run("-c", DDP_TEARDOWN, timeout=120, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(port)))
+    before, after = map(int, p.stdout.split())
+    if before == 0:
+        pytest.skip("this torch does not name gloo's worker threads pt_gloo_runloop")
+    assert after == 0, f"{after} gloo worker threads outlived destroy_process_group"
+
 # lr at steps 0..11 for learning_rate 1e-3, min_lr 1e-4, warmup_iters 3, lr_decay_iters 11, worked out by hand:
 # warmup lr * (it + 1) / 4; cosine over steps 3..11: 1e-4 + 4.5e-4 * (1 + cos(pi * (it - 3) / 8)); then min_lr.
 # WSD with wsd_decay_frac 0.5: flat until step int(11 * 0.5) = 5, then linear to 1e-4 at step 11 (-1.5e-4 a step).
