@@ -8,11 +8,15 @@ HellaSwag file, the original sample CSV, tiktoken's own cached GPT-2 files) ask 
 `tiktoken_gpt2` fixtures. On a fresh offline machine those skip with a reason; in CI (NANODS_REQUIRE_SHARED=1) a
 missing file is an error instead, so a skip can never hide a broken path.
 """
+import atexit
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
+import tempfile
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -123,7 +127,11 @@ TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 def run(*args, timeout=600, **env):
     """`python ARGS` in the repository, one thread per process; a run that hangs is killed with every process it
-    started (torchrun's workers too) and fails the test."""
+    started (torchrun's workers too) and fails the test. torchrun (TORCHRUN first): its launcher is forked from
+    conftest's fork server (run_forked) instead of a fresh interpreter's start; the workers it starts are fresh
+    processes, as always."""
+    if list(args[:2]) == TORCHRUN[:2]:
+        return run_forked(*args, timeout=timeout, **env)
     p = subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **env}, start_new_session=True)
     try:
@@ -133,6 +141,113 @@ def run(*args, timeout=600, **env):
         p.communicate()
         pytest.fail(f"hung for {timeout} s: python {' '.join(map(str, args))}")
     return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+
+
+# python -c FORK_SERVER: imports torch (and what every script imports from it) once, then, for each request (one
+# JSON line on stdin), forks a child that runs `python SCRIPT ARGS` (or `python -m MODULE ARGS`) as the interpreter
+# would: SCRIPT as __main__ with that argv, sys.path[0] and environment, stdin from /dev/null, stdout and stderr into
+# the files named, an uncaught exception through sys.excepthook (traceback from the script's frames on; exit 1),
+# SystemExit as Python handles it (None: 0, an int: itself, anything else: printed on stderr, 1), then the atexit
+# functions. It answers each request with the child's exit status (negative: killed by that signal) and ends at EOF.
+FORK_SERVER = r"""import atexit, json, os, runpy, sys
+import numpy, tqdm, torch, torch.distributed, torch.distributed.tensor, torch.nn.parallel  # noqa: F401
+
+def child(req):
+    code, argv = 1, req["argv"]
+    try:
+        os.environ.clear()
+        os.environ.update(req["env"])
+        os.chdir(req["cwd"])
+        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+        for fd, path in ((1, req["stdout"]), (2, req["stderr"])):
+            os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
+        module = argv[1] if argv[0] == "-m" else None
+        sys.argv = argv[1:] if module else list(argv)
+        sys.path[0] = os.getcwd() if module else os.path.dirname(os.path.abspath(argv[0]))
+        try:
+            if module:
+                runpy.run_module(module, run_name="__main__", alter_sys=True)
+            else:
+                runpy.run_path(argv[0], run_name="__main__")
+            code = 0
+        except SystemExit as e:
+            if e.code is None or isinstance(e.code, int):
+                code = e.code or 0
+            else:
+                sys.stdout.flush()
+                print(e.code, file=sys.stderr)
+                code = 1
+        except BaseException as e:
+            tb = e.__traceback__
+            while not module and tb is not None and tb.tb_frame.f_code.co_filename != argv[0]:
+                tb = tb.tb_next
+            tb = tb or e.__traceback__
+            sys.excepthook(type(e), e.with_traceback(tb), tb)
+            code = 1
+        atexit._run_exitfuncs()
+    finally:
+        for f in (sys.stdout, sys.stderr):
+            try:
+                f.flush()
+            except Exception:
+                pass
+        os._exit(code & 0xFF)
+
+for line in iter(sys.stdin.readline, ""):
+    sys.stdout.flush()
+    pid = os.fork()
+    if pid == 0:
+        child(json.loads(line))
+    sys.stdout.write(f"{os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])}\n")
+    sys.stdout.flush()
+"""
+_fork_server = None
+
+
+def _stop_fork_server():
+    global _fork_server
+    if _fork_server is not None:
+        try:
+            os.killpg(_fork_server.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        _fork_server.wait()
+        _fork_server = None
+
+
+atexit.register(_stop_fork_server)
+
+
+def run_forked(*args, timeout=600, **env):
+    """run(*ARGS) for `python SCRIPT ARGS` or `python -m MODULE ARGS`: the same process to everything a test sees
+    (exit status, stdout, stderr, the files it writes), without a fresh interpreter's start-up: a child forked from a
+    server that has imported torch already (the ~1.5 s of CPU every fresh `python` here spends first). For single runs
+    (one-line refusals, readers, torchrun's launcher), not for a run compared bit for bit with another run: forked
+    children share the server's hash seed, where fresh interpreters each draw their own. A hang kills the server with
+    every process it started (the next call starts a new one) and fails the test."""
+    global _fork_server
+    if _fork_server is None or _fork_server.poll() is not None:
+        _fork_server = subprocess.Popen([sys.executable, "-c", FORK_SERVER], cwd=ROOT, stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                        start_new_session=True)
+    args = list(map(str, args))
+    with tempfile.TemporaryDirectory() as tmp:
+        out, err = Path(tmp, "stdout"), Path(tmp, "stderr")
+        req = dict(argv=args, env={**os.environ, "OMP_NUM_THREADS": "1", **env}, cwd=str(ROOT), stdout=str(out),
+                   stderr=str(err))
+        _fork_server.stdin.write((json.dumps(req) + "\n").encode())
+        _fork_server.stdin.flush()
+        answer, deadline = b"", time.monotonic() + timeout
+        while not answer.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([_fork_server.stdout], [], [], left)[0]:
+                _stop_fork_server()
+                pytest.fail(f"hung for {timeout} s: python {' '.join(args)}")
+            chunk = os.read(_fork_server.stdout.fileno(), 64)
+            if not chunk:
+                raise RuntimeError(f"conftest's fork server died (exit {_fork_server.wait()}): python {' '.join(args)}")
+            answer += chunk
+        return subprocess.CompletedProcess([sys.executable, *args], int(answer), out.read_text(), err.read_text())
 
 
 def ok(p):

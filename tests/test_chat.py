@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import chat
 import tasks
-from conftest import TORCHRUN, exit_message, ok, one_line_error, run, save_ckpt, tiny_model
+from conftest import TORCHRUN, exit_message, ok, one_line_error, run, run_forked, save_ckpt, tiny_model
 from data import loader
 from data.loader import (ASSISTANT, BOS, EOS, USER, ChatReader, DataError, gsm8k_conversation, read_conversations,
                          render_conversation, render_prompt)
@@ -148,10 +148,10 @@ def test_a_full_context_drops_the_oldest_exchange_only(chat_model, gpt2_enc):
 
 def test_chat_cli_one_reply_and_task_eval(chat_model, tmp_path):
     ckpt = save_ckpt(tmp_path / "sft", chat_model, step=7, config={"chat_data": "tasks"})
-    p = ok(run("chat.py", f"--out_dir={ckpt}", "--prompt=Which is larger, 41 or 17?", "--device=cpu", "--temperature=0",
-               "--max_new_tokens=5", timeout=120))
+    p = ok(run_forked("chat.py", f"--out_dir={ckpt}", "--prompt=Which is larger, 41 or 17?", "--device=cpu",
+                      "--temperature=0", "--max_new_tokens=5", timeout=120))
     assert p.stdout.endswith("\n") and p.stdout.count("\n") <= 6 and "chat.py" not in p.stdout  # the reply only
-    p = ok(run("chat.py", f"--out_dir={ckpt}", "--eval_tasks=2", "--device=cpu", timeout=300))
+    p = ok(run_forked("chat.py", f"--out_dir={ckpt}", "--eval_tasks=2", "--device=cpu", timeout=300))
     res = json.loads((ckpt / "chat_eval.json").read_text())["tasks"]
     assert set(res) == set(tasks.TASKS) and all(r["n"] == 2 for r in res.values())
     assert all(0 <= r["pass1"] <= 1 and 0 <= r["prior"] <= 1 and r["prior_rule"] for r in res.values())
@@ -256,6 +256,6 @@ def test_hub_chat_sources_and_gsm8k_eval_on_an_offline_fixture(monkeypatch, chat
                                        ("--lora_tokens=all", "lora_tokens must be 'chat', 'replies' or ''")])
 def test_bad_chat_settings_stop_in_one_line(chat_model, tmp_path, arg, says):
     base = save_ckpt(tmp_path / "base", chat_model, step=1)
-    p = run("train.py", f"--init_from={base}", f"--out_dir={tmp_path / 'out'}", "--chat_data=tasks", "--device=cpu",
-            "--compile=False", "--batch_size=2", "--total_batch_size=192", arg, timeout=120)
+    p = run_forked("train.py", f"--init_from={base}", f"--out_dir={tmp_path / 'out'}", "--chat_data=tasks",
+                   "--device=cpu", "--compile=False", "--batch_size=2", "--total_batch_size=192", arg, timeout=120)
     assert says in one_line_error(p, "train.py")

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DeepseekV3ForCausa
 import export  # noqa: E402
 from checkpoint import load_model  # noqa: E402
 from data.fineweb import SAMPLE_FILE  # noqa: E402
-from conftest import exit_message, ok, run, save_ckpt, tiny_model, train_args  # noqa: E402
+from conftest import exit_message, ok, run_forked, save_ckpt, tiny_model, train_args  # noqa: E402
 from model import precompute_freqs_cis  # noqa: E402
 from sample import generate_tokens  # noqa: E402
 
@@ -208,10 +208,10 @@ def trained_run(tmp_path_factory):
     from data.fineweb import prepare_sample
     root = tmp_path_factory.mktemp("trained")
     prepare_sample(root / "shards")
-    ok(run("train.py", *train_args(vocab_size=50304, max_seq_len=128, n_layers=3, n_heads=4), "--max_iters=4",
-           "--eval_interval=100", "--eval_iters=1", "--learning_rate=1e-2", f"--data_dir={root / 'shards'}",
-           f"--out_dir={root / 'run'}", HF_HUB_OFFLINE="1"))
-    assert "exported" in ok(run("export.py", f"--out_dir={root / 'run'}", f"--hf_dir={root / 'hf'}")).stderr
+    ok(run_forked("train.py", *train_args(vocab_size=50304, max_seq_len=128, n_layers=3, n_heads=4), "--max_iters=4",
+                  "--eval_interval=100", "--eval_iters=1", "--learning_rate=1e-2", f"--data_dir={root / 'shards'}",
+                  f"--out_dir={root / 'run'}", HF_HUB_OFFLINE="1"))
+    assert "exported" in ok(run_forked("export.py", f"--out_dir={root / 'run'}", f"--hf_dir={root / 'hf'}")).stderr
     return root / "run", root / "hf"
 
 

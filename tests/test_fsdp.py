@@ -5,7 +5,7 @@ Muon; exact resume FSDP -> FSDP, into DDP and back; the checkpoint read by sampl
 import pytest
 import torch
 
-from conftest import TORCHRUN, hellaswag_standin, ok, one_line_error, run, train_args
+from conftest import TORCHRUN, hellaswag_standin, ok, one_line_error, run_forked, train_args
 from test_train import load, read_log, run_train, shards, small_shards  # noqa: F401 (fixtures)
 
 STEPS = ["--max_iters=8", "--lr_decay_iters=8", "--eval_interval=100"]
@@ -94,10 +94,11 @@ def test_fsdp_evals_finish_on_every_rank(evaluated):
 
 def test_fsdp_checkpoint_runs_in_sample_and_export(evaluated, tmp_path):
     out, _ = evaluated
-    p = ok(run("sample.py", f"--out_dir={out}", "--start=The cat", "--num_samples=1", "--max_new_tokens=4",
-               "--temperature=0", timeout=120))
+    p = ok(run_forked("sample.py", f"--out_dir={out}", "--start=The cat", "--num_samples=1", "--max_new_tokens=4",
+                      "--temperature=0", timeout=120))
     assert p.stdout.startswith("The cat") and len(p.stdout) > len("The cat")
-    assert "exported" in ok(run("export.py", f"--out_dir={out}", f"--hf_dir={tmp_path / 'hf'}", timeout=120)).stderr
+    p = ok(run_forked("export.py", f"--out_dir={out}", f"--hf_dir={tmp_path / 'hf'}", timeout=120))
+    assert "exported" in p.stderr
     assert (tmp_path / "hf" / "model.safetensors").stat().st_size > 0
 
 
@@ -106,6 +107,6 @@ def test_fsdp_refusals_are_one_line(case, tmp_path, small_shards):
     """fsdp=True needs torchrun with 2+ processes, and does not take LoRA: one line before anything is built."""
     extra, expect = {"one_process": ([], "launch with torchrun --nproc_per_node=N (N >= 2)"),
                      "lora": (["--lora_rank=4", f"--init_from={tmp_path}"], "fsdp=True does not take LoRA")}[case]
-    p = run("train.py", *train_args(), f"--out_dir={tmp_path / 'out'}", f"--data_dir={small_shards}", "--fsdp=True",
-            *extra, timeout=120)
+    p = run_forked("train.py", *train_args(), f"--out_dir={tmp_path / 'out'}", f"--data_dir={small_shards}",
+                   "--fsdp=True", *extra, timeout=120)
     assert expect in one_line_error(p, "train.py") and not (tmp_path / "out").exists()

@@ -6,13 +6,13 @@ import math
 
 import pytest
 
-from conftest import ROOT, ok, run
+from conftest import ROOT, ok, run_forked
 
 STEPS = ["tests", "bench", "memory", "train", "sample", "export", "hf_logits"]
 
 
 def test_dry_run_reports_every_step_ok_with_sane_numbers(tmp_path):
-    ok(run("dev/gpu_check.py", "--dry_run", f"--out={tmp_path / 'r.json'}", timeout=300))
+    ok(run_forked("dev/gpu_check.py", "--dry_run", f"--out={tmp_path / 'r.json'}", timeout=300))
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["ok"] and r["dry_run"] and list(r["steps"]) == STEPS and r["environment"]["torch"]
     s = r["steps"]

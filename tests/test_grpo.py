@@ -3,8 +3,6 @@ the reward checkers on adversarial strings, and the script end to end: exact res
 GPU recipe on an offline GSM8K fixture, one-line errors."""
 import json
 import math
-import os
-import subprocess
 import sys
 import types
 
@@ -14,7 +12,7 @@ import torch.nn.functional as F
 
 import grpo
 import tasks
-from conftest import ROOT, save_ckpt, tiny_model
+from conftest import save_ckpt, tiny_model
 from data.loader import EOS, get_tokenizer, render_conversation
 
 
@@ -361,10 +359,9 @@ def test_two_gloo_processes_equal_one(chat_ckpt, straight, tmp_path):
     """torchrun, 2 ranks x 1 prompt per step: the same prompts and completions as one process taking both (the
     sampling RNG is shared, one seed per prompt), hence the same rewards, and the same updates."""
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "grpo.py", *COMMON,
-           f"--init_from={chat_ckpt}", f"--out_dir={out}", "--max_iters=4", "--eval_interval=2"]
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    from conftest import TORCHRUN, run
+    p = run(*TORCHRUN, "grpo.py", *COMMON, f"--init_from={chat_ckpt}", f"--out_dir={out}", "--max_iters=4",
+            "--eval_interval=2", timeout=300)  # torchrun's launcher forked (conftest.run), its 2 workers fresh
     assert p.returncode == 0, p.stderr[-3000:]
     assert "on 2 process(es)" in p.stdout and p.stdout.count("step 4/4") == 1  # rank 0 logs
     single, ddp = read_log(straight), read_log(out)
@@ -486,20 +483,20 @@ def test_lora_experts_on_cuda_need_a_rank_aligned_for_grouped_mm():
 def test_one_line_errors_as_a_user_meets_them(chat_ckpt, straight, tmp_path):
     """Run as a user runs them (a process, its stderr): a CUDA device on a CPU-only machine, no training problems, and
     train.py asked to resume a grpo.py run each end in one line, without a traceback and without writing anything."""
-    from conftest import one_line_error, run
+    from conftest import one_line_error, run_forked  # a process, forked from conftest's server (no start-up)
     common = [f"--init_from={chat_ckpt}", f"--out_dir={tmp_path / 'out'}", "--max_iters=1"]
     if not torch.cuda.is_available():
-        err = one_line_error(run("grpo.py", *common, "--device=cuda", timeout=300), "grpo.py")
+        err = one_line_error(run_forked("grpo.py", *common, "--device=cuda", timeout=300), "grpo.py")
         assert err == "grpo.py: error: CUDA is not available here: use --device=cpu"
-    err = one_line_error(run("grpo.py", *common, "--device=cpu", "--task_problems=0", timeout=300), "grpo.py")
+    err = one_line_error(run_forked("grpo.py", *common, "--device=cpu", "--task_problems=0", timeout=300), "grpo.py")
     assert "task_problems must be >= 1" in err
     assert not (tmp_path / "out").exists()
     out = tmp_path / "grpo_run"  # a copy: the fixture's out_dir stays as it is
     out.mkdir()
     (out / "ckpt.pt").write_bytes((straight / "ckpt.pt").read_bytes())
-    err = one_line_error(run("train.py", "--init_from=resume", f"--out_dir={out}", "--chat_data=tasks",
-                             "--chat_tasks=8", "--batch_size=2", "--total_batch_size=128", "--device=cpu",
-                             "--dtype=float32", "--compile=False", timeout=300), "train.py")
+    err = one_line_error(run_forked("train.py", "--init_from=resume", f"--out_dir={out}", "--chat_data=tasks",
+                                    "--chat_tasks=8", "--batch_size=2", "--total_batch_size=128", "--device=cpu",
+                                    "--dtype=float32", "--compile=False", timeout=300), "train.py")
     assert err == (f"train.py: error: {out / 'ckpt.pt'} is a grpo.py checkpoint: resume it with python grpo.py "
                    f"--init_from=resume --out_dir={out}")
     assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt"]

@@ -12,7 +12,7 @@ import export
 import tasks
 from checkpoint import load_model, save_checkpoint
 from data.loader import get_tokenizer
-from conftest import TORCHRUN, ok, one_line_error, run, save_ckpt, tiny_model
+from conftest import TORCHRUN, ok, one_line_error, run, run_forked, save_ckpt, tiny_model
 from lora import LoRAExperts, LoRALinear, add_lora, adapter_state, base_hash, merge_lora
 from model import ModelConfig, Transformer
 from optim import build_optimizer
@@ -132,12 +132,14 @@ def test_merged_export_loads_in_transformers(tmp_path):
     assert diff <= 1e-4
 
 
-def lora_sft(out, base, *args, launch=()):
-    return run(*launch, "train.py", f"--init_from={base}", f"--out_dir={out}", "--chat_data=tasks",
-               "--chat_tasks=40", "--device=cpu", "--dtype=float32", "--compile=False", "--batch_size=2",
-               "--total_batch_size=384", "--learning_rate=1e-2", "--min_lr=1e-3", "--warmup_iters=2",
-               "--lr_decay_iters=6", "--eval_iters=2", "--log_interval=1", "--sample_tokens=0",
-               "--lora_rank=4", "--lora_experts=True", "--lora_dropout=0.1", *args)
+def lora_sft(out, base, *args, launch=(), forked=False):
+    """train.py's LoRA SFT; forked: conftest.run_forked's process (for the one-line refusals)."""
+    runner = run_forked if forked else lambda *a: run(*launch, *a)
+    return runner("train.py", f"--init_from={base}", f"--out_dir={out}", "--chat_data=tasks",
+                  "--chat_tasks=40", "--device=cpu", "--dtype=float32", "--compile=False", "--batch_size=2",
+                  "--total_batch_size=384", "--learning_rate=1e-2", "--min_lr=1e-3", "--warmup_iters=2",
+                  "--lr_decay_iters=6", "--eval_iters=2", "--log_interval=1", "--sample_tokens=0",
+                  "--lora_rank=4", "--lora_experts=True", "--lora_dropout=0.1", *args)
 
 
 def test_lora_sft_resumes_exactly_runs_under_ddp_and_pins_its_base(tmp_path):
@@ -176,7 +178,7 @@ def test_lora_sft_resumes_exactly_runs_under_ddp_and_pins_its_base(tmp_path):
     with torch.no_grad():
         assert (merged(x)[0] - expected.eval()(x)[0]).abs().max().item() <= 1e-5
     assert torch.equal(merged.layers[1].ffn.gate.bias, chat_model.layers[1].ffn.gate.bias)
-    ok(run("chat.py", f"--out_dir={straight}", "--prompt=What is 2 + 3?", "--device=cpu", "--max_new_tokens=4"))
+    ok(run_forked("chat.py", f"--out_dir={straight}", "--prompt=What is 2 + 3?", "--device=cpu", "--max_new_tokens=4"))
     # DDP: 2 ranks x 1 row equal 1 process x 2 accumulation steps (dropout off: its masks differ per rank)
     ok(lora_sft(tmp_path / "single", base, "--max_iters=3", "--eval_interval=100", "--batch_size=1",
                 "--total_batch_size=192", "--lora_dropout=0.0"))
@@ -187,13 +189,14 @@ def test_lora_sft_resumes_exactly_runs_under_ddp_and_pins_its_base(tmp_path):
     # a different base: every reader and a resume refuse it in one line, and nothing is written
     other = tiny_model(1, vocab_size=50304, max_seq_len=96)
     save_ckpt(base, other, step=200)
-    err = one_line_error(run("chat.py", f"--out_dir={straight}", "--prompt=hi", "--device=cpu"), "chat.py")
+    err = one_line_error(run_forked("chat.py", f"--out_dir={straight}", "--prompt=hi", "--device=cpu"), "chat.py")
     assert "LoRA adapters trained on other weights" in err
     before = (straight / "ckpt.pt").read_bytes()
-    err = one_line_error(lora_sft(straight, base, "--max_iters=9", "--eval_interval=3", "--init_from=resume"),
-                         "train.py")
+    err = one_line_error(lora_sft(straight, base, "--max_iters=9", "--eval_interval=3", "--init_from=resume",
+                                  forked=True), "train.py")
     assert "other weights" in err and (straight / "ckpt.pt").read_bytes() == before
-    err = one_line_error(lora_sft(straight, base, "--max_iters=9", "--init_from=resume", "--lora_rank=8"), "train.py")
+    err = one_line_error(lora_sft(straight, base, "--max_iters=9", "--init_from=resume", "--lora_rank=8", forked=True),
+                         "train.py")
     assert "lora_rank=4" in err
 
 

@@ -4,7 +4,7 @@ import torch
 
 import sample
 from checkpoint import load_model
-from conftest import exit_message, one_line_error, run, save_ckpt, tiny_model
+from conftest import exit_message, one_line_error, run_forked, save_ckpt, tiny_model
 
 
 def tiny(seed=0, **kw):
@@ -228,9 +228,10 @@ def test_cli_errors_are_one_line(case, ckpts, tmp_path, capsys, monkeypatch):
 
 
 def test_cli_error_exit_status_without_traceback(ckpts, tmp_path):
-    """The same through a real process: exit status 1, one line on stderr, no traceback, no stdout."""
+    """The same through a real process (forked from conftest's server): exit status 1, one line on stderr, no
+    traceback, no stdout."""
     args, expect = _cli_args("prompt_past_vocab", ckpts, tmp_path)
-    p = run("sample.py", *args, timeout=300)
+    p = run_forked("sample.py", *args, timeout=300)
     assert expect in one_line_error(p, "sample.py") and p.stdout == "" and "Traceback" not in p.stderr
 
 
