@@ -201,51 +201,53 @@ for line in iter(sys.stdin.readline, ""):
     sys.stdout.write(f"{os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])}\n")
     sys.stdout.flush()
 """
-_fork_server = None
+_fork_servers = [None, None]  # used in turn: two runs in a row differ in hash seed and RNG states, as fresh ones do
+_turn = [0]
 
 
-def _stop_fork_server():
-    global _fork_server
-    if _fork_server is not None:
+def _stop_fork_server(i):
+    server, _fork_servers[i] = _fork_servers[i], None
+    if server is not None:
         try:
-            os.killpg(_fork_server.pid, signal.SIGKILL)
+            os.killpg(server.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        _fork_server.wait()
-        _fork_server = None
+        server.wait()
 
 
-atexit.register(_stop_fork_server)
+atexit.register(lambda: [_stop_fork_server(i) for i in range(len(_fork_servers))])
 
 
 def run_forked(*args, timeout=600, **env):
     """run(*ARGS) for `python SCRIPT ARGS` or `python -m MODULE ARGS`: the same process to everything a test sees
     (exit status, stdout, stderr, the files it writes), without a fresh interpreter's start-up: a child forked from a
-    server that has imported torch already (the ~1.5 s of CPU every fresh `python` here spends first). For single runs
-    (one-line refusals, readers, torchrun's launcher), not for a run compared bit for bit with another run: forked
-    children share the server's hash seed, where fresh interpreters each draw their own. A hang kills the server with
+    server that has imported torch already (the ~1.5 s of CPU every fresh `python` here spends first). Two servers take
+    the runs in turn, so that two runs in a row, e.g. a run and its resumption, differ in what a fresh interpreter draws
+    anew (the hash seed, address layout, numpy's global RNG), as two fresh processes do. A hang kills the server with
     every process it started (the next call starts a new one) and fails the test."""
-    global _fork_server
-    if _fork_server is None or _fork_server.poll() is not None:
-        _fork_server = subprocess.Popen([sys.executable, "-c", FORK_SERVER], cwd=ROOT, stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                                        start_new_session=True)
+    i = _turn[0]
+    _turn[0] = 1 - i
+    server = _fork_servers[i]
+    if server is None or server.poll() is not None:
+        server = _fork_servers[i] = subprocess.Popen(
+            [sys.executable, "-c", FORK_SERVER], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
     args = list(map(str, args))
     with tempfile.TemporaryDirectory() as tmp:
         out, err = Path(tmp, "stdout"), Path(tmp, "stderr")
         req = dict(argv=args, env={**os.environ, "OMP_NUM_THREADS": "1", **env}, cwd=str(ROOT), stdout=str(out),
                    stderr=str(err))
-        _fork_server.stdin.write((json.dumps(req) + "\n").encode())
-        _fork_server.stdin.flush()
+        server.stdin.write((json.dumps(req) + "\n").encode())
+        server.stdin.flush()
         answer, deadline = b"", time.monotonic() + timeout
         while not answer.endswith(b"\n"):
             left = deadline - time.monotonic()
-            if left <= 0 or not select.select([_fork_server.stdout], [], [], left)[0]:
-                _stop_fork_server()
+            if left <= 0 or not select.select([server.stdout], [], [], left)[0]:
+                _stop_fork_server(i)
                 pytest.fail(f"hung for {timeout} s: python {' '.join(args)}")
-            chunk = os.read(_fork_server.stdout.fileno(), 64)
+            chunk = os.read(server.stdout.fileno(), 64)
             if not chunk:
-                raise RuntimeError(f"conftest's fork server died (exit {_fork_server.wait()}): python {' '.join(args)}")
+                raise RuntimeError(f"conftest's fork server died (exit {server.wait()}): python {' '.join(args)}")
             answer += chunk
         return subprocess.CompletedProcess([sys.executable, *args], int(answer), out.read_text(), err.read_text())
 

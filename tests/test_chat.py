@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import chat
 import tasks
-from conftest import TORCHRUN, exit_message, ok, one_line_error, run, run_forked, save_ckpt, tiny_model
+from conftest import TORCHRUN, exit_message, ok, one_line_error, run_forked, save_ckpt, tiny_model
 from data import loader
 from data.loader import (ASSISTANT, BOS, EOS, USER, ChatReader, DataError, gsm8k_conversation, read_conversations,
                          render_conversation, render_prompt)
@@ -200,11 +200,12 @@ def test_the_head_on_trained_positions_only_gives_the_same_loss_and_gradients(ch
 
 
 def run_sft(out, base, *args, launch=()):
-    p = ok(run(*launch, "train.py", f"--init_from={base}", f"--out_dir={out}", "--chat_data=tasks,data/chat_sample.jsonl",
-               "--chat_tasks=40", "--device=cpu", "--dtype=float32", "--compile=False", "--batch_size=2",
-               "--total_batch_size=384", "--learning_rate=3e-3", "--min_lr=3e-4", "--warmup_iters=2",
-               "--lr_decay_iters=6", "--eval_iters=2", "--log_interval=1", "--sample_tokens=0",
-               "--bias_update_speed=0.0", *args))
+    """train.py's SFT after `launch` (torchrun), as conftest.run_forked's process (torchrun: its launcher)."""
+    p = ok(run_forked(
+        *launch, "train.py", f"--init_from={base}", f"--out_dir={out}", "--chat_data=tasks,data/chat_sample.jsonl",
+        "--chat_tasks=40", "--device=cpu", "--dtype=float32", "--compile=False", "--batch_size=2",
+        "--total_batch_size=384", "--learning_rate=3e-3", "--min_lr=3e-4", "--warmup_iters=2", "--lr_decay_iters=6",
+        "--eval_iters=2", "--log_interval=1", "--sample_tokens=0", "--bias_update_speed=0.0", *args))
     return p, [json.loads(line) for line in open(out / "log.jsonl")]
 
 

@@ -14,8 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import hellaswag as H
-from conftest import TORCHRUN, cached_hellaswag, downloads, exit_message, hellaswag_standin, ok, run, save_ckpt, \
-    tiny_model as _tiny
+from conftest import TORCHRUN, cached_hellaswag, downloads, exit_message, hellaswag_standin, ok, run, run_forked, \
+    save_ckpt, tiny_model as _tiny
 
 
 def tiny_model(max_seq_len=128, vocab_size=50304):
@@ -270,7 +270,7 @@ def test_torchrun_two_ranks_with_an_empty_cache(tiny_ckpt, tmp_path):
     ok(run(*TORCHRUN, script, "hellaswag.py", *args, f"--out_json={tmp_path / 'ddp.json'}", timeout=300, **env))
     assert [line.split()[0] for line in downloads(tmp_path)] == ["0"]
     assert cached_hellaswag(tmp_path) == ["hellaswag_val.jsonl"]
-    ok(run(script, "hellaswag.py", *args, f"--out_json={tmp_path / 'one.json'}", timeout=300, **env))
+    ok(run_forked(script, "hellaswag.py", *args, f"--out_json={tmp_path / 'one.json'}", timeout=300, **env))
     assert len(downloads(tmp_path)) == 1  # the second run reads the cached file
     ddp, one = (json.loads((tmp_path / f).read_text()) for f in ("ddp.json", "one.json"))
     assert ddp["n"] == one["n"] == 8 and (ddp["acc"], ddp["acc_norm"]) == (one["acc"], one["acc_norm"])

@@ -12,7 +12,7 @@ import export
 import tasks
 from checkpoint import load_model, save_checkpoint
 from data.loader import get_tokenizer
-from conftest import TORCHRUN, ok, one_line_error, run, run_forked, save_ckpt, tiny_model
+from conftest import TORCHRUN, ok, one_line_error, run_forked, save_ckpt, tiny_model
 from lora import LoRAExperts, LoRALinear, add_lora, adapter_state, base_hash, merge_lora
 from model import ModelConfig, Transformer
 from optim import build_optimizer
@@ -132,14 +132,14 @@ def test_merged_export_loads_in_transformers(tmp_path):
     assert diff <= 1e-4
 
 
-def lora_sft(out, base, *args, launch=(), forked=False):
-    """train.py's LoRA SFT; forked: conftest.run_forked's process (for the one-line refusals)."""
-    runner = run_forked if forked else lambda *a: run(*launch, *a)
-    return runner("train.py", f"--init_from={base}", f"--out_dir={out}", "--chat_data=tasks",
-                  "--chat_tasks=40", "--device=cpu", "--dtype=float32", "--compile=False", "--batch_size=2",
-                  "--total_batch_size=384", "--learning_rate=1e-2", "--min_lr=1e-3", "--warmup_iters=2",
-                  "--lr_decay_iters=6", "--eval_iters=2", "--log_interval=1", "--sample_tokens=0",
-                  "--lora_rank=4", "--lora_experts=True", "--lora_dropout=0.1", *args)
+def lora_sft(out, base, *args, launch=()):
+    """train.py's LoRA SFT after `launch` (torchrun, a launcher script), as conftest.run_forked's process (torchrun:
+    its launcher; the workers are fresh processes)."""
+    return run_forked(*launch, "train.py", f"--init_from={base}", f"--out_dir={out}", "--chat_data=tasks",
+                      "--chat_tasks=40", "--device=cpu", "--dtype=float32", "--compile=False", "--batch_size=2",
+                      "--total_batch_size=384", "--learning_rate=1e-2", "--min_lr=1e-3", "--warmup_iters=2",
+                      "--lr_decay_iters=6", "--eval_iters=2", "--log_interval=1", "--sample_tokens=0",
+                      "--lora_rank=4", "--lora_experts=True", "--lora_dropout=0.1", *args)
 
 
 def test_lora_sft_resumes_exactly_runs_under_ddp_and_pins_its_base(tmp_path):
@@ -192,11 +192,10 @@ def test_lora_sft_resumes_exactly_runs_under_ddp_and_pins_its_base(tmp_path):
     err = one_line_error(run_forked("chat.py", f"--out_dir={straight}", "--prompt=hi", "--device=cpu"), "chat.py")
     assert "LoRA adapters trained on other weights" in err
     before = (straight / "ckpt.pt").read_bytes()
-    err = one_line_error(lora_sft(straight, base, "--max_iters=9", "--eval_interval=3", "--init_from=resume",
-                                  forked=True), "train.py")
-    assert "other weights" in err and (straight / "ckpt.pt").read_bytes() == before
-    err = one_line_error(lora_sft(straight, base, "--max_iters=9", "--init_from=resume", "--lora_rank=8", forked=True),
+    err = one_line_error(lora_sft(straight, base, "--max_iters=9", "--eval_interval=3", "--init_from=resume"),
                          "train.py")
+    assert "other weights" in err and (straight / "ckpt.pt").read_bytes() == before
+    err = one_line_error(lora_sft(straight, base, "--max_iters=9", "--init_from=resume", "--lora_rank=8"), "train.py")
     assert "lora_rank=4" in err
 
 

@@ -1,5 +1,6 @@
-"""train.py end to end on CPU (as a subprocess, the way users run it): loss falls, exact resume, real 2-process
-DDP, the learning-rate schedules, a NaN on one rank stopping every rank, clear errors."""
+"""train.py end to end on CPU (as a process, the way users run it; forked from conftest's servers, which have imported
+torch, except the tiny run's fresh interpreter): loss falls, exact resume, real 2-process DDP, the learning-rate
+schedules, a NaN on one rank stopping every rank, clear errors."""
 import json
 import shutil
 
@@ -33,13 +34,11 @@ def small_shards(shards, tmp_path_factory):
     return out
 
 
-def run_train(out_dir, data_dir, *args, launch=(), check=True, timeout=600, forked=False, **env):
-    """train.py (after `launch`: torchrun, a launcher script) with the tiny settings, then args (later ones win).
-    forked: conftest.run_forked's process (the same to the test, without an interpreter's start-up)."""
-    runner = run_forked if forked else lambda *a, **kw: run(*launch, *a, **kw)
-    assert not (forked and launch), "run_forked runs a script, not a launcher"
-    p = runner("train.py", *train_args(), f"--out_dir={out_dir}", f"--data_dir={data_dir}", *args, timeout=timeout,
-               **env)
+def run_train(out_dir, data_dir, *args, launch=(), check=True, timeout=600, fresh=False, **env):
+    """train.py (after `launch`: torchrun, a launcher script) with the tiny settings, then args (later ones win), as
+    conftest.run_forked's process (torchrun: its launcher; the workers are fresh processes), or fresh."""
+    cmd = [*launch, "train.py", *train_args(), f"--out_dir={out_dir}", f"--data_dir={data_dir}", *args]
+    p = (run if fresh else run_forked)(*cmd, timeout=timeout, **env)
     return ok(p) if check else p
 
 
@@ -52,12 +51,12 @@ def load(out_dir):
 
 
 def test_tiny_run_lowers_loss_and_logs(tmp_path, shards):
-    """The real thing: GPT-2 vocab, shards of the FineWeb-Edu sample. 20 steps of 512 tokens (4 micro-batches of
-    2 x 64: at batch 4 each 50304-wide logits tensor is above glibc's mmap threshold and is page-faulted in anew at
-    every use) take the training loss from 10.83 to 8.33 and the val loss from 10.85 to 8.29."""
+    """The real thing: GPT-2 vocab, shards of the FineWeb-Edu sample, a fresh `python train.py`. 20 steps of 512
+    tokens (4 micro-batches of 2 x 64: at batch 4 each 50304-wide logits tensor is above glibc's mmap threshold and is
+    page-faulted in anew at every use) take the training loss from 10.83 to 8.33 and the val loss from 10.85 to 8.29."""
     out = tmp_path / "run"
     p = run_train(out, shards, "--vocab_size=50304", "--learning_rate=1e-2", "--min_lr=1e-3", "--max_iters=20",
-                  "--lr_decay_iters=20", "--eval_interval=10", "--batch_size=2")
+                  "--lr_decay_iters=20", "--eval_interval=10", "--batch_size=2", fresh=True)
     log = read_log(out)
     assert [r["step"] for r in log] == list(range(1, 21))
     assert log[0]["loss"] > 10.5 and log[0]["ce"] == pytest.approx(10.83, abs=0.1)  # ~ln(50304) at init
@@ -181,8 +180,7 @@ EXPECTED_LR = {
 def test_lr_schedules(tmp_path, small_shards, schedule):
     """The lr train.py logs at every step equals the schedule's closed-form values (12 steps)."""
     run_train(tmp_path, small_shards, "--max_iters=12", "--eval_interval=100", "--learning_rate=1e-3", "--min_lr=1e-4",
-              "--warmup_iters=3", "--lr_decay_iters=11", f"--lr_schedule={schedule}", "--wsd_decay_frac=0.5",
-              forked=True)
+              "--warmup_iters=3", "--lr_decay_iters=11", f"--lr_schedule={schedule}", "--wsd_decay_frac=0.5")
     assert _C[4] == pytest.approx(5.5e-4) and _C[0] == pytest.approx(1e-3)  # half way, and the top, of the cosine
     assert [r["lr"] for r in read_log(tmp_path)] == pytest.approx(EXPECTED_LR[schedule], rel=1e-12)
 
@@ -200,7 +198,7 @@ def test_grad_clip_zero_means_off(tmp_path, small_shards):
 
 def test_non_finite_loss_stops_without_checkpoint(tmp_path, small_shards):
     p = run_train(tmp_path, small_shards, "--max_iters=20", "--learning_rate=1e30", "--warmup_iters=0",
-                  "--grad_clip=0.0", "--eval_interval=1000", "--log_interval=5", check=False, forked=True)
+                  "--grad_clip=0.0", "--eval_interval=1000", "--log_interval=5", check=False)
     assert p.returncode != 0 and "Traceback" not in p.stderr and not (tmp_path / "ckpt.pt").exists()
     assert "non-finite loss at step" in p.stderr.strip().splitlines()[-1]
 
@@ -208,7 +206,7 @@ def test_non_finite_loss_stops_without_checkpoint(tmp_path, small_shards):
 @pytest.fixture(scope="module")
 def trained_tiny(tmp_path_factory, small_shards):
     out = tmp_path_factory.mktemp("trained")
-    run_train(out, small_shards, "--max_iters=2", "--eval_interval=100", forked=True)
+    run_train(out, small_shards, "--max_iters=2", "--eval_interval=100")
     return out
 
 
@@ -247,8 +245,7 @@ def test_clear_errors(case, tmp_path, small_shards, trained_tiny):
     args, expected = CLEAR_ERRORS[case]
     out = shutil.copytree(trained_tiny, tmp_path / "out")
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    p = run_train(out, small_shards, "--max_iters=4", *[a.replace("{tmp}", str(tmp_path)) for a in args], check=False,
-                  forked=True)
+    p = run_train(out, small_shards, "--max_iters=4", *[a.replace("{tmp}", str(tmp_path)) for a in args], check=False)
     assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
     last = p.stderr.strip().splitlines()[-1]
     assert all(e in last for e in expected), last
