@@ -121,14 +121,21 @@ def sample_replies(model, enc, conversations, k, temperature=1.0, max_new_tokens
     not ended within max_new_tokens is kept as it stands."""
     from grpo import rollout
     device = model.head.weight.device
-    out = []
-    for i, messages in enumerate(conversations):
+    by_length = {}  # the conversations batched by prompt length (rollout's batches); conversation i's generator
+    for i, messages in enumerate(conversations):  # is seeded by i, so its replies do not depend on the batching
         ids = render_prompt(messages, enc)
-        n = min(max_new_tokens, model.cfg.max_seq_len - len(ids))
-        g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + i)
-        toks = rollout(model, ids, k, n, temperature, generator=g).tolist() if n > 0 else [[]] * k
-        out.append([enc.decode([t for t in row[:row.index(EOS) if EOS in row else len(row)] if t < BOS])
-                    for row in toks])
+        by_length.setdefault(len(ids), []).append((i, ids))
+    out = [[""] * k for _ in conversations]  # no room left to reply: k empty replies
+    batches = [(T, b[j:j + 64]) for T, b in by_length.items() for j in range(0, len(b), 64)]  # <= 64 x k rows
+    for T, batch in batches:
+        n = min(max_new_tokens, model.cfg.max_seq_len - T)
+        if n <= 0:
+            continue
+        gens = [torch.Generator(device=device).manual_seed(seed * 1_000_003 + i) for i, _ in batch]
+        toks = rollout(model, [ids for _, ids in batch], k, n, temperature, generators=gens).tolist()
+        for j, (i, _) in enumerate(batch):
+            out[i] = [enc.decode([t for t in row[:row.index(EOS) if EOS in row else len(row)] if t < BOS])
+                      for row in toks[j * k:(j + 1) * k]]
     return out
 
 

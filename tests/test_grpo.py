@@ -274,23 +274,32 @@ def chat_ckpt(tmp_path_factory, one_thread_here):
 
 
 def test_rollout_is_the_cached_decoders_sampling(chat_ckpt):
-    """G rows of one prompt in one batch through the latent cache: at temperature 0 every row is chat.complete's
-    greedy reply (the full forward's argmax at every step), EOS-padded after its end; sampled rows are a function of
-    the generator's seed alone."""
+    """G rows of a prompt through the latent cache: at temperature 0 every row is chat.complete's greedy reply (the
+    full forward's argmax at every step), EOS-padded after its end; sampled rows are a function of the prompt's
+    generator seed alone, the same whether the prompt decodes alone or batched with others of its length."""
     import chat
     from checkpoint import load_model
     model, _ = load_model(str(chat_ckpt))
     enc = get_tokenizer()
     messages = [{"role": "user", "content": "Which is larger, 41 or 17?"}]
     ids = grpo.render_prompt(messages, enc)
-    greedy = grpo.rollout(model, ids, 3, 6, temperature=0.0)
+    greedy = grpo.rollout(model, [ids], 3, 6, temperature=0.0)
     (text,) = chat.complete(model, enc, [messages], max_new_tokens=6)
     lengths, ended = grpo.completion_lengths(greedy)
     assert (greedy == greedy[0]).all() and bool(ended[0]) and 1 < int(lengths[0]) <= 6
     assert enc.decode(greedy[0, :lengths[0] - 1].tolist()) == text and (greedy[0, lengths[0]:] == EOS).all()
-    draw = lambda seed: grpo.rollout(model, ids, 8, 6, 1.0, None, torch.Generator().manual_seed(seed))  # noqa: E731
+    gen = lambda seed: torch.Generator().manual_seed(seed)  # noqa: E731  (a new generator per call)
+    draw = lambda seed: grpo.rollout(model, [ids], 8, 6, 1.0, None, [gen(seed)])  # noqa: E731
     a, b, c = draw(1), draw(1), draw(2)
     assert torch.equal(a, b) and not torch.equal(a, c) and len({tuple(r) for r in a.tolist()}) > 1
+    # batched: three prompts of one length, each row block equal to that prompt's rollout alone (trimmed to its width)
+    others = [grpo.render_prompt([{"role": "user", "content": f"Which is larger, {x} or {y}?"}], enc)
+              for x, y in ((5, 93), (60, 2))]
+    assert all(len(o) == len(ids) for o in others)
+    batch = grpo.rollout(model, [ids, *others], 8, 6, 1.0, None, [gen(1), gen(3), gen(4)])
+    for block, (prompt, seed) in zip(batch.split(8), [(ids, 1), *zip(others, (3, 4))]):
+        alone = grpo.rollout(model, [prompt], 8, 6, 1.0, None, [gen(seed)])
+        assert torch.equal(block[:, :alone.size(1)], alone) and (block[:, alone.size(1):] == EOS).all()
 
 
 COMMON = ["--prompts=compare", "--task_problems=2", "--group_size=4", "--prompts_per_step=2", "--max_new_tokens=8",
