@@ -302,6 +302,26 @@ def test_rollout_is_the_cached_decoders_sampling(chat_ckpt):
         assert torch.equal(block[:, :alone.size(1)], alone) and (block[:, alone.size(1):] == EOS).all()
 
 
+def test_rollout_samples_the_models_distribution(chat_ckpt):
+    """rollout's inverse-CDF draw is the model's distribution at the temperature: the first tokens of 4,000 rows
+    against the prefill's softmax, within 4 standard errors for every token of probability > 0.2%, and no token drawn
+    that has probability 0 (beyond the chat vocabulary)."""
+    from checkpoint import load_model
+    model, _ = load_model(str(chat_ckpt))
+    enc = get_tokenizer()
+    ids = grpo.render_prompt([{"role": "user", "content": "Which is larger, 41 or 17?"}], enc)
+    ids += enc.encode_ordinary("The larger is")  # where the reply names a number
+    n, temperature = 4000, 1.5  # flatter than the policy's: several likely tokens
+    first = grpo.rollout(model, [ids], n, 1, temperature, None, [torch.Generator().manual_seed(0)])[:, 0]
+    with torch.no_grad():
+        logits = model(torch.tensor([ids]))[0][0, -1, :EOS + 1]
+    p = torch.softmax(logits.double() / temperature, -1)
+    freq = torch.bincount(first, minlength=logits.size(-1)).double() / n
+    big = p > 0.002  # the likely numbers (a long tail holds the rest of the mass at this temperature)
+    assert int(big.sum()) >= 5 and int(first.max()) <= EOS, p.topk(10).values
+    assert ((freq[big] - p[big]).abs() <= 4 * (p[big] * (1 - p[big]) / n).sqrt()).all(), (freq[big], p[big])
+
+
 COMMON = ["--prompts=compare", "--task_problems=2", "--group_size=4", "--prompts_per_step=2", "--max_new_tokens=8",
           "--ppo_epochs=2", "--beta=0.1", "--learning_rate=3e-3", "--eval_n=0", "--device=cpu", "--dtype=float32"]
 
