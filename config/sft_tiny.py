@@ -1,4 +1,4 @@
-# Chat fine-tuning (SFT) of the quick-start model: offline, about 15 minutes on 2 CPU cores.
+# Chat fine-tuning (SFT) of the quick-start model: offline, about 10 minutes on 2 quiet CPU cores.
 #   python train.py config/train_tiny.py       # pretrain -> out-tiny
 #   python train.py config/sft_tiny.py         # SFT -> out-tiny-sft
 #   python chat.py --out_dir=out-tiny-sft --eval_tasks=300
