@@ -265,20 +265,43 @@ def completion_mask(lengths, L):
     return (torch.arange(L, device=lengths.device)[None, :] < lengths[:, None]).float()
 
 
+class TokenLogprob(torch.autograd.Function):
+    """log softmax(z)[target] over the last dim: logits z (..., V), target (...) -> (...), with one exp pass over
+    the vocabulary for the forward, the backward and the entropy together: the softmax p that the forward makes is
+    kept, the backward is (onehot - p) * g, and the entropy logsumexp(z) - sum p z needs no exp. The plain
+    log_softmax + gather takes three (forward, backward, entropy), and on a CPU an exp over 50,257 entries per
+    position is most of the cost of the vocabulary. With entropy=True also returns the entropy (no gradient)."""
+
+    @staticmethod
+    def forward(ctx, logits, target, entropy=False):
+        m = logits.amax(-1, keepdim=True)
+        p = (logits - m).exp_()
+        s = p.sum(-1, keepdim=True)
+        lse = (m + s.log()).squeeze(-1)
+        p.div_(s)
+        ctx.save_for_backward(p, target)
+        logp = logits.gather(-1, target[..., None]).squeeze(-1) - lse
+        ent = lse - (p * logits).sum(-1) if entropy else torch.empty(0)
+        ctx.mark_non_differentiable(ent)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, g, _):
+        p, target = ctx.saved_tensors
+        return (p * -g[..., None]).scatter_add_(-1, target[..., None], g[..., None]), None, None
+
+
 def completion_logprobs(model, ids, n_prompt, n_vocab=EOS + 1, temperature=1.0, entropy=False):
     """Log-probs (B, L) of the completion tokens ids[:, n_prompt:] under the model's main head (a full forward over
     prompt + completion; no MTP), of the distribution they were sampled from: the first n_vocab ids at temperature.
     With entropy=True also that distribution's entropy at each completion position (B, L), without gradient."""
     h, _ = model.trunk(ids[:, :-1])                      # position t predicts token t + 1: the main head
-    logits = model.head(model.norm(h[:, n_prompt - 1:]))  # (Transformer.forward's), on the completion positions only
-    logits = logits[..., :n_vocab].float() / temperature
-    logp_all = F.log_softmax(logits, dim=-1)
-    logp = logp_all.gather(-1, ids[:, n_prompt:, None]).squeeze(-1)
-    ent = None
-    if entropy:
-        with torch.no_grad():
-            ent = -(logp_all.exp() * logp_all).sum(-1)
-    return logp, ent
+    x = model.norm(h[:, n_prompt - 1:])                  # (Transformer.forward's), on the completion positions only
+    logits = F.linear(x, model.head.weight[:n_vocab]).float()  # the head's first n_vocab rows: no slice of the logits
+    if temperature != 1.0:
+        logits = logits / temperature
+    logp, ent = TokenLogprob.apply(logits, ids[:, n_prompt:], entropy)
+    return logp, ent if entropy else None
 
 
 def grpo_loss(logp, old_logp, ref_logp, adv, mask, clip_eps, beta, loss_norm, denom, dual_clip=0.0):

@@ -529,3 +529,21 @@ def test_one_line_errors_as_a_user_meets_them(chat_ckpt, straight, tmp_path):
     assert err == (f"train.py: error: {out / 'ckpt.pt'} is a grpo.py checkpoint: resume it with python grpo.py "
                    f"--init_from=resume --out_dir={out}")
     assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt"]
+
+
+def test_token_logprob_matches_log_softmax_and_its_gradient():
+    """TokenLogprob's value, entropy and gradient against the plain log_softmax + gather, and torch's gradcheck
+    (float64)."""
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(2, 5, 37, dtype=torch.float64)).requires_grad_()
+    target = torch.randint(37, (2, 5))
+    got, ent = grpo.TokenLogprob.apply(logits, target, True)
+    logp_all = torch.log_softmax(logits, -1)
+    want = logp_all.gather(-1, target[..., None]).squeeze(-1)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(ent, -(logp_all.exp() * logp_all).sum(-1))
+    g = torch.randn(2, 5, dtype=torch.float64)
+    got_grad, = torch.autograd.grad(got, logits, g)
+    want_grad, = torch.autograd.grad(want, logits, g)
+    torch.testing.assert_close(got_grad, want_grad)
+    assert torch.autograd.gradcheck(lambda z: grpo.TokenLogprob.apply(z, target)[0], (logits,))
