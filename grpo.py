@@ -89,7 +89,8 @@ from sample import sample_probs
 out_dir = 'out-grpo'
 init_from = 'out-tiny-sft'       # a chat-tuned out_dir (the policy's start and the reference model) | 'resume'
 # prompts and rewards
-prompts = 'compare'              # comma-separated prompt sources: tasks.py task names, 'gsm8k' (through datasets)
+prompts = 'compare'              # comma-separated prompt sources: tasks.py task names, 'gsm8k' (through datasets);
+                                 # name:k puts a source's prompts k times in the pool (drawn k times as often)
 task_problems = 2000             # training problems per task in the prompt pool (tasks.problems, split 'train')
 rewards = 'correct'              # comma-separated reward functions of REWARDS, each name or name:weight
 # GRPO
@@ -196,29 +197,38 @@ def score(prompt, completion, ended, reward_fns):
 
 # ---- prompts ----------------------------------------------------------------------------------------------------
 
-def check_prompt_sources(sources):
-    for source in sources.split(","):
+def parse_prompts(spec):
+    """'compare,min,sort:3' -> [(source, weight)]: a tasks.py task or 'gsm8k', and how many times its prompts enter
+    the pool (an integer >= 1; sort:3 is drawn three times as often as a source of weight 1 with as many prompts)."""
+    out = []
+    for item in (s.strip() for s in spec.split(",")):
+        source, _, weight = item.partition(":")
         if source != "gsm8k" and source not in tasks.TASKS:
-            raise UserError(f"unknown prompt source {source!r} in prompts={sources!r}: use tasks.py's tasks "
-                            f"({', '.join(tasks.TASKS)}) or 'gsm8k'")
+            raise UserError(f"unknown prompt source {source!r} in prompts={spec!r}: use tasks.py's tasks "
+                            f"({', '.join(tasks.TASKS)}) or 'gsm8k' (name or name:weight, comma-separated)")
+        if weight and not (weight.isdigit() and int(weight) >= 1):
+            raise UserError(f"prompt weight {weight!r} of {source!r} must be an integer >= 1 (prompts={spec!r})")
+        out.append((source, int(weight or 1)))
+    return out
 
 
 def load_prompts(sources, n_per_task, seed, enc, max_prompt_len):
     """The training prompt pool: tasks.py's training problems and/or GSM8K's train split, rendered in the chat
-    format; prompts longer than max_prompt_len tokens are dropped. Returns (pool, number dropped)."""
+    format, each source `weight` times (parse_prompts); prompts longer than max_prompt_len tokens are dropped.
+    Returns (pool, number dropped)."""
     pool = []
-    check_prompt_sources(sources)
-    for source in sources.split(","):
+    for source, weight in parse_prompts(sources):
         if source == "gsm8k":
             reason = hub_offline_reason()  # said here: hub_conversations' own message names train.py's settings
             if reason:
                 raise UserError(f"could not reach the Hugging Face Hub for GSM8K ({reason}); offline, use tasks.py's "
                                 "prompts (e.g. prompts='compare')")
-            pool += [{"messages": conv[:1], "task": "gsm8k", "answer": tasks.last_number(conv[1]["content"])}
-                     for conv in hub_conversations("gsm8k", "train")]
-        elif source in tasks.TASKS:
-            pool += [{"messages": [{"role": "user", "content": q}], "task": source, "answer": a}
-                     for q, a, _ in tasks.problems(source, "train", n_per_task, seed)]
+            some = [{"messages": conv[:1], "task": "gsm8k", "answer": tasks.last_number(conv[1]["content"])}
+                    for conv in hub_conversations("gsm8k", "train")]
+        else:
+            some = [{"messages": [{"role": "user", "content": q}], "task": source, "answer": a}
+                    for q, a, _ in tasks.problems(source, "train", n_per_task, seed)]
+        pool += some * weight
     for p in pool:
         p["ids"] = render_prompt(p["messages"], enc)
     kept = [p for p in pool if len(p["ids"]) <= max_prompt_len]
@@ -334,6 +344,26 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, clip_eps, beta, loss_norm, de
     return loss, stats
 
 
+def inverse_cdf(probs, u, block=1024):
+    """Token ids (R,) drawn from probs (R, V) (any non-negative masses) with one uniform u (R, 1) per row: the first
+    id whose cumulative mass exceeds u times the row's total. In two levels, the block of `block` ids and then the id
+    in it, so that float64 sums run over the block masses and one block per row, not over all V ids (a float64
+    cumsum over 50,257 ids of 1,024 rows was twice the model's own time per decoded token on a CPU)."""
+    R, V = probs.shape
+    full = V // block * block
+    mass = probs[:, :full].view(R, -1, block).sum(-1, dtype=torch.float64)
+    if full < V:
+        mass = torch.cat([mass, probs[:, full:].sum(-1, keepdim=True, dtype=torch.float64)], dim=1)
+    cum = mass.cumsum(-1)
+    target = u.double() * cum[:, -1:]
+    b = torch.searchsorted(cum, target, right=True).clamp(max=cum.size(1) - 1)  # (R, 1): the block
+    target = target - torch.where(b > 0, cum.gather(1, (b - 1).clamp(min=0)), 0.0)
+    idx = b * block + torch.arange(block, device=probs.device)
+    inside = torch.where(idx < V, probs.gather(1, idx.clamp(max=V - 1)), 0).double().cumsum(-1)
+    j = torch.searchsorted(inside, target, right=True).clamp(max=block - 1)
+    return (b * block + j).clamp(max=V - 1).squeeze(1)
+
+
 @torch.no_grad()
 def rollout(model, prompts, group_size, max_new_tokens, temperature=1.0, top_k=None, generators=None,
             n_vocab=EOS + 1):
@@ -350,15 +380,15 @@ def rollout(model, prompts, group_size, max_new_tokens, temperature=1.0, top_k=N
     rows = P * group_size
     cache = model.init_cache(rows, device, torch.float32 if device.type == "cpu" else None)
     ids = torch.tensor(prompts, device=device).repeat_interleave(group_size, dim=0)
-    logits, _ = model.decode(ids, cache, 0)
+    h, _ = model.trunk(ids, cache, 0)  # the prefill; the head on the last position only, the one sampled from
+    logits = model.head(model.norm(h[:, -1:]))
     out = torch.full((rows, max_new_tokens), EOS, dtype=torch.long, device=device)
     done = torch.zeros(rows, dtype=torch.bool, device=device)
     for t in range(max_new_tokens):
         # inverse-CDF sampling: one uniform per row from its prompt's generator (torch.multinomial draws one random
         # number per vocabulary entry: 51M a step for 1,024 rows, most of a CPU rollout's time)
         u = torch.cat([torch.rand(group_size, 1, device=device, generator=g) for g in generators])
-        cdf = sample_probs(logits[:, -1, :n_vocab], temperature, top_k).double().cumsum(-1)
-        tok = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1).clamp(max=cdf.size(1) - 1)
+        tok = inverse_cdf(sample_probs(logits[:, -1, :n_vocab], temperature, top_k), u)
         tok = torch.where(done, EOS, tok)
         out[:, t] = tok
         done |= tok == EOS
@@ -394,8 +424,8 @@ def check_settings(c):
         raise UserError(f"dtype must be 'float32' or 'bfloat16' (float16 gradients underflow without a scaler), "
                         f"not {c.dtype!r}")
     parse_rewards(c.rewards)
-    check_prompt_sources(c.prompts)
-    if c.task_problems < 1 and any(s in tasks.TASKS for s in c.prompts.split(",")):
+    sources = [s for s, _ in parse_prompts(c.prompts)]
+    if c.task_problems < 1 and any(s in tasks.TASKS for s in sources):
         raise UserError(f"task_problems must be >= 1 (training problems per task of prompts={c.prompts!r}), got "
                         f"{c.task_problems}")
     if c.lora_rank % 8 and c.lora_experts and c.device.startswith("cuda"):
@@ -562,7 +592,7 @@ def rollouts_and_rewards(r):
     groups = []
     tot = dict.fromkeys(["reward", *(f"reward_{n}" for n, _, _ in r.reward_fns), "sequences", "tokens", "ended",
                          "kl", "clipped", "entropy", "same_reward_groups"], 0.0)
-    by_task = {t: [0.0, 0.0] for t in c.prompts.split(",")}  # per prompt source: reward sum, completions
+    by_task = {t: [0.0, 0.0] for t, _ in parse_prompts(c.prompts)}  # per prompt source: reward sum, completions
     mine = list(range(r.rank, c.prompts_per_step, r.world))
     by_length = {}  # this rank's prompts, batched by length for the rollouts; the groups keep the step's order
     for i in mine:

@@ -302,6 +302,20 @@ def test_rollout_is_the_cached_decoders_sampling(chat_ckpt):
         assert torch.equal(block[:, :alone.size(1)], alone) and (block[:, alone.size(1):] == EOS).all()
 
 
+@pytest.mark.parametrize("V,block", [(50257, 1024), (3000, 1000), (37, 8)])
+def test_inverse_cdf_is_the_flat_inverse_cdf(V, block):
+    """The two-level draw picks the token the one-level float64 cumsum picks, for every row and u (zeros included:
+    top-k's masked ids are never drawn)."""
+    torch.manual_seed(0)
+    probs = torch.rand(64, V) ** 8
+    probs[:, ::3] = 0
+    u = torch.cat([torch.rand(60, 1), torch.tensor([[0.0], [1e-9], [0.5], [1 - 2 ** -24]])])  # torch.rand is < 1
+    cdf = probs.double().cumsum(-1)
+    flat = torch.searchsorted(cdf, u.double() * cdf[:, -1:], right=True).squeeze(1)
+    got = grpo.inverse_cdf(probs, u, block)
+    assert torch.equal(got, flat) and bool((probs.gather(1, got[:, None]) > 0).all())
+
+
 def test_rollout_samples_the_models_distribution(chat_ckpt):
     """rollout's inverse-CDF draw is the model's distribution at the temperature: the first tokens of 4,000 rows
     against the prefill's softmax, within 4 standard errors for every token of probability > 0.2%, and no token drawn
@@ -447,6 +461,8 @@ def test_gpu_recipe_on_an_offline_gsm8k_fixture(chat_ckpt, tmp_path, monkeypatch
     (["--rewards=correct,brevity"], "unknown reward 'brevity'"),
     (["--group_size=1"], "group_size must be >= 2"),
     (["--prompts=compare,multiply"], "unknown prompt source 'multiply'"),
+    (["--prompts=compare,sort:0"], "prompt weight '0' of 'sort' must be an integer >= 1"),
+    (["--prompts=compare,sort:1.5"], "prompt weight '1.5' of 'sort' must be an integer >= 1"),
     (["--loss_norm=sample"], "loss_norm must be 'token' or 'sequence'"),
     (["--temperature=0"], "temperature must be > 0"),
     (["--init_from=NOWHERE"], "init_from must be a chat-tuned out_dir holding a ckpt.pt"),
@@ -547,3 +563,16 @@ def test_token_logprob_matches_log_softmax_and_its_gradient():
     want_grad, = torch.autograd.grad(want, logits, g)
     torch.testing.assert_close(got_grad, want_grad)
     assert torch.autograd.gradcheck(lambda z: grpo.TokenLogprob.apply(z, target)[0], (logits,))
+
+
+def test_prompt_weights_repeat_a_source_in_the_pool(gpt2_enc):
+    """'compare,sort:3': sort's training problems enter the pool three times, so a uniform draw from the pool picks
+    sort three times as often as compare (as many problems each); 'sort:1' is 'sort'."""
+    enc = gpt2_enc
+    assert grpo.parse_prompts("compare, sort:3") == [("compare", 1), ("sort", 3)]
+    pool, dropped = grpo.load_prompts("compare,sort:3", 20, 0, enc, 100)
+    assert dropped == 0 and [p["task"] for p in pool] == ["compare"] * 20 + ["sort"] * 60
+    sorts = [p["answer"] for p in pool if p["task"] == "sort"]
+    assert sorts[:20] == sorts[20:40] == sorts[40:] and len(set(sorts)) > 15  # the same 20 problems, three times
+    plain, _ = grpo.load_prompts("compare,sort:1", 20, 0, enc, 100)
+    assert [p["ids"] for p in plain] == [p["ids"] for p in pool[:40]]
