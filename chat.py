@@ -35,7 +35,8 @@ out_dir = 'out-tiny-sft'      # a train.py out_dir (holding ckpt.pt) or the path
 prompt = ''                   # one reply to this message on stdout, then exit
 system = ''                   # an optional system prompt
 eval_tasks = 0                # score N held-out problems per task, then exit
-eval_samples = 8              # with eval_tasks: sampled pass@1 over this many replies per problem at temperature 1
+eval_samples = 8              # with eval_tasks: sampled pass@1 over this many replies per problem at eval_temperature
+eval_temperature = 1.0        # the policy's temperature: a GRPO run's own (grpo.py's temperature)
 eval_gsm8k = 0                # score the first N problems of GSM8K's test split (greedy; needs datasets), then exit
 temperature = 0.7             # 0: greedy
 top_k = 50                    # 0: off
@@ -158,8 +159,9 @@ def main(argv=None):
     c = SimpleNamespace(**configure(config_keys(globals()), argv, description=__doc__.strip().split("\n\n")[0],
                                     quiet=True))
     ctx = autocast_context(check_device(c.device).type, c.dtype)
-    if c.temperature < 0 or c.top_k < 0 or not 0 < c.top_p <= 1 or c.max_new_tokens < 1 or min(c.eval_tasks, c.eval_gsm8k, c.eval_samples) < 0:
-        raise UserError("need temperature >= 0, top_k >= 0, 0 < top_p <= 1, max_new_tokens >= 1, eval_tasks, eval_gsm8k, eval_samples >= 0")
+    if c.temperature < 0 or c.top_k < 0 or not 0 < c.top_p <= 1 or c.max_new_tokens < 1 or min(c.eval_tasks, c.eval_gsm8k, c.eval_samples) < 0 or not c.eval_temperature > 0:
+        raise UserError("need temperature >= 0, top_k >= 0, 0 < top_p <= 1, max_new_tokens >= 1, eval_tasks, eval_gsm8k, "
+                        "eval_samples >= 0, eval_temperature > 0")
     model, ckpt = load_model(c.out_dir, c.device)
     if model.cfg.vocab_size <= ASSISTANT:
         raise UserError(f"vocab_size {model.cfg.vocab_size} has no rows for the chat tokens (ids {BOS}-"
@@ -176,7 +178,7 @@ def main(argv=None):
 
     if c.eval_tasks or c.eval_gsm8k:
         with ctx:
-            res = evaluate(model, enc, c.eval_tasks, c.seed, c.eval_samples) if c.eval_tasks else {}
+            res = evaluate(model, enc, c.eval_tasks, c.seed, c.eval_samples, c.eval_temperature) if c.eval_tasks else {}
             if c.eval_gsm8k:
                 res["gsm8k"] = {**evaluate_gsm8k(model, enc, c.eval_gsm8k), "ended": None}
         for task, r in res.items():
@@ -184,7 +186,7 @@ def main(argv=None):
                   + (f" | {r['ended']:.0%} of replies ended with EOS" if r["ended"] is not None else ""))
         path = os.path.join(c.out_dir if os.path.isdir(c.out_dir) else os.path.dirname(c.out_dir), "chat_eval.json")
         write_json(path, {"checkpoint": c.out_dir, "step": ckpt.get("step"), "n_per_task": c.eval_tasks,
-                          "n_gsm8k": c.eval_gsm8k, "tasks": res})
+                          "n_gsm8k": c.eval_gsm8k, "eval_temperature": c.eval_temperature, "tasks": res})
         print(f"wrote {path}", file=sys.stderr)
         return res
     if c.prompt:  # one reply, nothing else on stdout

@@ -162,6 +162,20 @@ def test_chat_cli_one_reply_and_task_eval(chat_model, tmp_path):
         "chat.py: error: no checkpoint")
 
 
+def test_task_eval_samples_at_eval_temperature(chat_model, tmp_path, monkeypatch):
+    """--eval_temperature is the temperature of the sampled pass@1 (a GRPO policy's own), recorded in chat_eval.json;
+    0 is refused in one line."""
+    ckpt = save_ckpt(tmp_path / "sft", chat_model, step=7, config={"chat_data": "tasks"})
+    seen = []
+    real = chat.sample_replies
+    monkeypatch.setattr(chat, "sample_replies", lambda *a, **k: seen.append(a[4]) or real(*a, **k))
+    chat.main([f"--out_dir={ckpt}", "--eval_tasks=1", "--eval_samples=2", "--eval_temperature=0.7", "--device=cpu"])
+    assert seen == [0.7] * len(tasks.TASKS)
+    assert json.loads((ckpt / "chat_eval.json").read_text())["eval_temperature"] == 0.7
+    assert "eval_temperature > 0" in exit_message(chat.main, [f"--out_dir={ckpt}", "--eval_tasks=1",
+                                                             "--eval_temperature=0"])
+
+
 # ---- SFT with train.py --------------------------------------------------------------------------------------
 
 def test_masked_targets_are_left_out_of_every_loss(chat_model):
