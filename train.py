@@ -50,7 +50,7 @@ data_dir = 'data/fineweb_edu'    # folder of .npy token shards with their meta.j
 init_from = 'scratch'            # 'scratch' | 'resume' (from out_dir/ckpt.pt) | a pretrained out_dir to fine-tune:
                                  # its weights and model config (a model setting given here must fit them)
 eval_interval = 250              # steps between val evals (and checkpoints)
-eval_iters = 20                  # val batches per eval: the same batches every time
+eval_iters = 20                  # val batches per eval: the same batches every time; 0 = the whole val split once
 always_save_checkpoint = True    # save at every eval, not only when val loss improves
 log_interval = 10
 sample_tokens = 32               # tokens sampled at each eval (every rank; rank 0 prints), 0 = off
@@ -140,10 +140,10 @@ sys.excepthook = one_line_user_errors
 
 
 # ---- check the settings: a mistake stops here, in one line, before anything is built or written -----------
-for _name in ("batch_size", "total_batch_size", "eval_interval", "eval_iters", "log_interval"):
+for _name in ("batch_size", "total_batch_size", "eval_interval", "log_interval"):
     if globals()[_name] < 1:
         fail(f"{_name} must be at least 1, got {globals()[_name]}")
-for _name in ("max_iters", "warmup_iters", "lr_decay_iters", "sample_tokens", "hellaswag_interval", "hellaswag_limit",
+for _name in ("eval_iters", "max_iters", "warmup_iters", "lr_decay_iters", "sample_tokens", "hellaswag_interval", "hellaswag_limit",
               "learning_rate", "min_lr", "weight_decay", "bias_update_speed", "mtp_lambda", "mtp_lambda_late",
               "balance_alpha"):
     if globals()[_name] < 0:
@@ -380,21 +380,28 @@ def get_lr(it):
 
 @torch.no_grad()
 def evaluate():
-    """Mean main-head and MTP val loss over the same eval_iters batches every time, across all ranks."""
+    """Main-head and MTP val loss per trained token, over the same eval_iters batches every time (eval_iters=0: the
+    whole val split once), across all ranks. Each batch's mean is weighted by its trained tokens: chat rows train
+    only the replies, and a batch holding a few long free-text replies must not count like one of short answers."""
     model.eval()
     val_data.reset()
-    sums = torch.zeros(2, device=device)
+    batches = val_data.one_pass() if eval_iters == 0 else (val_data.next_batch() for _ in range(eval_iters))
+    n_batches = -(-len(val_data.order) // val_data.batch_size) if eval_iters == 0 else eval_iters
+    sums = torch.zeros(4, device=device)  # CE x tokens, MTP CE x tokens (all depths), their token counts
     # a progress bar on a terminal only: redirected to a log, its redraws would bury the eval line
-    for _ in tqdm(range(eval_iters), desc=f"val @ step {step}", unit="batch", leave=False,
-                  disable=not (master and sys.stderr.isatty())):
-        x, y = (t.to(device) for t in val_data.next_batch())
+    for x, y in tqdm(batches, total=n_batches, desc=f"val @ step {step}", unit="batch", leave=False,
+                     disable=not (master and sys.stderr.isatty())):
+        x, y = x.to(device), y.to(device)
         with ctx:
             _, parts = model(x, y, trained_only=trained_only)
-        sums += torch.stack([parts["ce"], parts["mtp"].sum() / max(cfg.n_mtp, 1)])
+        n = (y >= 0).sum()  # depth k's labels are y[:, k:]; a count of 0 has a NaN mean, which weighs nothing
+        n_mtp = torch.stack([(y[:, k:] >= 0).sum() for k in range(1, cfg.n_mtp + 1)]) if cfg.n_mtp else n.new_zeros(0)
+        sums += torch.stack([torch.where(n > 0, parts["ce"] * n, 0),
+                             torch.where(n_mtp > 0, parts["mtp"] * n_mtp, 0).sum(), n, n_mtp.sum()])
     if ddp:
         dist.all_reduce(sums)
     model.train()
-    return (sums / (eval_iters * world)).tolist()
+    return (sums[:2] / sums[2:].clamp_min(1)).tolist()
 
 
 def sample_text():

@@ -252,6 +252,15 @@ class ShardReader:
             self.pos += 1
         return torch.from_numpy(x), torch.from_numpy(y)
 
+    def one_pass(self):
+        """This rank's windows of one epoch, in order, batch_size at a time (the last batch may be shorter): the
+        whole split once, for an eval over all of it (train.py's eval_iters=0). Leaves the reader at epoch 0."""
+        import torch
+        self.start_epoch(0)
+        for i in range(0, len(self.order), self.batch_size):
+            rows = [self.window(g) for g in self.order[i:i + self.batch_size]]
+            yield tuple(torch.from_numpy(np.stack([r[k] for r in rows]).astype(np.int64)) for k in (0, 1))
+
     def state_dict(self):
         return {"epoch": self.epoch, "pos": self.pos, "seed": self.seed, "rank": self.rank,
                 "world_size": self.world_size, "seq_len": self.seq_len, "n_windows": self.n_windows,

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import chat
 import tasks
-from conftest import TORCHRUN, exit_message, ok, one_line_error, run_forked, save_ckpt, tiny_model
+from conftest import ROOT, TORCHRUN, exit_message, ok, one_line_error, run_forked, save_ckpt, tiny_model
 from data import loader
 from data.loader import (ASSISTANT, BOS, EOS, USER, ChatReader, DataError, gsm8k_conversation, read_conversations,
                          render_conversation, render_prompt)
@@ -221,6 +221,45 @@ def run_sft(out, base, *args, launch=()):
         "--total_batch_size=384", "--learning_rate=3e-3", "--min_lr=3e-4", "--warmup_iters=2", "--lr_decay_iters=6",
         "--eval_iters=2", "--log_interval=1", "--sample_tokens=0", "--bias_update_speed=0.0", *args))
     return p, [json.loads(line) for line in open(out / "log.jsonl")]
+
+
+@pytest.mark.parametrize("launch", [(), TORCHRUN], ids=["one_process", "torchrun"])
+def test_sft_val_loss_is_per_trained_token_over_the_whole_held_out_split(chat_model, tmp_path, launch):
+    """eval_iters=0: every held-out row once (2 ranks: all but the odd one out), and the val loss of the main head
+    and of MTP is per trained token, as a slow reference (one row at a time, each row's mean times its tokens)
+    gives it. The replies are 1 token long in the first held-out conversations and 30 in the last, so a mean of
+    row or batch means (what the eval did before) differs from it."""
+    convs = [[turn("user", f"Question {i}?"), turn("assistant", " yes" if i < 300 else " and so on" * 10)]
+             for i in range(390)]
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
+    base = save_ckpt(tmp_path / "base", chat_model, step=200)
+    run_sft(tmp_path / "out", base, f"--chat_data={data}", "--max_iters=0", "--eval_iters=0",
+            launch=launch)
+    got = json.loads(open(tmp_path / "out" / "eval.jsonl").readline())
+
+    world = 2 if launch else 1
+    reader = ChatReader([c for i, c in enumerate(convs) if i % 10 == 0], 1, 96, shuffle=False)
+    n_rows = reader.n_windows - reader.n_windows % world
+    sums = torch.zeros(4, dtype=torch.float64)
+    means = []
+    with torch.no_grad():
+        for g in range(n_rows):
+            x, y = (torch.from_numpy(a[None]) for a in reader.window(g))
+            _, parts = chat_model(x, y)
+            n, n_mtp = (y >= 0).sum(), (y[:, 1:] >= 0).sum()
+            sums += torch.stack([parts["ce"] * n, parts["mtp"][0] * n_mtp, n, n_mtp]).double()
+            means.append(parts["ce"].item())
+    assert reader.n_windows == 7  # at batch_size 2: a short last batch, on 1 rank and on 2
+    assert got["val_loss"] == pytest.approx((sums[0] / sums[2]).item(), rel=1e-5)
+    assert got["val_mtp"] == pytest.approx((sums[1] / sums[3]).item(), rel=1e-5)
+    assert abs(got["val_loss"] - sum(means) / len(means)) > 1e-3  # 100x the tolerance: an unweighted mean fails
+    if not launch:  # dev/val_by_source.py packs each source alone: with one source, it is train.py's val loss
+        sys.path.insert(0, str(ROOT / "dev"))
+        import val_by_source
+        (source, held), = val_by_source.held_out({"chat_data": str(data), "chat_tasks": 40, "seed": 1337}).items()
+        total, n = val_by_source.reply_loss(chat_model, held, 96)
+        assert source == "chats.jsonl" and n == sums[2] and total / n == pytest.approx(got["val_loss"], rel=1e-5)
 
 
 def test_sft_from_a_pretrained_out_dir_resumes_exactly_and_runs_under_ddp(chat_model, tmp_path):

@@ -413,6 +413,25 @@ def test_same_seed_same_batches_and_disjoint_ranks(sample_dir):
     assert epoch_windows(r0, 1) != w0 and r0.state_dict()["epoch"] == 1  # the next epoch: a new permutation
 
 
+def test_one_pass_gives_each_of_the_ranks_windows_once_the_last_batch_shorter(sample_dir):
+    """one_pass() (train.py's eval_iters=0): every window of the rank's epoch exactly once, in its order, batch_size
+    rows at a time and a shorter last batch; the two ranks' passes are disjoint and together all but n % 2 windows."""
+    every = ShardReader(sample_dir, "val", batch_size=1, seq_len=16, shuffle=False)
+    n = every.n_windows
+    assert n % 2 == 1 and (n // 2) % 5  # so both the rank split's remainder and a short last batch are exercised
+    windows = {}
+    for rank in (0, 1):
+        r = ShardReader(sample_dir, "val", batch_size=5, seq_len=16, rank=rank, world_size=2, shuffle=False)
+        batches = list(r.one_pass())
+        assert [len(x) for x, _ in batches] == [5] * (n // 2 // 5) + [n // 2 % 5]
+        assert all(x.dtype == y.dtype == torch.int64 and (x[:, 1:] == y[:, :-1]).all() for x, y in batches)
+        windows[rank] = [np.concatenate([xi, yi[-1:]]).tobytes() for x, y in batches for xi, yi in zip(x.numpy(), y.numpy())]
+        r.reset()
+        assert windows[rank][:5 * (n // 2 // 5)] == epoch_windows(r, n // 2 // 5)  # next_batch's order
+    file_order = epoch_windows(every, n)
+    assert windows[0] == file_order[0:n - 1:2] and windows[1] == file_order[1:n - 1:2]
+
+
 @pytest.mark.parametrize("skip", [3, 7])  # with 6 batches per epoch: resume mid-epoch, and across a boundary
 def test_resume_from_state_is_exact(sample_dir, skip):
     make = lambda: ShardReader(sample_dir, "train", batch_size=250, seq_len=24, rank=1, world_size=2, seed=3)

@@ -224,8 +224,9 @@ CLEAR_ERRORS = {
                                     ["optimizer state (optimizer='adamw') does not fit", "resume with optimizer='adamw'"]),
     "negative_grad_clip": (["--grad_clip=-1.0"], ["grad_clip must be >= 0 (0 turns clipping off), got -1.0"]),
     "float16": (["--dtype=float16"], ["dtype='float16' is not supported for training", "use dtype='bfloat16'"]),
-    **{f"{k}_0": ([f"--{k}=0"], [f"{k} must be at least 1, got 0"]) for k in ("eval_interval", "eval_iters",
-                                                                              "batch_size", "log_interval")},
+    **{f"{k}_0": ([f"--{k}=0"], [f"{k} must be at least 1, got 0"]) for k in ("eval_interval", "batch_size",
+                                                                              "log_interval")},
+    "eval_iters_negative": (["--eval_iters=-1"], ["eval_iters must be >= 0, got -1"]),  # 0: the whole val split
     "unknown_lr_schedule": (["--lr_schedule=linear"], ["lr_schedule must be one of ('cosine', 'wsd'), not 'linear'"]),
     "bad_init_from": (["--init_from=gpt2"], ["init_from must be 'scratch', 'resume' or a pretrained out_dir",
                                               "not 'gpt2'"]),
