@@ -3,10 +3,13 @@ Where a chat checkpoint's masked val loss comes from: the held-out replies of ea
 each conversation file) scored on their own, per reply token. A developer's probe, not part of the training path.
 
     python dev/val_by_source.py out-tiny-sft out-tiny-lora
+    python dev/val_by_source.py --seed=1337 out-a out-b     # every checkpoint on seed 1337's held-out problems
 
 The held-out conversations are train.py's for the checkpoint's own chat_data, chat_tasks and seed (chat_tasks // 10
 problems per task; every 10th conversation of a file; Hub sources are skipped), but each source is packed into
-rows by itself, so the total differs a little from train.py's val loss, whose rows mix the sources.
+rows by itself, so the total differs a little from train.py's val loss, whose rows mix the sources. --seed=S scores
+every checkpoint on the problems of seed S instead of its own (tasks.py's split does not depend on the seed: no run
+trained on another seed's held-out problems), so that runs of different seeds are compared on the same problems.
 """
 import sys
 from pathlib import Path
@@ -47,18 +50,24 @@ def reply_loss(model, conversations, seq_len, batch_size=32):
     return total, int((y >= 0).sum())
 
 
-def main(out_dirs):
+def main(out_dirs, seed=None):
     for out_dir in out_dirs:
         model, ckpt = load_model(str(Path(out_dir) / "ckpt.pt"))
-        parts, total, count = [], 0.0, 0
-        for source, conversations in held_out(ckpt["config"]).items():
-            s, n = reply_loss(model, conversations, model.cfg.max_seq_len)
-            parts.append(f"{source} {s / n:.4f} ({n:,} tokens)")
-            total, count = total + s, count + n
-        print(f"{out_dir}: all {total / count:.4f} ({count:,} tokens) | " + " | ".join(parts), flush=True)
+        config = {**ckpt["config"], **({} if seed is None else {"seed": seed})}
+        sums = {}  # source -> (summed CE, reply tokens)
+        for source, conversations in held_out(config).items():
+            sums[source] = reply_loss(model, conversations, model.cfg.max_seq_len)
+        groups = {"all": list(sums), "tasks": [s for s in sums if s in tasks.TASKS], **{s: [s] for s in sums}}
+        parts = []
+        for name, members in groups.items():
+            total, count = (sum(sums[s][i] for s in members) for i in (0, 1))
+            parts.append(f"{name} {total / max(count, 1):.4f} ({count:,} tokens)")
+        print(f"{out_dir}: " + " | ".join(parts), flush=True)
 
 
 if __name__ == "__main__":
-    if not sys.argv[1:] or sys.argv[1].startswith("-"):
+    args = sys.argv[1:]
+    seed = int(args.pop(0).split("=", 1)[1]) if args and args[0].startswith("--seed=") else None
+    if not args or any(a.startswith("-") for a in args):
         sys.exit(__doc__)
-    main(sys.argv[1:])
+    main(args, seed)
