@@ -143,9 +143,9 @@ sys.excepthook = one_line_user_errors
 for _name in ("batch_size", "total_batch_size", "eval_interval", "log_interval"):
     if globals()[_name] < 1:
         fail(f"{_name} must be at least 1, got {globals()[_name]}")
-for _name in ("eval_iters", "max_iters", "warmup_iters", "lr_decay_iters", "sample_tokens", "hellaswag_interval", "hellaswag_limit",
-              "learning_rate", "min_lr", "weight_decay", "bias_update_speed", "mtp_lambda", "mtp_lambda_late",
-              "balance_alpha"):
+for _name in ("eval_iters", "max_iters", "warmup_iters", "lr_decay_iters", "sample_tokens", "hellaswag_interval",
+              "hellaswag_limit", "learning_rate", "min_lr", "weight_decay", "bias_update_speed", "mtp_lambda",
+              "mtp_lambda_late", "balance_alpha"):
     if globals()[_name] < 0:
         fail(f"{_name} must be >= 0, got {globals()[_name]}")
 if grad_clip < 0:

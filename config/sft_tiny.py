@@ -1,4 +1,4 @@
-# Chat fine-tuning (SFT) of the quick-start model: offline, about 10 minutes on 2 quiet CPU cores.
+# Chat fine-tuning (SFT) of the quick-start model: offline, about 11 minutes on 2 quiet CPU cores.
 #   python train.py config/train_tiny.py       # pretrain -> out-tiny
 #   python train.py config/sft_tiny.py         # SFT -> out-tiny-sft
 #   python chat.py --out_dir=out-tiny-sft --eval_tasks=300
@@ -24,8 +24,8 @@ min_lr = 3e-4
 warmup_iters = 20
 lr_decay_iters = 1500
 eval_interval = 250
-eval_iters = 0                    # the whole held-out split (~420 rows) once, per reply token: a sample of 8 batches
-                                  # (15% of it) put one LoRA run 24% behind full SFT where the whole split puts it 1% ahead
+eval_iters = 0                    # the whole held-out split (~420 rows) once, per reply token: a sample of 8
+                                  # batches (15% of it) put a LoRA run 24% behind full SFT, the whole split 1% ahead
 log_interval = 50
 sample_tokens = 0
 chat_eval_interval = 1500         # held-out greedy exact match (and the prior rules) at steps 0 and 1500

@@ -425,7 +425,8 @@ def test_one_pass_gives_each_of_the_ranks_windows_once_the_last_batch_shorter(sa
         batches = list(r.one_pass())
         assert [len(x) for x, _ in batches] == [5] * (n // 2 // 5) + [n // 2 % 5]
         assert all(x.dtype == y.dtype == torch.int64 and (x[:, 1:] == y[:, :-1]).all() for x, y in batches)
-        windows[rank] = [np.concatenate([xi, yi[-1:]]).tobytes() for x, y in batches for xi, yi in zip(x.numpy(), y.numpy())]
+        windows[rank] = [np.concatenate([xi, yi[-1:]]).tobytes()
+                         for x, y in batches for xi, yi in zip(x.numpy(), y.numpy())]
         r.reset()
         assert windows[rank][:5 * (n // 2 // 5)] == epoch_windows(r, n // 2 // 5)  # next_batch's order
     file_order = epoch_windows(every, n)
